@@ -1,0 +1,11 @@
+//! sani: sanitize fine-tuned causal language models so that they stop regurgitating sensitive
+//! data, following SANI ("Leverage Unlearning to Sanitize LLMs", arXiv 2510.21322).
+
+pub mod checkpoint;
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod report;
+pub mod spans;
+pub mod surrogate;
+pub mod synth;

@@ -1,0 +1,130 @@
+//! Differentiable building blocks shared by the models and the training loop.
+//!
+//! Everything here is written with candle ops that carry gradients (candle's fused softmax,
+//! norm and RoPE kernels have no backward pass).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let n: usize = lead.iter().product();
+    let y = x.reshape((n, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut shape = lead;
+    shape.push(out_dim);
+    y.reshape(shape)
+}
+
+/// `x @ w + b` for a GPT-2 `Conv1D` weight stored (in, out).
+pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (in_dim, out_dim) = w.dims2()?;
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let n: usize = lead.iter().product();
+    let y = x.reshape((n, in_dim))?.matmul(w)?.broadcast_add(b)?;
+    let mut shape = lead;
+    shape.push(out_dim);
+    y.reshape(shape)
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(w)?.broadcast_add(b)
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Scaled dot-product attention with an additive mask; `k`/`v` may have fewer (grouped) heads.
+/// q: [b, h, t, d], k/v: [b, kvh, s, d], mask: [b, 1, t, s]. Returns [b, t, h*d].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let (k, v) = if kvh != h {
+        (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = softmax_last(&scores.broadcast_add(mask)?)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    let (b, kvh, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kvh, n_rep, s, d))?
+        .reshape((b, kvh * n_rep, s, d))
+}
+
+/// Additive attention mask [b, 1, t, s] for `t` new queries after `past` cached positions.
+/// Key j is visible from query i when it is not padding, j <= past + i, and (with a sliding
+/// window w) past + i - j < w.
+pub fn attention_mask(
+    key_valid: &[Vec<bool>],
+    q_len: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    let s = past + q_len;
+    let mut data = vec![0f32; b * q_len * s];
+    for (bi, valid) in key_valid.iter().enumerate() {
+        assert_eq!(valid.len(), s, "key mask length");
+        for i in 0..q_len {
+            let qpos = past + i;
+            for j in 0..s {
+                let visible =
+                    valid[j] && j <= qpos && window.is_none_or(|w| qpos - j < w);
+                if !visible {
+                    data[(bi * q_len + i) * s + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, q_len, s), device)
+}
+
+/// Positions the way HF `generate` computes them: count of real tokens before, pads get 1.
+pub fn positions_from_mask(key_valid: &[Vec<bool>], q_len: usize, device: &Device) -> Result<Tensor> {
+    let b = key_valid.len();
+    let mut data = Vec::with_capacity(b * q_len);
+    for valid in key_valid {
+        let s = valid.len();
+        let mut count = 0u32;
+        let mut pos = Vec::with_capacity(s);
+        for &v in valid {
+            pos.push(if v { count } else { 1 });
+            if v {
+                count += 1;
+            }
+        }
+        data.extend_from_slice(&pos[s - q_len..]);
+    }
+    Tensor::from_vec(data, (b, q_len), device)
+}
+
+/// Mean cross-entropy of `logits` [n, v] against `targets` [n] (u32) over rows with weight 1
+/// (`weights` [n] f32 of 0/1). Returns (loss, number of counted rows).
+pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, f32)> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let count = weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let total = (picked * weights)?.sum_all()?.neg()?;
+    Ok(((total / count.max(1.0) as f64)?, count))
+}

@@ -1,0 +1,740 @@
+//! From character spans to tokens: encoding documents with char offsets, marking the tokens that
+//! overlap sensitive spans, choosing the BOS token, cutting training windows, and a small
+//! byte-level BPE trainer (used by tests and the demo).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use anyhow::{anyhow, Context, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::spans::Document;
+
+/// One document tokenized without special tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedDoc {
+    /// Index of the document in the document list.
+    pub doc_index: usize,
+    /// Token ids (no special tokens added).
+    pub ids: Vec<u32>,
+    /// Char (Unicode scalar) offsets of each token in the document text, as given by the tokenizer.
+    pub char_offsets: Vec<(usize, usize)>,
+    /// Index into `doc.spans` of the span the token overlaps (the one it overlaps most, ties: first),
+    /// or `None` if the token is not sensitive.
+    pub span_of_token: Vec<Option<usize>>,
+}
+
+impl EncodedDoc {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True if the document has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Per token: does it overlap a sensitive span.
+    pub fn sensitive(&self) -> Vec<bool> {
+        self.span_of_token.iter().map(Option::is_some).collect()
+    }
+}
+
+/// The tokenizer itself if it has neither truncation nor padding configured, else a copy without
+/// them (documents must be encoded whole and unpadded).
+pub fn plain_tokenizer(tok: &Tokenizer) -> Result<Cow<'_, Tokenizer>> {
+    if tok.get_truncation().is_none() && tok.get_padding().is_none() {
+        return Ok(Cow::Borrowed(tok));
+    }
+    let mut t = tok.clone();
+    t.with_truncation(None)
+        .map_err(|e| anyhow!("cannot disable truncation: {e}"))?;
+    t.with_padding(None);
+    Ok(Cow::Owned(t))
+}
+
+/// Tokenize one document (no special tokens) and mark the tokens overlapping its spans.
+///
+/// A token with char range `[s, e)` is sensitive if it overlaps a span `[start, end)`
+/// (`s < end && start < e`). Characters the tokenizer left out of every token's offsets (e.g. the
+/// leading space of a byte-level token when `trim_offsets` is on) are attributed to the next
+/// token, which is the one that encodes them. Zero-width tokens (`s == e`) are sensitive when `s`
+/// lies inside a span.
+///
+/// If the tokenizer has truncation or padding configured, a copy without them is used (slow per
+/// call: prefer [`encode_documents`] or pass [`plain_tokenizer`]'s result).
+pub fn encode_document(tok: &Tokenizer, doc: &Document, doc_index: usize) -> Result<EncodedDoc> {
+    let tok = plain_tokenizer(tok)?;
+    let enc = tok
+        .encode_char_offsets(doc.text.as_str(), false)
+        .map_err(|e| anyhow!("cannot tokenize document {:?}: {e}", doc.id))?;
+    let ids = enc.get_ids().to_vec();
+    let char_offsets: Vec<(usize, usize)> = enc.get_offsets().to_vec();
+    let n_chars = doc.text.chars().count();
+    let span_of_token = mark_tokens(&char_offsets, doc, n_chars);
+    Ok(EncodedDoc {
+        doc_index,
+        ids,
+        char_offsets,
+        span_of_token,
+    })
+}
+
+/// Encode all documents (`doc_index` = position in `docs`).
+pub fn encode_documents(tok: &Tokenizer, docs: &[Document]) -> Result<Vec<EncodedDoc>> {
+    let tok = plain_tokenizer(tok)?;
+    docs.iter()
+        .enumerate()
+        .map(|(i, d)| encode_document(&tok, d, i))
+        .collect()
+}
+
+/// Per token, the index of the span it overlaps most (ties: lowest index), if any.
+fn mark_tokens(offsets: &[(usize, usize)], doc: &Document, n_chars: usize) -> Vec<Option<usize>> {
+    // Which span covers each char (first span in list order when spans overlap).
+    let mut char_span: Vec<Option<usize>> = vec![None; n_chars];
+    for (k, sp) in doc.spans.iter().enumerate() {
+        let end = sp.end.min(n_chars);
+        for slot in char_span.iter_mut().take(end).skip(sp.start) {
+            if slot.is_none() {
+                *slot = Some(k);
+            }
+        }
+    }
+    let mut covered_until = 0usize; // max end of the non-empty tokens so far
+    let mut out = Vec::with_capacity(offsets.len());
+    for &(s, e) in offsets {
+        if s >= e {
+            if covered_until < s {
+                // Zero-width token after uncovered chars (e.g. whitespace trimmed off its
+                // offsets): it encodes those chars.
+                let gap = covered_until..s;
+                covered_until = s;
+                out.push(best_span(&char_span, gap.start, gap.end.min(n_chars)));
+            } else {
+                // e.g. byte-fallback pieces of one char: sensitive if inside a span.
+                out.push(char_span.get(s).copied().flatten());
+            }
+            continue;
+        }
+        // Uncovered chars before this token belong to it.
+        let eff_s = if covered_until < s { covered_until } else { s };
+        covered_until = covered_until.max(e);
+        out.push(best_span(&char_span, eff_s, e.min(n_chars)));
+    }
+    out
+}
+
+/// The span covering most chars of [s, e) (ties: lowest index), if any.
+fn best_span(char_span: &[Option<usize>], s: usize, e: usize) -> Option<usize> {
+    let mut counts: Vec<(usize, usize)> = Vec::new(); // (span, chars)
+    for c in char_span.iter().take(e).skip(s).flatten() {
+        match counts.iter_mut().find(|(k, _)| k == c) {
+            Some(entry) => entry.1 += 1,
+            None => counts.push((*c, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(k, _)| k)
+}
+
+/// Which BOS token to put at the start of each document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BosPolicy {
+    /// The tokenizer's own BOS (if its post-processor prepends one when `add_special_tokens` is
+    /// true), else the config's `bos_token_id`, else none.
+    #[default]
+    Auto,
+    /// Like `Auto`, and if both are missing, a BOS-like token found in the vocabulary
+    /// (`<|begin_of_text|>`, `<s>`, `<bos>`, `<|startoftext|>`, `<|endoftext|>`), else none.
+    Always,
+    /// Never put a BOS.
+    Never,
+}
+
+/// Token names tried by [`BosPolicy::Always`] when neither the tokenizer nor the config gives a BOS.
+pub const BOS_CANDIDATES: &[&str] = &[
+    "<|begin_of_text|>",
+    "<s>",
+    "<bos>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+];
+
+/// The BOS token the tokenizer's post-processor prepends when `add_special_tokens` is true, if any
+/// (found by encoding a probe text with and without special tokens).
+pub fn tokenizer_bos(tok: &Tokenizer) -> Option<u32> {
+    let tok = plain_tokenizer(tok).ok()?;
+    let probe = "a";
+    let with = tok.encode_char_offsets(probe, true).ok()?;
+    let without = tok.encode_char_offsets(probe, false).ok()?;
+    if with.get_ids().len() <= without.get_ids().len() {
+        return None;
+    }
+    match with.get_special_tokens_mask().first() {
+        Some(1) => with.get_ids().first().copied(),
+        _ => None,
+    }
+}
+
+/// Resolve the BOS token id according to the policy.
+pub fn resolve_bos(tok: &Tokenizer, config_bos: Option<u32>, policy: BosPolicy) -> Option<u32> {
+    match policy {
+        BosPolicy::Never => None,
+        BosPolicy::Auto => tokenizer_bos(tok).or(config_bos),
+        BosPolicy::Always => tokenizer_bos(tok)
+            .or(config_bos)
+            .or_else(|| BOS_CANDIDATES.iter().find_map(|t| tok.token_to_id(t))),
+    }
+}
+
+/// A training window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub doc_index: usize,
+    /// Position of the window's first token in the document's sequence `[bos?] + ids`.
+    pub start: usize,
+    pub ids: Vec<u32>,
+    /// Per position: does the token overlap a sensitive span (BOS never does).
+    pub sensitive: Vec<bool>,
+    /// Per position: index into the label list of the span's label (`None` when not sensitive,
+    /// or when the label is not in the list).
+    pub label: Vec<Option<u16>>,
+}
+
+/// Cut each document's sequence `[bos?] + ids` into windows of at most `max_seq_len` tokens.
+///
+/// With `stride = Some(s)` and `0 < s < max_seq_len`, consecutive windows start `s` tokens apart
+/// (overlapping); the last window ends at the end of the document. Otherwise windows don't
+/// overlap. A document shorter than `max_seq_len` gives one window; a document with no tokens
+/// gives none. `max_seq_len` 0 is treated as 1. `encoded[i].doc_index` indexes `docs`.
+pub fn make_windows(
+    docs: &[Document],
+    encoded: &[EncodedDoc],
+    labels: &[String],
+    bos: Option<u32>,
+    max_seq_len: usize,
+    stride: Option<usize>,
+) -> Vec<Window> {
+    let max_len = max_seq_len.max(1);
+    let step = match stride {
+        Some(s) if s > 0 && s < max_len => s,
+        _ => max_len,
+    };
+    let label_index: HashMap<&str, u16> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i as u16))
+        .collect();
+    let mut windows = Vec::new();
+    for enc in encoded {
+        if enc.ids.is_empty() {
+            continue;
+        }
+        let doc = &docs[enc.doc_index];
+        let mut ids = Vec::with_capacity(enc.ids.len() + 1);
+        let mut sensitive = Vec::with_capacity(enc.ids.len() + 1);
+        let mut label = Vec::with_capacity(enc.ids.len() + 1);
+        if let Some(b) = bos {
+            ids.push(b);
+            sensitive.push(false);
+            label.push(None);
+        }
+        for (&id, span) in enc.ids.iter().zip(&enc.span_of_token) {
+            ids.push(id);
+            sensitive.push(span.is_some());
+            label.push(span.and_then(|k| {
+                doc.spans
+                    .get(k)
+                    .and_then(|sp| label_index.get(sp.label.as_str()).copied())
+            }));
+        }
+        let n = ids.len();
+        let mut start = 0;
+        loop {
+            let end = (start + max_len).min(n);
+            windows.push(Window {
+                doc_index: enc.doc_index,
+                start,
+                ids: ids[start..end].to_vec(),
+                sensitive: sensitive[start..end].to_vec(),
+                label: label[start..end].to_vec(),
+            });
+            if end >= n {
+                break;
+            }
+            start += step;
+        }
+    }
+    windows
+}
+
+/// Name used by [`masked_token_counts`] for sensitive positions whose label is not in the list.
+pub const UNLABELLED: &str = "(unlabelled)";
+
+/// Number of sensitive token positions per label (every label of `labels` is present, possibly
+/// with 0). A position of a document covered by several overlapping windows is counted once.
+pub fn masked_token_counts(windows: &[Window], labels: &[String]) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = labels.iter().map(|l| (l.clone(), 0)).collect();
+    let mut seen: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for w in windows {
+        for (i, (&sens, lab)) in w.sensitive.iter().zip(&w.label).enumerate() {
+            if !sens || !seen.insert((w.doc_index, w.start + i)) {
+                continue;
+            }
+            let name = lab
+                .and_then(|k| labels.get(k as usize))
+                .map(String::as_str)
+                .unwrap_or(UNLABELLED);
+            *counts.entry(name.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Train a GPT-2 style byte-level BPE tokenizer on `texts` (no downloads). `special_tokens` get the
+/// first ids in order (e.g. `"<|endoftext|>"` = 0) and are recognized in text. The ByteLevel
+/// pre-tokenizer uses no prefix space and untrimmed offsets; the full byte alphabet is in the
+/// vocabulary, so any text can be encoded. The post-processor adds no special tokens.
+pub fn train_byte_level_bpe<I, S>(
+    texts: I,
+    vocab_size: usize,
+    special_tokens: &[&str],
+) -> Result<Tokenizer>
+where
+    I: IntoIterator<Item = S>,
+    I::IntoIter: Send,
+    S: AsRef<str> + Send,
+{
+    let mut tok = Tokenizer::new(BPE::default());
+    let byte_level = ByteLevel::default()
+        .add_prefix_space(false)
+        .trim_offsets(false)
+        .use_regex(true);
+    tok.with_pre_tokenizer(Some(byte_level));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    tok.with_post_processor(Some(byte_level));
+    let alphabet = ByteLevel::alphabet().into_iter().collect();
+    let specials: Vec<AddedToken> = special_tokens
+        .iter()
+        .map(|t| AddedToken::from(t.to_string(), true))
+        .collect();
+    let mut trainer = TrainerWrapper::BpeTrainer(
+        BpeTrainerBuilder::new()
+            .show_progress(false)
+            .vocab_size(vocab_size)
+            .min_frequency(0)
+            .initial_alphabet(alphabet)
+            .special_tokens(specials)
+            .build(),
+    );
+    tok.train(&mut trainer, texts.into_iter())
+        .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+    Ok(tok)
+}
+
+/// Test helper: [`train_byte_level_bpe`] with the special token `"<|endoftext|>"` (id 0); panics on
+/// failure.
+pub fn train_test_tokenizer(texts: &[&str], vocab: usize) -> Tokenizer {
+    train_byte_level_bpe(texts.iter().copied(), vocab, &["<|endoftext|>"])
+        .context("training the test tokenizer")
+        .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::{merge_spans, Span};
+
+    const TRAIN: &[&str] = &[
+        "Patient John Smith visited the clinic on Monday.",
+        "Zoë Müller called about her appointment.",
+        "The patient 😀 Ana was happy with the result.",
+        "Ana Lima lives in São Paulo and works at ACME Corp.",
+        "Please contact the clinic at 555-0199 for more details.",
+        "The account number is ABC123XYZ and must stay private.",
+        "Dr. Müller reviewed the chart twice before the meeting.",
+        "Our records show that the visit was on the 3rd of May.",
+        "Multiple   spaces\n\nand newlines\tand tabs appear here.",
+        "The weather was nice and the patient went for a walk.",
+        "He said: «bonjour» and smiled; she answered in Português.",
+        "Numbers like 42, 1999 and 3.14 show up in notes.",
+        "The meeting with Smith was moved to Tuesday afternoon.",
+        "Names such as Zoë, Chloë and Noël contain diaereses.",
+        "Emoji are rare in notes 🎉 but they do appear 👍 sometimes.",
+        "The quick brown fox jumps over the lazy dog.",
+        "Sensitive data must never be regurgitated by the model.",
+        "A fine-tuned model can memorize rare strings verbatim.",
+        "She wrote the report, then filed it with the others.",
+        "Chinese text 北京 and Japanese 東京 also exist.",
+        "The patient John visited again on Friday morning.",
+        "Contact Ana at ana@example.com or by phone.",
+        "Some words are longer: internationalization, anonymization.",
+        "The end of the story was surprising to everyone.",
+    ];
+
+    fn tokenizer() -> Tokenizer {
+        train_test_tokenizer(TRAIN, 400)
+    }
+
+    /// GPT-2 byte-to-unicode table, inverted: unicode char -> byte.
+    fn unicode_to_byte() -> HashMap<char, u8> {
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut cs: Vec<u32> = bs.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !bs.contains(&b) {
+                bs.push(b);
+                cs.push(256 + n);
+                n += 1;
+            }
+        }
+        bs.into_iter()
+            .zip(cs)
+            .map(|(b, c)| (char::from_u32(c).unwrap(), b as u8))
+            .collect()
+    }
+
+    /// Ground truth: each token's char range in `text`, from the bytes the token decodes to.
+    fn decoded_char_ranges(tok: &Tokenizer, ids: &[u32], text: &str) -> Vec<(usize, usize)> {
+        let table = unicode_to_byte();
+        // byte index -> index of the char containing it
+        let mut char_of_byte = Vec::with_capacity(text.len());
+        for (ci, c) in text.chars().enumerate() {
+            for _ in 0..c.len_utf8() {
+                char_of_byte.push(ci);
+            }
+        }
+        let mut pos = 0usize;
+        let mut all = Vec::new();
+        let mut out = Vec::new();
+        for &id in ids {
+            let piece = tok.id_to_token(id).unwrap();
+            let bytes: Vec<u8> = piece.chars().map(|c| table[&c]).collect();
+            assert!(!bytes.is_empty());
+            let (b0, b1) = (pos, pos + bytes.len());
+            out.push((char_of_byte[b0], char_of_byte[b1 - 1] + 1));
+            all.extend(bytes);
+            pos = b1;
+        }
+        assert_eq!(all, text.as_bytes(), "tokens must decode to the text");
+        out
+    }
+
+    fn doc(text: &str, spans: &[(usize, usize, &str)]) -> Document {
+        Document {
+            id: "d".into(),
+            text: text.into(),
+            spans: merge_spans(
+                spans
+                    .iter()
+                    .map(|&(start, end, label)| Span {
+                        start,
+                        end,
+                        label: label.into(),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Span given by its text (first occurrence), in chars.
+    fn span_of(text: &str, needle: &str) -> (usize, usize) {
+        let b = text.find(needle).unwrap();
+        let s = text[..b].chars().count();
+        (s, s + needle.chars().count())
+    }
+
+    fn check_alignment(tok: &Tokenizer, d: &Document) -> EncodedDoc {
+        let enc = encode_document(tok, d, 3).unwrap();
+        assert_eq!(enc.doc_index, 3);
+        assert_eq!(enc.ids.len(), enc.char_offsets.len());
+        assert_eq!(enc.ids.len(), enc.span_of_token.len());
+        let ranges = decoded_char_ranges(tok, &enc.ids, &d.text);
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            let expected = d.spans.iter().position(|sp| s < sp.end && sp.start < e);
+            assert_eq!(
+                enc.span_of_token[i].is_some(),
+                expected.is_some(),
+                "token {i} {:?} chars [{s},{e}) in {:?} spans {:?}",
+                tok.id_to_token(enc.ids[i]),
+                d.text,
+                d.spans
+            );
+            if let Some(k) = enc.span_of_token[i] {
+                let sp = &d.spans[k];
+                assert!(s < sp.end && sp.start < e);
+            }
+        }
+        for sp in &d.spans {
+            for c in sp.start..sp.end {
+                assert!(
+                    ranges
+                        .iter()
+                        .zip(&enc.span_of_token)
+                        .any(|(&(s, e), m)| m.is_some() && s <= c && c < e),
+                    "char {c} of span {sp:?} not covered in {:?}",
+                    d.text
+                );
+            }
+        }
+        enc
+    }
+
+    fn tricky_docs() -> Vec<Document> {
+        let mut v = Vec::new();
+        let t = "Call Zoë Müller today.";
+        let (s, e) = span_of(t, "Zoë Müller");
+        v.push(doc(t, &[(s, e, "NAME")]));
+        let t = "the patient 😀 Ana arrived";
+        let (s, e) = span_of(t, "Ana");
+        v.push(doc(t, &[(s, e, "NAME")]));
+        let (s, e) = span_of(t, "😀");
+        v.push(doc(t, &[(s, e, "EMOJI")]));
+        let (s, e) = span_of(t, "😀 Ana");
+        v.push(doc(t, &[(s, e, "NAME")]));
+        let t = "code ABC123XYZ end";
+        let (s, e) = span_of(t, "123");
+        v.push(doc(t, &[(s, e, "ID")]));
+        let t = "Ana   Lima\n\n\tlives   in  São  Paulo \n";
+        let (s1, e1) = span_of(t, "Ana");
+        let (s2, e2) = span_of(t, "São  Paulo");
+        v.push(doc(t, &[(s1, e1, "NAME"), (s2, e2, "CITY")]));
+        let (s, e) = span_of(t, "Lima\n\n\tlives");
+        v.push(doc(t, &[(s, e, "X")]));
+        let t = "John Smith";
+        v.push(doc(t, &[(0, 10, "NAME")]));
+        v.push(doc(t, &[(0, 1, "A"), (9, 10, "B")]));
+        let t = "北京 and 東京 🎉👍";
+        let (s, e) = span_of(t, "京 and 東");
+        v.push(doc(t, &[(s, e, "CITY")]));
+        let n = t.chars().count();
+        v.push(doc(t, &[(n - 1, n, "E")]));
+        v.push(doc("", &[]));
+        v.push(doc("nothing sensitive here", &[]));
+        v
+    }
+
+    #[test]
+    fn alignment_on_tricky_text() {
+        let tok = tokenizer();
+        assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
+        for d in tricky_docs() {
+            let enc = check_alignment(&tok, &d);
+            if d.spans.is_empty() {
+                assert!(enc.span_of_token.iter().all(Option::is_none));
+            } else {
+                assert!(enc.span_of_token.iter().any(Option::is_some));
+            }
+        }
+    }
+
+    #[test]
+    fn alignment_inside_word_is_partial_token() {
+        let tok = tokenizer();
+        let t = "code ABC123XYZ end";
+        let (s, e) = span_of(t, "123");
+        let enc = check_alignment(&tok, &doc(t, &[(s, e, "ID")]));
+        // "code" and "end" are never sensitive
+        assert!(enc.span_of_token[0].is_none());
+        assert!(enc.span_of_token.last().unwrap().is_none());
+    }
+
+    #[test]
+    fn alignment_with_trimmed_offsets() {
+        // Same tokenizer, but offsets trimmed of the leading space (like many GPT-2 tokenizer.json):
+        // the space is attributed to the token that encodes it.
+        let mut tok = tokenizer();
+        tok.with_post_processor(Some(ByteLevel::default().trim_offsets(true)));
+        let t = "the patient 😀 Ana arrived";
+        let enc = encode_document(&tok, &doc(t, &[]), 0).unwrap();
+        let has_gap = enc.char_offsets.windows(2).any(|p| p[0].1 < p[1].0);
+        assert!(has_gap, "offsets should be trimmed: {:?}", enc.char_offsets);
+        for d in tricky_docs() {
+            check_alignment(&tok, &d);
+        }
+    }
+
+    #[test]
+    fn zero_width_tokens_inside_span() {
+        let d = doc("ab😀cd", &[(2, 3, "E")]);
+        // e.g. byte-fallback pieces of one char reported with empty offsets
+        let offsets = vec![(0, 2), (2, 2), (2, 2), (2, 3), (3, 5), (5, 5)];
+        let marks = mark_tokens(&offsets, &d, 5);
+        assert_eq!(
+            marks,
+            vec![None, Some(0), Some(0), Some(0), None, None],
+            "{marks:?}"
+        );
+    }
+
+    #[test]
+    fn span_index_is_most_overlapped() {
+        let d = doc("abcdefgh", &[(0, 1, "A"), (2, 5, "B"), (7, 8, "C")]);
+        let marks = mark_tokens(&[(0, 4), (4, 8)], &d, 8);
+        assert_eq!(marks, vec![Some(1), Some(1)]);
+    }
+
+    #[test]
+    fn truncation_and_padding_are_ignored() {
+        use tokenizers::{PaddingParams, TruncationParams};
+        let mut tok = tokenizer();
+        let t = "Patient John Smith visited the clinic on Monday and Tuesday.";
+        let full = encode_document(&tok, &doc(t, &[]), 0).unwrap();
+        tok.with_truncation(Some(TruncationParams {
+            max_length: 3,
+            ..Default::default()
+        }))
+        .unwrap();
+        tok.with_padding(Some(PaddingParams::default()));
+        let d = doc(t, &[]);
+        assert_eq!(encode_document(&tok, &d, 0).unwrap(), full);
+        assert_eq!(encode_documents(&tok, &[d]).unwrap()[0], full);
+    }
+
+    #[test]
+    fn bos_resolution() {
+        let tok = tokenizer();
+        assert_eq!(tokenizer_bos(&tok), None);
+        assert_eq!(resolve_bos(&tok, None, BosPolicy::Auto), None);
+        assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Auto), Some(5));
+        assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Never), None);
+        assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Always), Some(5));
+        assert_eq!(resolve_bos(&tok, None, BosPolicy::Always), Some(0)); // <|endoftext|>
+
+        let mut tok =
+            train_byte_level_bpe(TRAIN.iter(), 400, &["<|endoftext|>", "<s>"]).unwrap();
+        let s_id = tok.token_to_id("<s>").unwrap();
+        assert_eq!(s_id, 1);
+        let template = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single("<s> $A")
+            .unwrap()
+            .special_tokens(vec![("<s>", s_id)])
+            .build()
+            .unwrap();
+        tok.with_post_processor(Some(template));
+        assert_eq!(tokenizer_bos(&tok), Some(s_id));
+        assert_eq!(resolve_bos(&tok, Some(0), BosPolicy::Auto), Some(s_id));
+        assert_eq!(resolve_bos(&tok, Some(0), BosPolicy::Never), None);
+        // encode_document never adds it
+        let enc = encode_document(&tok, &doc("Ana Lima", &[]), 0).unwrap();
+        assert!(!enc.ids.contains(&s_id));
+    }
+
+    fn synthetic(n: usize, sensitive: &[usize], doc_index: usize) -> EncodedDoc {
+        EncodedDoc {
+            doc_index,
+            ids: (0..n as u32).map(|i| 100 + i).collect(),
+            char_offsets: (0..n).map(|i| (i, i + 1)).collect(),
+            span_of_token: (0..n)
+                .map(|i| sensitive.contains(&i).then_some(if i < 5 { 0 } else { 1 }))
+                .collect(),
+        }
+    }
+
+    fn labels() -> Vec<String> {
+        vec!["ID".into(), "NAME".into(), "ZIP".into()]
+    }
+
+    fn two_span_doc() -> Document {
+        doc("0123456789", &[(1, 3, "NAME"), (6, 7, "ID")])
+    }
+
+    #[test]
+    fn windows_without_stride() {
+        let docs = vec![two_span_doc()];
+        let enc = vec![synthetic(10, &[1, 2, 6], 0)];
+        let w = make_windows(&docs, &enc, &labels(), Some(7), 4, None);
+        let ids: Vec<Vec<u32>> = w.iter().map(|w| w.ids.clone()).collect();
+        assert_eq!(
+            ids,
+            vec![
+                vec![7, 100, 101, 102],
+                vec![103, 104, 105, 106],
+                vec![107, 108, 109]
+            ]
+        );
+        assert_eq!(w.iter().map(|w| w.start).collect::<Vec<_>>(), vec![0, 4, 8]);
+        assert_eq!(w[0].sensitive, vec![false, false, true, true]);
+        assert_eq!(w[0].label, vec![None, None, Some(1), Some(1)]);
+        assert_eq!(w[1].sensitive, vec![false, false, false, true]);
+        assert_eq!(w[1].label, vec![None, None, None, Some(0)]);
+        assert!(w.iter().all(|w| w.ids.len() == w.sensitive.len()
+            && w.ids.len() == w.label.len()
+            && w.ids.len() <= 4));
+        let counts = masked_token_counts(&w, &labels());
+        assert_eq!(counts["NAME"], 2);
+        assert_eq!(counts["ID"], 1);
+        assert_eq!(counts["ZIP"], 0);
+        // stride >= max_seq_len behaves like no stride
+        assert_eq!(make_windows(&docs, &enc, &labels(), Some(7), 4, Some(4)), w);
+        assert_eq!(make_windows(&docs, &enc, &labels(), Some(7), 4, Some(0)), w);
+    }
+
+    #[test]
+    fn windows_with_stride_and_short_docs() {
+        let docs = vec![two_span_doc(), doc("ab", &[]), doc("", &[])];
+        let enc = vec![
+            synthetic(10, &[1, 2, 6], 0),
+            synthetic(2, &[], 1),
+            synthetic(0, &[], 2),
+        ];
+        let w = make_windows(&docs, &enc, &labels(), Some(7), 4, Some(2));
+        let starts: Vec<(usize, usize)> = w.iter().map(|w| (w.doc_index, w.start)).collect();
+        assert_eq!(starts, vec![(0, 0), (0, 2), (0, 4), (0, 6), (0, 8), (1, 0)]);
+        assert_eq!(w[4].ids, vec![107, 108, 109]);
+        assert_eq!(w[5].ids, vec![7, 100, 101]);
+        assert!(!w[5].sensitive[0]);
+        // every position of doc 0 is in some window, in order
+        for p in 0..11 {
+            assert!(w.iter().any(|w| w.doc_index == 0 && w.start <= p && p < w.start + w.ids.len()));
+        }
+        // overlapping windows: each position counted once
+        let counts = masked_token_counts(&w, &labels());
+        assert_eq!(counts["NAME"], 2);
+        assert_eq!(counts["ID"], 1);
+        // no BOS
+        let w = make_windows(&docs, &enc, &labels(), None, 20, None);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].ids.len(), 10);
+        assert!(w[0].sensitive[1]);
+        // label missing from the list
+        let only_name = vec!["NAME".to_string()];
+        let w = make_windows(&docs, &enc, &only_name, None, 20, None);
+        assert_eq!(w[0].label[6], None);
+        assert!(w[0].sensitive[6]);
+        let counts = masked_token_counts(&w, &only_name);
+        assert_eq!(counts["NAME"], 2);
+        assert_eq!(counts[UNLABELLED], 1);
+    }
+
+    #[test]
+    fn end_to_end_with_real_tokenizer() {
+        let tok = tokenizer();
+        let docs = tricky_docs();
+        let enc = encode_documents(&tok, &docs).unwrap();
+        let labels = crate::spans::label_names(&docs);
+        let bos = resolve_bos(&tok, None, BosPolicy::Always);
+        let w = make_windows(&docs, &enc, &labels, bos, 8, Some(4));
+        let total: usize = enc.iter().map(|e| e.span_of_token.iter().flatten().count()).sum();
+        let counts = masked_token_counts(&w, &labels);
+        assert_eq!(counts.values().sum::<usize>(), total);
+        assert!(w.iter().all(|w| w.ids.len() <= 8));
+        for win in &w {
+            if win.start == 0 {
+                assert_eq!(win.ids[0], 0);
+                assert!(!win.sensitive[0]);
+            }
+        }
+    }
+}

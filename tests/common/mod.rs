@@ -1,0 +1,28 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Tensors of `tests/fixtures/<name>.reference.safetensors`.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = fixture(&format!("{name}.reference.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("reference file")
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn rows_i64(t: &Tensor) -> Vec<Vec<i64>> {
+    t.to_vec2::<i64>().unwrap()
+}
