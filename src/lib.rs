@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod report;

@@ -578,9 +578,10 @@ mod tests {
 
     #[test]
     fn crlf_and_bom_tolerated() {
-        let docs =
-            load_primary("\u{feff}{\"id\": \"a\", \"text\": \"x\"}\r\n{\"id\": \"b\", \"text\": \"y\"}\r\n")
-                .unwrap();
+        let docs = load_primary(
+            "\u{feff}{\"id\": \"a\", \"text\": \"x\"}\r\n{\"id\": \"b\", \"text\": \"y\"}\r\n",
+        )
+        .unwrap();
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[1].text, "y");
     }
@@ -618,12 +619,18 @@ mod tests {
         let msg = err_of(load_primary(
             r#"{"id": "a", "text": "abcdef", "spans": [{"start": 1, "end": 2}]}"#,
         ));
-        assert_msg(&msg, &["notes.jsonl:1:", "missing field \"spans[0].label\""]);
+        assert_msg(
+            &msg,
+            &["notes.jsonl:1:", "missing field \"spans[0].label\""],
+        );
         // A span reference line without --corpus gets a hint.
         let msg = err_of(load_primary(
             r#"{"id": "a", "start": 1, "end": 2, "label": "X"}"#,
         ));
-        assert_msg(&msg, &["notes.jsonl:1:", "missing field \"text\"", "--corpus"]);
+        assert_msg(
+            &msg,
+            &["notes.jsonl:1:", "missing field \"text\"", "--corpus"],
+        );
     }
 
     #[test]
@@ -639,18 +646,25 @@ mod tests {
         let msg = err_of(load_primary(
             r#"{"id": "a", "text": "abc", "spans": [{"start": "0", "end": 2, "label": "X"}]}"#,
         ));
-        assert_msg(&msg, &["notes.jsonl:1:", "wrong type", "\"spans[0].start\""]);
+        assert_msg(
+            &msg,
+            &["notes.jsonl:1:", "wrong type", "\"spans[0].start\""],
+        );
         let msg = err_of(load_primary(
             r#"{"id": "a", "text": "abc", "spans": [{"start": -1, "end": 2, "label": "X"}]}"#,
         ));
-        assert_msg(&msg, &["notes.jsonl:1:", "wrong type", "\"spans[0].start\""]);
+        assert_msg(
+            &msg,
+            &["notes.jsonl:1:", "wrong type", "\"spans[0].start\""],
+        );
         let msg = err_of(load_primary(
             r#"{"id": "a", "text": "abc", "spans": [{"start": 0, "end": 2, "label": 3}]}"#,
         ));
-        assert_msg(&msg, &["notes.jsonl:1:", "wrong type", "\"spans[0].label\""]);
-        let msg = err_of(load_primary(
-            r#"{"id": "a", "text": "abc", "spans": [7]}"#,
-        ));
+        assert_msg(
+            &msg,
+            &["notes.jsonl:1:", "wrong type", "\"spans[0].label\""],
+        );
+        let msg = err_of(load_primary(r#"{"id": "a", "text": "abc", "spans": [7]}"#));
         assert_msg(&msg, &["notes.jsonl:1:", "wrong type", "\"spans[0]\""]);
     }
 
@@ -662,7 +676,11 @@ mod tests {
         )));
         assert_msg(
             &msg,
-            &["notes.jsonl:1:", "spans[0].end", "end 120 > text length 98 chars"],
+            &[
+                "notes.jsonl:1:",
+                "spans[0].end",
+                "end 120 > text length 98 chars",
+            ],
         );
         // char offsets, not bytes: "Zoë" is 3 chars (4 bytes)
         let msg = err_of(load_primary(
@@ -672,7 +690,10 @@ mod tests {
         let msg = err_of(load_primary(
             "{\"id\": \"a\", \"text\": \"abc\"}\n{\"id\": \"b\", \"text\": \"abcdef\", \"spans\": [{\"start\": 3, \"end\": 3, \"label\": \"X\"}]}\n",
         ));
-        assert_msg(&msg, &["notes.jsonl:2:", "spans[0].start", "start 3 >= end 3"]);
+        assert_msg(
+            &msg,
+            &["notes.jsonl:2:", "spans[0].start", "start 3 >= end 3"],
+        );
     }
 
     #[test]
@@ -789,10 +810,7 @@ mod tests {
             vec![sp(5, 15, "PERSON"), sp(19, 27, "PHONE_NUMBER")]
         );
         assert!(docs[2].spans.is_empty()); // stays as repair data
-        assert_eq!(
-            label_names(&docs),
-            vec!["NAME", "PERSON", "PHONE_NUMBER"]
-        );
+        assert_eq!(label_names(&docs), vec!["NAME", "PERSON", "PHONE_NUMBER"]);
     }
 
     #[test]
@@ -806,14 +824,22 @@ mod tests {
         let msg = err_of(load_documents(Some(&s), Some(&c), None));
         assert_msg(
             &msg,
-            &["refs.jsonl:2:", "unknown document id \"note-9\"", "\"id\"", "corpus.jsonl"],
+            &[
+                "refs.jsonl:2:",
+                "unknown document id \"note-9\"",
+                "\"id\"",
+                "corpus.jsonl",
+            ],
         );
         let s = f.write(
             "refs.jsonl",
             "{\"id\": \"note-1\", \"entity_type\": \"P\", \"start\": 8, \"end\": 99, \"score\": 0.5}\n",
         );
         let msg = err_of(load_documents(Some(&s), Some(&c), None));
-        assert_msg(&msg, &["refs.jsonl:1:", "\"end\"", "end 99 > text length 27 chars"]);
+        assert_msg(
+            &msg,
+            &["refs.jsonl:1:", "\"end\"", "end 99 > text length 27 chars"],
+        );
         let s = f.write(
             "refs.jsonl",
             "{\"id\": \"note-1\", \"entity_type\": \"P\", \"start\": 8, \"end\": 9, \"score\": \"high\"}\n",
@@ -900,7 +926,10 @@ mod tests {
         let t = f.write("terms.txt", "ana\n");
         let docs = load_documents(Some(&s), None, Some(&t)).unwrap();
         // "Ana" inside the NAME span merges (NAME is the longest piece); the second "Ana" is a TERM.
-        assert_eq!(docs[0].spans, vec![sp(4, 12, "NAME"), sp(17, 20, TERM_LABEL)]);
+        assert_eq!(
+            docs[0].spans,
+            vec![sp(4, 12, "NAME"), sp(17, 20, TERM_LABEL)]
+        );
         assert_eq!(label_names(&docs), vec!["NAME", "TERM"]);
     }
 

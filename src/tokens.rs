@@ -612,8 +612,7 @@ mod tests {
         assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Always), Some(5));
         assert_eq!(resolve_bos(&tok, None, BosPolicy::Always), Some(0)); // <|endoftext|>
 
-        let mut tok =
-            train_byte_level_bpe(TRAIN.iter(), 400, &["<|endoftext|>", "<s>"]).unwrap();
+        let mut tok = train_byte_level_bpe(TRAIN.iter(), 400, &["<|endoftext|>", "<s>"]).unwrap();
         let s_id = tok.token_to_id("<s>").unwrap();
         assert_eq!(s_id, 1);
         let template = tokenizers::processors::template::TemplateProcessing::builder()
@@ -697,7 +696,9 @@ mod tests {
         assert!(!w[5].sensitive[0]);
         // every position of doc 0 is in some window, in order
         for p in 0..11 {
-            assert!(w.iter().any(|w| w.doc_index == 0 && w.start <= p && p < w.start + w.ids.len()));
+            assert!(w
+                .iter()
+                .any(|w| w.doc_index == 0 && w.start <= p && p < w.start + w.ids.len()));
         }
         // overlapping windows: each position counted once
         let counts = masked_token_counts(&w, &labels());
@@ -726,7 +727,10 @@ mod tests {
         let labels = crate::spans::label_names(&docs);
         let bos = resolve_bos(&tok, None, BosPolicy::Always);
         let w = make_windows(&docs, &enc, &labels, bos, 8, Some(4));
-        let total: usize = enc.iter().map(|e| e.span_of_token.iter().flatten().count()).sum();
+        let total: usize = enc
+            .iter()
+            .map(|e| e.span_of_token.iter().flatten().count())
+            .sum();
         let counts = masked_token_counts(&w, &labels);
         assert_eq!(counts.values().sum::<usize>(), total);
         assert!(w.iter().all(|w| w.ids.len() <= 8));
