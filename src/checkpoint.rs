@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -42,7 +45,48 @@ pub struct Checkpoint {
     pub varmap: VarMap,
     /// Tensors that are not floating point, kept as their raw little-endian bytes.
     raw: HashMap<String, Vec<u8>>,
+    /// The `metadata` object of the input index (e.g. `total_parameters`), written back with
+    /// `total_size` recomputed.
+    index_metadata: serde_json::Map<String, serde_json::Value>,
     pub device: Device,
+    /// Directory whose config, tokenizer and other side files are copied on write (None for a
+    /// freshly initialized model: its writer supplies them).
+    pub side_files: Option<PathBuf>,
+    /// While building a fresh model: missing tensors are created with the HF initialization.
+    init_rng: Option<Mutex<StdRng>>,
+}
+
+/// Standard deviation of the HF initialization of tensor `name` (None: ones for norm weights,
+/// zeros for biases).
+pub fn init_std(config: &ModelConfig, name: &str) -> Option<f64> {
+    let base = config.initializer_range();
+    let is_norm = name.contains("ln_") || name.ends_with("norm.weight");
+    if name.ends_with(".bias") || is_norm {
+        return None;
+    }
+    match config {
+        // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        ModelConfig::Gpt2(c) if name.ends_with("c_proj.weight") => Some(base / (2.0 * c.n_layer as f64).sqrt()),
+        _ => Some(base),
+    }
+}
+
+/// A tensor of `shape` drawn as HF initializes `name`.
+pub fn init_tensor(config: &ModelConfig, name: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = match init_std(config, name) {
+        Some(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
+        None if name.ends_with(".bias") => vec![0.0; n],
+        None => vec![1.0; n],
+    };
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// A standard normal draw (Box-Muller).
+pub fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -141,9 +185,11 @@ impl Checkpoint {
                 }
             }
         }
-        if sharded {
-            check_index_matches(dir, &entries)?;
-        }
+        let index_metadata = if sharded {
+            check_index_matches(dir, &entries)?
+        } else {
+            serde_json::Map::new()
+        };
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -152,8 +198,42 @@ impl Checkpoint {
             sharded,
             varmap,
             raw,
+            index_metadata,
             device: device.clone(),
+            side_files: Some(dir.to_path_buf()),
+            init_rng: None,
         })
+    }
+
+    /// A freshly initialized f32 model for `config` (HF initialization, deterministic under `seed`),
+    /// stored as a single `model.safetensors`.
+    pub fn init(config: ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        let mut ckpt = Checkpoint {
+            dir: PathBuf::from("(new model)"),
+            config,
+            entries: Vec::new(),
+            shards: vec![SINGLE_FILE.to_string()],
+            sharded: false,
+            varmap: VarMap::new(),
+            raw: HashMap::new(),
+            index_metadata: serde_json::Map::new(),
+            device: device.clone(),
+            side_files: None,
+            init_rng: Some(Mutex::new(StdRng::seed_from_u64(seed))),
+        };
+        crate::model::Model::load_frozen(&ckpt)?;
+        ckpt.init_rng = None;
+        ckpt.entries = ckpt
+            .vars()
+            .into_iter()
+            .map(|(name, var)| TensorEntry {
+                name,
+                dtype: StDtype::F32,
+                shape: var.dims().to_vec(),
+                shard: SINGLE_FILE.to_string(),
+            })
+            .collect();
+        Ok(ckpt)
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
@@ -166,6 +246,13 @@ impl Checkpoint {
 
     /// The var stored under `name`; an error naming the file when it is missing or has the wrong shape.
     pub fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        if let Some(rng) = &self.init_rng {
+            let mut vars = self.varmap.data().lock().unwrap();
+            if !vars.contains_key(name) {
+                let t = init_tensor(&self.config, name, shape, &mut rng.lock().unwrap(), &self.device)?;
+                vars.insert(name.to_string(), Var::from_tensor(&t)?);
+            }
+        }
         let var = self
             .varmap
             .data()
@@ -276,19 +363,29 @@ impl Checkpoint {
                 .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         if self.sharded {
+            let mut index_metadata = self.index_metadata.clone();
+            index_metadata.insert("total_size".into(), total_size.into());
             let index = serde_json::json!({
-                "metadata": {"total_size": total_size},
+                "metadata": index_metadata,
                 "weight_map": weight_map,
             });
             let path = dir.join(INDEX_FILE);
             std::fs::write(&path, serde_json::to_string_pretty(&index)? + "\n")
                 .with_context(|| format!("{}: cannot write", path.display()))?;
         }
-        copy_side_files(&self.dir, dir)
+        match &self.side_files {
+            Some(src) => copy_side_files(src, dir),
+            None => Ok(()),
+        }
     }
 }
 
-fn check_index_matches(dir: &Path, entries: &[TensorEntry]) -> Result<()> {
+/// Checks that every tensor the index lists is stored in the shard it names; returns the index's
+/// `metadata` object.
+fn check_index_matches(
+    dir: &Path,
+    entries: &[TensorEntry],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let index = dir.join(INDEX_FILE);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
     let map = json["weight_map"].as_object().expect("checked by weight_files");
@@ -308,7 +405,11 @@ fn check_index_matches(dir: &Path, entries: &[TensorEntry]) -> Result<()> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(json
+        .get("metadata")
+        .and_then(|m| m.as_object())
+        .cloned()
+        .unwrap_or_default())
 }
 
 /// A tensor to serialize: either a candle tensor in its stored dtype or raw bytes carried through.
@@ -400,16 +501,25 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
         bail!("{model}: no such model directory");
     }
     let cache = hub_cache();
-    let repo = cache.model(model.to_string());
-    let config = repo.get("config.json").ok_or_else(|| {
+    let not_cached = || {
         anyhow!(
             "{model}: not a local directory and not in the Hugging Face cache at {} \
              (sani never downloads: fetch it with `hf download {model}` where there is network, \
              or pass a local directory)",
             cache.path().display()
         )
-    })?;
-    let dir = config.parent().expect("file in snapshot").to_path_buf();
+    };
+    // The layout huggingface_hub writes: models--org--name/refs/main holds the commit hash of
+    // models--org--name/snapshots/<hash>/. Read it ourselves so that a trailing newline is fine.
+    let repo_dir = cache.path().join(format!("models--{}", model.replace('/', "--")));
+    let hash = std::fs::read_to_string(repo_dir.join("refs").join("main")).map_err(|_| not_cached())?;
+    let dir = repo_dir.join("snapshots").join(hash.trim());
+    if !dir.is_dir() {
+        return Err(not_cached());
+    }
+    if !dir.join("config.json").is_file() {
+        bail!("{model}: cached snapshot {} lacks config.json", dir.display());
+    }
     let (shards, _) = weight_files(&dir).with_context(|| {
         format!("{model}: cached snapshot {} is incomplete", dir.display())
     })?;

@@ -2,11 +2,15 @@
 //! data, following SANI ("Leverage Unlearning to Sanitize LLMs", arXiv 2510.21322).
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod output;
 pub mod report;
 pub mod spans;
 pub mod surrogate;
 pub mod synth;
+pub mod tokens;
+pub mod train;

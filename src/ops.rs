@@ -128,3 +128,9 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor)
     let total = (picked * weights)?.sum_all()?.neg()?;
     Ok(((total / count.max(1.0) as f64)?, count))
 }
+
+/// Negative log-likelihood of each target: logits [n, v], targets [n] u32 -> [n].
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}

@@ -63,8 +63,9 @@ pub fn plain_tokenizer(tok: &Tokenizer) -> Result<Cow<'_, Tokenizer>> {
 /// A token with char range `[s, e)` is sensitive if it overlaps a span `[start, end)`
 /// (`s < end && start < e`). Characters the tokenizer left out of every token's offsets (e.g. the
 /// leading space of a byte-level token when `trim_offsets` is on) are attributed to the next
-/// token, which is the one that encodes them. Zero-width tokens (`s == e`) are sensitive when `s`
-/// lies inside a span.
+/// token, which is the one that encodes them (a zero-width token right after such a gap covers
+/// the gap). Other zero-width tokens (`s == e`, e.g. byte-fallback pieces of one char) are
+/// sensitive when `s` lies inside a span.
 ///
 /// If the tokenizer has truncation or padding configured, a copy without them is used (slow per
 /// call: prefer [`encode_documents`] or pass [`plain_tokenizer`]'s result).

@@ -40,11 +40,8 @@ pub(super) fn is_known_buffer(name: &str) -> bool {
 
 impl Gpt2 {
     pub(super) fn load(w: &mut WeightLoader, cfg: &Gpt2Config) -> Result<Self> {
-        let prefix = if w.has("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        }
+        // Original OpenAI checkpoints store names without the `transformer.` prefix.
+        let prefix = if w.has("wte.weight") { "" } else { "transformer." }
         .to_string();
         let (d, v, inner) = (cfg.n_embd, cfg.vocab_size, cfg.inner_size());
         let p = |s: &str| format!("{prefix}{s}");
