@@ -4,11 +4,14 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod erase;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod output;
 pub mod report;
+pub mod sanitize;
 pub mod spans;
 pub mod surrogate;
 pub mod synth;

@@ -78,11 +78,12 @@ impl StagedDir {
     /// or lies inside one of the `inputs`; then creates the temporary directory beside it.
     pub fn create(target: &Path, force: bool, inputs: &[&Path]) -> Result<StagedDir> {
         let name = file_name_of(target)?;
-        if let Ok(meta) = std::fs::symlink_metadata(target) {
+        if std::fs::symlink_metadata(target).is_ok() {
             if !force {
                 bail!("{}: already exists (use --force to replace it)", target.display());
             }
-            if !meta.is_dir() && !(meta.file_type().is_symlink() && target.is_dir()) {
+            // A directory, or a link to one (then the link is replaced, not what it points to).
+            if !target.is_dir() {
                 bail!("{}: exists and is not a directory; refusing to replace it", target.display());
             }
         }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -116,7 +116,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &BTreeMap<String, Var>, max_n
 }
 
 /// Which blocks are trained; the others are frozen (no gradient computed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TrainScope {
     All,
     /// The last K blocks and the final norm.
@@ -163,7 +163,7 @@ pub struct LoopConfig {
 }
 
 /// Metrics of one epoch.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub steps: usize,

@@ -168,7 +168,8 @@ fn stale_weight_formats_are_not_copied() {
 fn modified_var_round_trips(name: &str, embed: &str, dtype: Dtype) {
     let ckpt = load(&fixture(name)).unwrap();
     let var = ckpt.vars()[embed].clone();
-    let t = var.as_tensor().clone();
+    // A copy: `Var::set` writes into the var's storage in place.
+    let t = var.as_tensor().copy().unwrap();
     let (rows, cols) = t.dims2().unwrap();
     assert!(rows > 5);
     let zeros = Tensor::zeros((1, cols), t.dtype(), &Device::Cpu).unwrap();
@@ -398,11 +399,19 @@ fn index_problems() {
     let msg = err_of(load(dir.path()));
     assert_mentions(&msg, &["model-00004-of-00003.safetensors", "cannot read weight file"]);
 
-    // The index names the wrong shard for a tensor.
+    // The index names the wrong shard for a tensor (and no longer lists the shard holding it).
     json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00001-of-00003.safetensors");
     std::fs::write(&index, json.to_string()).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&index.display().to_string(), "lm_head.weight", "model-00003-of-00003.safetensors"]);
+    assert_mentions(&msg, &[&index.display().to_string(), "lm_head.weight", "not stored in model-00001-of-00003"]);
+    json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00003-of-00003.safetensors");
+    json["weight_map"]["model.embed_tokens.weight"] = serde_json::json!("model-00002-of-00003.safetensors");
+    std::fs::write(&index, json.to_string()).unwrap();
+    let msg = err_of(load(dir.path()));
+    assert_mentions(
+        &msg,
+        &[&index.display().to_string(), "model.embed_tokens.weight", "model-00002-of-00003", "stored in model-00001-of-00003"],
+    );
 
     // Invalid index JSON.
     std::fs::write(&index, "{").unwrap();
