@@ -130,7 +130,8 @@ pub struct EvalArgs {
     /// BOS token at the start of each prompt / window.
     #[arg(long, value_enum, default_value_t = BosArg::Auto)]
     pub bos: BosArg,
-    /// Perplexity window length (default and maximum: the model's context length).
+    /// Perplexity window length (default: the model's context length, at most 1024; maximum: the
+    /// context length).
     #[arg(long, value_name = "N")]
     pub max_seq_len: Option<usize>,
 }
@@ -458,14 +459,18 @@ fn teacher_forced(model: &Model, batch: &[&Prepared]) -> Result<Vec<Vec<bool>>> 
     let dev = &model.device;
     let input = Tensor::from_vec(ids, (batch.len(), t), dev)?;
     let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
-    let logits = model.forward(&input, &ctx, None)?;
+    let x = model.embed(&input, &ctx)?;
+    let h = model.run_blocks(0, &x, &ctx, None, None)?;
+    // Logits only from the last prompt position on (prompts of a batch have similar lengths).
+    let from = batch.iter().map(|p| p.prompt.len() - 1).min().unwrap_or(0);
+    let logits = model.logits(&h.narrow(1, from, t - from)?)?;
     let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec2::<u32>()?;
     Ok(batch
         .iter()
         .zip(pred)
         .map(|(p, row)| {
             let pl = p.prompt.len();
-            p.span_ids.iter().enumerate().map(|(i, &s)| row[pl + i - 1] == s).collect()
+            p.span_ids.iter().enumerate().map(|(i, &s)| row[pl + i - 1 - from] == s).collect()
         })
         .collect())
 }
@@ -630,6 +635,12 @@ impl PplStat {
     }
 }
 
+/// Positions per logits slice in [`perplexity`].
+const LOGIT_SLICE: usize = 256;
+
+/// Default perplexity window: the model's context, at most this.
+pub const DEFAULT_PPL_SEQ_LEN: usize = 1024;
+
 /// Token-level perplexity of held-out documents.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Perplexity {
@@ -665,34 +676,39 @@ pub fn perplexity(
         }
         let b = chunk.len();
         let mut ids = Vec::with_capacity(b * t);
-        let mut targets = Vec::with_capacity(b * t);
         let mut valid = Vec::with_capacity(b);
         for w in chunk {
             let n = w.ids.len();
             ids.extend_from_slice(&w.ids);
             ids.extend(std::iter::repeat_n(0u32, t - n));
-            targets.extend_from_slice(&w.ids[1.min(n)..]);
-            targets.extend(std::iter::repeat_n(0u32, t - n.saturating_sub(1)));
             let mut v = vec![true; n];
             v.extend(std::iter::repeat_n(false, t - n));
             valid.push(v);
         }
         let input = Tensor::from_vec(ids, (b, t), dev)?;
         let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
-        let logits = model.forward(&input, &ctx, None)?;
-        let v = logits.dim(D::Minus1)?;
-        let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?;
-        let targets = Tensor::from_vec(targets, b * t, dev)?;
-        let nll = crate::ops::token_nll(&logits, &targets)?.to_vec1::<f32>()?;
+        let x = model.embed(&input, &ctx)?;
+        let h = model.run_blocks(0, &x, &ctx, None, None)?;
+        // Logits in slices of positions, so [t, vocab] never exists for a long window.
         for (r, w) in chunk.iter().enumerate() {
-            for j in 1..w.ids.len() {
-                let x = nll[r * t + j - 1] as f64;
-                sum_all += x;
-                n_all += 1;
-                if w.sensitive[j] {
-                    sum_s += x;
-                    n_s += 1;
+            let n = w.ids.len();
+            let mut p0 = 0;
+            while p0 + 1 < n {
+                let len = LOGIT_SLICE.min(n - 1 - p0);
+                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, p0, len)?)?;
+                let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
+                let tg = Tensor::from_slice(&w.ids[p0 + 1..p0 + 1 + len], len, dev)?;
+                let nll = crate::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
+                for (j, &x) in nll.iter().enumerate() {
+                    let x = x as f64;
+                    sum_all += x;
+                    n_all += 1;
+                    if w.sensitive[p0 + 1 + j] {
+                        sum_s += x;
+                        n_s += 1;
+                    }
                 }
+                p0 += len;
             }
         }
     }
@@ -1041,7 +1057,7 @@ pub fn run(args: &EvalArgs) -> Result<Verdict> {
     let ppl = match &ppl_docs {
         Some(d) => {
             let bos = resolve_bos_info(&model, &tok, settings.bos).id;
-            let len = args.max_seq_len.unwrap_or(model.config.max_positions());
+            let len = args.max_seq_len.unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
             Some(perplexity(&model, &tok, d, bos, len, args.batch_size)?)
         }
         None => None,

@@ -4,9 +4,12 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod erase;
 pub mod eval;
+pub mod finetune;
 pub mod generate;
+pub mod inspect;
 pub mod model;
 pub mod ops;
 pub mod output;

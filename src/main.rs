@@ -1,1 +1,49 @@
-fn main() {}
+//! The `sani` command line. Exit codes: 0 success (gate passed), 1 the eval gate failed,
+//! 2 error (bad input, unreadable model, interrupted).
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sani", version, about = "Sanitize fine-tuned causal LMs so they stop regurgitating sensitive data (SANI, arXiv 2510.21322)",
+    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Erase and repair a fine-tuned model so it stops reproducing sensitive spans
+    Sanitize(Box<sani::sanitize::SanitizeArgs>),
+    /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
+    Eval(Box<sani::eval::EvalArgs>),
+    /// Plain causal-LM fine-tuning (or training from a fresh config)
+    Finetune(Box<sani::finetune::FinetuneArgs>),
+    /// Print a model directory's architecture, sizes, dtypes and sharding
+    Inspect(sani::inspect::InspectArgs),
+    /// Run the whole story on bundled synthetic clinical notes
+    Demo(sani::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sani::output::install_interrupt_handler();
+    let result = match &cli.command {
+        Command::Sanitize(a) => sani::sanitize::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Eval(a) => sani::eval::run(a).map(|v| match v {
+            sani::eval::Verdict::Pass => ExitCode::SUCCESS,
+            sani::eval::Verdict::Fail => ExitCode::from(1),
+        }),
+        Command::Finetune(a) => sani::finetune::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Inspect(a) => sani::inspect::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Demo(a) => sani::demo::run(a).map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

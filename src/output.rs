@@ -7,8 +7,33 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Temporary directories alive in this process, removed by the Ctrl-C handler.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+pub const INTERRUPTED_EXIT_CODE: i32 = 130;
+
+/// On Ctrl-C: remove every uncommitted temporary output directory, then exit with code 130, so
+/// an interrupted run leaves no partial output.
+pub fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| {
+        for dir in LIVE.lock().map(|l| l.clone()).unwrap_or_default() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("interrupted: no output written");
+        std::process::exit(INTERRUPTED_EXIT_CODE);
+    });
+}
+
+fn forget_live(dir: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|d| d != dir);
+    }
+}
 
 /// A temporary directory that becomes `target` on [`commit`](StagedDir::commit).
 #[derive(Debug)]
@@ -107,6 +132,9 @@ impl StagedDir {
             let tmp = parent.join(format!(".{name}.sani-tmp-{pid}-{n}"));
             match std::fs::create_dir(&tmp) {
                 Ok(()) => {
+                    if let Ok(mut live) = LIVE.lock() {
+                        live.push(tmp.clone());
+                    }
                     return Ok(StagedDir {
                         tmp,
                         target: target.to_path_buf(),
@@ -138,6 +166,7 @@ impl StagedDir {
     /// was given) and returns the target path.
     pub fn commit(mut self) -> Result<PathBuf> {
         let target = self.target.clone();
+        forget_live(&self.tmp);
         if std::fs::symlink_metadata(&target).is_ok() {
             if !self.force {
                 bail!("{}: already exists (use --force to replace it)", target.display());
@@ -175,6 +204,7 @@ impl Drop for StagedDir {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
+        forget_live(&self.tmp);
     }
 }
 

@@ -14,11 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-/// Set from a Ctrl-C handler; the loop stops at the next step with an error.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// One training sequence: token ids and, per position, whether its token is a training target
 /// (`train`) and whether it is sensitive (reported separately, never trained on in mask mode).
@@ -362,9 +358,6 @@ pub fn train(
         };
         let (mut train_sum, mut sens_sum, mut tokens) = (0f64, 0f64, 0usize);
         for step_idx in order.chunks(micro * accum) {
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                bail!("interrupted");
-            }
             let micro_batches: Vec<Vec<usize>> = step_idx.chunks(micro).map(<[usize]>::to_vec).collect();
             let batches = micro_batches
                 .iter()

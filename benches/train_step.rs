@@ -1,0 +1,85 @@
+//! Benchmark (not a test): tokens/s of one training step (forward + backward + AdamW) for fixed
+//! GPT-2-like and Llama-like configs, the same as scripts/bench_torch_step.py.
+//!
+//! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|all] [--steps N] [--threads N]
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use sani::checkpoint::Checkpoint;
+use sani::config::ModelConfig;
+use sani::model::{AttnContext, Model};
+use sani::ops;
+use sani::train::{clip_grad_norm, AdamW, OptimConfig};
+use std::time::Instant;
+
+fn config(name: &str) -> serde_json::Value {
+    match name {
+        "gpt2-8k" | "gpt2-50k" => serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"], "vocab_size": if name == "gpt2-8k" { 8192 } else { 50257 },
+            "n_positions": 128, "n_embd": 256, "n_layer": 4, "n_head": 4}),
+        "llama-32k" => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+            "tie_word_embeddings": false}),
+        "demo" => serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"], "vocab_size": 600, "n_positions": 256, "n_embd": 96, "n_layer": 4, "n_head": 4}),
+        other => panic!("unknown config {other}"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut which = "all".to_string();
+    let mut steps = 5usize;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--steps" => { steps = args[i + 1].parse()?; i += 1; }
+            "--threads" => { std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]); i += 1; }
+            s => which = s.to_string(),
+        }
+        i += 1;
+    }
+    let names: Vec<&str> = if which == "all" { vec!["gpt2-8k", "gpt2-50k", "llama-32k"] } else { vec![which.as_str()] };
+    let (b, t) = (8usize, if which == "demo" { 256 } else { 128 });
+    println!("threads {}", candle_core::utils::get_num_threads());
+    println!("{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}", "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms");
+    for name in names {
+        let cfg = ModelConfig::from_json(&config(name).to_string())?;
+        let vocab = cfg.vocab_size();
+        let ckpt = Checkpoint::init(cfg, &Device::Cpu, 0)?;
+        let model = Model::load(&ckpt, &|_| true)?;
+        let mut opt = AdamW::new(model.trainable_vars(), OptimConfig { lr: 1e-4, weight_decay: 0.01, max_grad_norm: 0.0, ..Default::default() })?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+        let valid = vec![vec![true; t]; b];
+        let weights = Tensor::ones(b * (t - 1), candle_core::DType::F32, &Device::Cpu)?;
+        let (mut fwd, mut bwd, mut optm, mut total) = (0f64, 0f64, 0f64, 0f64);
+        for step in 0..steps + 2 {
+            let t0 = Instant::now();
+            let ctx = AttnContext::for_training(&valid, None, &Device::Cpu)?;
+            let logits = model.forward(&ids, &ctx, None)?;
+            let inputs = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
+            let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+            let nll = ops::token_nll(&inputs, &targets)?;
+            let loss = ((nll * &weights)?.sum_all()? / (b * (t - 1)) as f64)?;
+            let _ = loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let mut grads = loss.backward()?;
+            let t2 = Instant::now();
+            clip_grad_norm(&mut grads, model.trainable_vars(), 0.0)?;
+            opt.step(&grads, 1e-4)?;
+            let t3 = Instant::now();
+            if step >= 2 {
+                fwd += (t1 - t0).as_secs_f64();
+                bwd += (t2 - t1).as_secs_f64();
+                optm += (t3 - t2).as_secs_f64();
+                total += (t3 - t0).as_secs_f64();
+            }
+        }
+        let n = steps as f64;
+        println!("{:<10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}", name, total / n * 1e3, (b * t) as f64 * n / total, fwd / n * 1e3, bwd / n * 1e3, optm / n * 1e3);
+    }
+    Ok(())
+}
