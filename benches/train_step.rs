@@ -12,6 +12,9 @@ use sani::ops;
 use sani::train::{clip_grad_norm, AdamW, OptimConfig};
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn config(name: &str) -> serde_json::Value {
     match name {
         "gpt2-8k" | "gpt2-50k" => serde_json::json!({

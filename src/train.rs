@@ -77,7 +77,10 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (var, m, v, decay) in self.state.iter_mut() {
-            let Some(g) = grads.get(var) else { continue };
+            // Gradients carry the op graph of the step that made them: detach so the moments
+            // do not keep every step's graph alive.
+            let Some(g) = grads.get(var).map(Tensor::detach) else { continue };
+            let g = &g;
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
