@@ -112,22 +112,28 @@ fn unit_scores(
             let valid = vec![vec![true; t]];
             let ctx = AttnContext::for_training(&valid, model_in.sliding_window(), &model_in.device)?;
             let x = model_in.embed(&ids, &ctx)?.detach();
-            // Gradients must reach the traced activations: make the input of the first scored
-            // block a variable so every later op is tracked.
             let mut h = x;
             for layer in 0..first {
                 h = model_in.block(layer, &h, &ctx, None, None)?;
             }
-            let start = candle_core::Var::from_tensor(&h.detach())?;
-            let mut trace = Vec::new();
-            let mut h = start.as_tensor().clone();
+            // candle keeps gradients of variables only: a zero variable added to the output of
+            // each scored block receives dL/d(block output); the MLP activation's gradient is
+            // that times the down projection.
+            let mut wanted: Vec<(usize, Tensor, Option<candle_core::Var>)> = Vec::new();
             for layer in first..n_layers {
                 let mut one = Vec::new();
                 h = model_in.block(layer, &h, &ctx, None, Some(&mut one))?;
-                trace.push((layer, one.pop().expect("block traces its MLP")));
+                if layers.contains(&layer) {
+                    let act = one.pop().expect("block traces its MLP");
+                    let probe = (selection == Selection::Attribution)
+                        .then(|| candle_core::Var::zeros(h.dims(), DType::F32, h.device()))
+                        .transpose()?;
+                    if let Some(p) = &probe {
+                        h = (h + p.as_tensor())?;
+                    }
+                    wanted.push((layer, act, probe));
+                }
             }
-            let wanted: Vec<(usize, Tensor)> =
-                trace.into_iter().filter(|(l, _)| layers.contains(l)).collect();
             let grads = if selection == Selection::Attribution {
                 let logits = model_in.logits(&h.narrow(1, 0, t - 1)?)?.squeeze(0)?;
                 let targets = ids.squeeze(0)?.narrow(0, 1, t - 1)?;
@@ -138,18 +144,18 @@ fn unit_scores(
                 None
             };
             let mask = Tensor::new(produces.as_slice(), &model_in.device)?.unsqueeze(1)?;
-            for (i, (layer, act)) in wanted.iter().enumerate() {
-                let _ = layer;
-                let a = act.squeeze(0)?; // [t, width]
-                let score = match &grads {
-                    Some(g) => {
-                        let ga = g.get(act).map(|g| g.squeeze(0)).transpose()?;
-                        match ga {
-                            Some(ga) => (a * ga)?.abs()?,
-                            None => bail!("attribution: no gradient reached layer {layer}'s MLP"),
-                        }
+            for (i, (layer, act, probe)) in wanted.iter().enumerate() {
+                let a = act.detach().squeeze(0)?; // [t, width]
+                let score = match (&grads, probe) {
+                    (Some(g), Some(p)) => {
+                        let Some(g_out) = g.get(p) else {
+                            bail!("attribution: no gradient reached layer {layer}'s output");
+                        };
+                        // d act = d out @ W_down^T, with W_down as [width, d].
+                        let ga = g_out.squeeze(0)?.matmul(&model_in.mlp_down_weight(*layer)?.t()?)?;
+                        (a * ga)?.abs()?
                     }
-                    None => a.abs()?,
+                    _ => a.abs()?,
                 };
                 let s_sum = score.broadcast_mul(&mask)?.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 let total = score.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;

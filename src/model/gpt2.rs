@@ -103,6 +103,10 @@ impl Gpt2 {
         vec![n("c_fc.weight", 1), n("c_fc.bias", 0), n("c_proj.weight", 0)]
     }
 
+    pub(super) fn mlp_down_weight(&self, layer: usize) -> Tensor {
+        self.blocks[layer].proj_w.clone()
+    }
+
     pub(super) fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let d = self.cfg.n_embd;

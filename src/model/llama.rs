@@ -173,6 +173,10 @@ impl Llama {
         v
     }
 
+    pub(super) fn mlp_down_weight(&self, layer: usize) -> Tensor {
+        self.blocks[layer].down.clone()
+    }
+
     pub(super) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.embed.index_select(&ids.flatten_all()?, 0)?;

@@ -210,6 +210,14 @@ impl Model {
         }
     }
 
+    /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
+    pub fn mlp_down_weight(&self, layer: usize) -> Result<Tensor> {
+        Ok(match &self.arch {
+            Arch::Gpt2(m) => m.mlp_down_weight(layer),
+            Arch::Llama(m) => m.mlp_down_weight(layer).t()?.contiguous()?,
+        })
+    }
+
     /// Names of all tensors of transformer block `layer`.
     pub fn block_tensor_names(&self, layer: usize) -> Vec<String> {
         match &self.arch {

@@ -1,0 +1,219 @@
+//! `sani sanitize` on the fixture models: erasure touches exactly the reported units, frozen
+//! tensors stay bit-identical, runs are deterministic, bad input exits 2 and writes nothing.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use sani::checkpoint::Checkpoint;
+use sani::erase::{self, ResetMode, Selection};
+use sani::model::Model;
+use sani::sanitize::windows_to_examples;
+use sani::synth::{generate_notes, notes_to_jsonl, SynthConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sani(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sani")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A copy of fixture `name` plus a small notes file, in a temp dir.
+fn workspace(name: &str, notes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let docs = generate_notes(&SynthConfig { n_notes: notes, seed: 3, id_prefix: "n".into() });
+    let spans = tmp.path().join("notes.jsonl");
+    std::fs::write(&spans, notes_to_jsonl(&docs)).unwrap();
+    (tmp, model, spans)
+}
+
+fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let ckpt = Checkpoint::load(dir, &Device::Cpu).unwrap();
+    ckpt.vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+fn raw_tensors(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                out.insert(name, view.data().to_vec());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn erasure_changes_exactly_the_reported_units() {
+    for name in ["gpt2_f32", "llama_gqa", "qwen2_bf16"] {
+        let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
+        let before = tensors(&fixture(name));
+        let model = Model::load_frozen(&ckpt).unwrap();
+        let layers = erase::last_layers(model.num_layers(), 1);
+        let units = erase::select_units(&model, &[], &layers, 0.25, Selection::Random, 1, 4).unwrap();
+        let width = ckpt.config.mlp_width();
+        assert_eq!(units[&layers[0]].len(), width / 4);
+        erase::reset_units(&ckpt, &model, &units, ResetMode::Zero, None, 1).unwrap();
+        let slices = model.mlp_unit_slices(layers[0]);
+        for (tensor, after) in ckpt.vars() {
+            let after = after.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let old = &before[&tensor];
+            let slice = slices.iter().find(|s| s.name == tensor);
+            let dims = ckpt.entry(&tensor).unwrap().shape.clone();
+            for (i, (a, b)) in old.iter().zip(&after).enumerate() {
+                let in_unit = slice.is_some_and(|s| {
+                    let inner: usize = dims[s.axis + 1..].iter().product();
+                    let j = (i / inner) % dims[s.axis];
+                    units[&layers[0]].contains(&j)
+                });
+                if in_unit {
+                    assert_eq!(*b, 0.0, "{name}: {tensor}[{i}] in an erased unit must be zero");
+                } else {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{name}: {tensor}[{i}] outside the erased units changed");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_and_attribution_selection_are_deterministic_and_differ_from_random() {
+    let ckpt = Checkpoint::load(&fixture("gpt2_f32"), &Device::Cpu).unwrap();
+    let tok = sani::cli::load_tokenizer(&fixture("gpt2_f32")).unwrap();
+    let docs = generate_notes(&SynthConfig { n_notes: 4, seed: 1, id_prefix: "n".into() });
+    let labels = sani::spans::label_names(&docs);
+    let enc = sani::tokens::encode_documents(&tok, &docs).unwrap();
+    let windows = sani::tokens::make_windows(&docs, &enc, &labels, Some(0), 64, None);
+    let examples = windows_to_examples(&windows, true);
+    let model = Model::load_frozen(&ckpt).unwrap();
+    let layers = vec![1];
+    let pick = |s| erase::select_units(&model, &examples, &layers, 0.25, s, 9, 4).unwrap();
+    for s in [Selection::Activation, Selection::Attribution] {
+        assert_eq!(pick(s), pick(s), "{s:?} is deterministic");
+        assert_eq!(pick(s)[&1].len(), ckpt.config.mlp_width() / 4);
+    }
+    assert_ne!(pick(Selection::Activation), pick(Selection::Random));
+}
+
+#[test]
+fn repair_keeps_frozen_tensors_bit_identical_and_is_deterministic() {
+    let (tmp, model, spans) = workspace("gpt2_f32", 6);
+    let run = |out: &str| {
+        let out = tmp.path().join(out);
+        let o = sani(&[
+            "sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
+            out.to_str().unwrap(), "--erase-layers", "1", "--erase-fraction", "0.5", "--epochs", "1", "--train-scope",
+            "last:1", "--max-seq-len", "64", "--batch-size", "4", "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let a = run("a");
+    let b = run("b");
+    let (input, out_a, out_b) = (raw_tensors(&model), raw_tensors(&a), raw_tensors(&b));
+    assert_eq!(out_a, out_b, "same seed, same inputs: same weights");
+    let mut changed = Vec::new();
+    for (name, bytes) in &input {
+        if &out_a[name] != bytes {
+            changed.push(name.clone());
+        }
+    }
+    assert!(!changed.is_empty());
+    for name in &changed {
+        assert!(
+            name.starts_with("transformer.h.1.") || name.starts_with("transformer.ln_f."),
+            "frozen tensor {name} changed"
+        );
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("sani_report.json")).unwrap()).unwrap();
+    assert_eq!(report["erased_units"]["1"].as_array().unwrap().len(), 64);
+    assert_eq!(report["config"]["train-scope"], "last:1");
+    assert!(report["masked_tokens_per_label"]["NAME"].as_u64().unwrap() > 0);
+    assert!(a.join("sani_config.toml").is_file() && a.join("tokenizer.json").is_file() && a.join("config.json").is_file());
+    // The output is itself a loadable model.
+    Model::load_frozen(&Checkpoint::load(&a, &Device::Cpu).unwrap()).unwrap();
+}
+
+#[test]
+fn config_file_then_command_line() {
+    let (tmp, model, spans) = workspace("llama_gqa", 3);
+    let cfg = tmp.path().join("my.toml");
+    std::fs::write(&cfg, "erase-fraction = 0.25\nepochs = 1\nlr = 1e-3\nmax-seq-len = 48\n").unwrap();
+    let out = tmp.path().join("out");
+    let o = sani(&[
+        "sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
+        out.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--lr", "2e-4", "--repair-target", "mask", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resolved = std::fs::read_to_string(out.join("sani_config.toml")).unwrap();
+    assert!(resolved.contains("erase-fraction = 0.25"), "{resolved}");
+    assert!(resolved.contains("lr = 0.0002"), "{resolved}");
+    assert!(resolved.contains("repair-target = \"mask\""), "{resolved}");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "erase-fractoin = 0.5\n").unwrap();
+    let o = sani(&["sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
+        tmp.path().join("x").to_str().unwrap(), "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("bad.toml") && stderr(&o).contains("erase-fractoin"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_input_exits_2_and_writes_nothing() {
+    let (tmp, model, spans) = workspace("gpt2_f32", 2);
+    let before = raw_tensors(&model);
+    let out = tmp.path().join("out");
+    let m = model.to_str().unwrap();
+    let o_s = out.to_str().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"Ana Lopez\", \"spans\": [{\"start\": 0, \"end\": 3, \"label\": \"NAME\"}]}\n{\"id\": \"b\", \"text\": \"x\", \"spans\": [{\"start\": 0, \"end\": 9, \"label\": \"NAME\"}]}\n").unwrap();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--sensitive", bad.to_str().unwrap()], vec!["bad.jsonl:2", "end"]),
+        (vec!["--sensitive", "/nonexistent/spans.jsonl"], vec!["/nonexistent/spans.jsonl"]),
+        (vec!["--sensitive", spans.to_str().unwrap(), "--erase-fraction", "1.5"], vec!["--erase-fraction"]),
+        (vec!["--sensitive", spans.to_str().unwrap(), "--train-scope", "top"], vec!["--train-scope"]),
+    ];
+    for (extra, wanted) in cases {
+        let mut args = vec!["sanitize", "--model", m, "--out", o_s];
+        args.extend(extra);
+        let o = sani(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        for w in wanted {
+            assert!(stderr(&o).contains(w), "{args:?}: `{w}` not in {}", stderr(&o));
+        }
+        assert!(!out.exists(), "nothing written on error");
+    }
+    // Writing into the input model is refused, and so is an existing output without --force.
+    let inside = model.join("sub");
+    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", inside.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("input model"), "{}", stderr(&o));
+    std::fs::create_dir(&out).unwrap();
+    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", o_s, "--epochs", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", o_s, "--epochs", "0", "--force", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(raw_tensors(&model), before, "the input model is never modified");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| {
+        let n = e.unwrap().file_name().to_string_lossy().to_string();
+        n.contains("sani-tmp").then_some(n)
+    }).collect();
+    assert!(leftovers.is_empty(), "temporary dirs left: {leftovers:?}");
+}
