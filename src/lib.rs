@@ -8,6 +8,7 @@ pub mod demo;
 pub mod erase;
 pub mod eval;
 pub mod finetune;
+pub mod fused;
 pub mod generate;
 pub mod inspect;
 pub mod model;

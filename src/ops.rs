@@ -1,9 +1,20 @@
 //! Differentiable building blocks shared by the models and the training loop.
 //!
-//! Everything here is written with candle ops that carry gradients (candle's fused softmax,
-//! norm and RoPE kernels have no backward pass).
+//! Everything here carries gradients. candle's own fused softmax, norm and RoPE kernels have no
+//! backward pass, so on the CPU with f32 the hot ops (attention softmax, norms, token NLL) use
+//! our fused kernels in `crate::fused`, which do; elsewhere (other dtypes, CUDA) they fall back
+//! to the composed `*_composed` versions written with gradient-carrying candle ops.
 
+use crate::fused;
 use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Whether the fused CPU kernels apply: every tensor f32 on the CPU, and not disabled with
+/// `SANI_FUSED=0` (for A/B measurements).
+fn use_fused(ts: &[&Tensor]) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("SANI_FUSED").map_or(true, |v| v != "0"))
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
 
 /// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -31,7 +42,16 @@ pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.reshape(shape)
 }
 
+/// Layer norm over the last dim with weight and bias [d].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(&[x, w, b]) && w.rank() == 1 && b.rank() == 1 {
+        return fused::layer_norm(x, w, b, eps);
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// `layer_norm` written with composed candle ops (any dtype or device).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -39,9 +59,35 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     xn.broadcast_mul(w)?.broadcast_add(b)
 }
 
+/// RMS norm over the last dim with weight [d].
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(&[x, w]) && w.rank() == 1 {
+        return fused::rms_norm(x, w, eps);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// `rms_norm` written with composed candle ops (any dtype or device).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// gelu_new, the tanh approximation of GELU (HF `gelu_new`, candle `Tensor::gelu`), with a
+/// fused one-pass forward and backward on f32 CPU tensors.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x]) {
+        return fused::gelu_new(x);
+    }
+    x.gelu()
+}
+
+/// silu (x * sigmoid(x)), with a fused one-pass forward and backward on f32 CPU tensors.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x]) {
+        return fused::silu(x);
+    }
+    x.silu()
 }
 
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
@@ -58,10 +104,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     } else {
         (k.clone(), v.clone())
     };
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let probs = softmax_last(&scores.broadcast_add(mask)?)?;
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = scaled_masked_softmax(&scores, mask, scale)?;
     let out = probs.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// `softmax(scores * scale + mask)` over the last dim; scores [b, h, t, s], mask [b or 1, 1, t, s]
+/// (broadcast over heads). The mask gets no gradient.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let fits = match (scores.dims4(), mask.dims4()) {
+        (Ok((b, _, t, s)), Ok((mb, 1, mt, ms))) => (mb == b || mb == 1) && mt == t && ms == s,
+        _ => false,
+    };
+    if fits && use_fused(&[scores, mask]) {
+        return fused::scaled_masked_softmax(scores, mask, scale);
+    }
+    scaled_masked_softmax_composed(scores, mask, scale)
+}
+
+/// `scaled_masked_softmax` written with composed candle ops (any dtype or device).
+pub fn scaled_masked_softmax_composed(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    softmax_last(&(scores * scale)?.broadcast_add(mask)?)
 }
 
 fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
@@ -122,6 +186,14 @@ pub fn positions_from_mask(key_valid: &[Vec<bool>], q_len: usize, device: &Devic
 /// Mean cross-entropy of `logits` [n, v] against `targets` [n] (u32) over rows with weight 1
 /// (`weights` [n] f32 of 0/1). Returns (loss, number of counted rows).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, f32)> {
+    let nll = token_nll(logits, targets)?;
+    let count = weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let total = (nll * weights)?.sum_all()?;
+    Ok(((total / count.max(1.0) as f64)?, count))
+}
+
+/// `masked_cross_entropy` written with composed candle ops (any dtype or device).
+pub fn masked_cross_entropy_composed(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, f32)> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let count = weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -131,6 +203,14 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor)
 
 /// Negative log-likelihood of each target: logits [n, v], targets [n] u32 -> [n].
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if use_fused(&[logits]) && targets.dtype() == DType::U32 && logits.rank() == 2 && targets.rank() == 1 {
+        return fused::token_nll(logits, targets);
+    }
+    token_nll_composed(logits, targets)
+}
+
+/// `token_nll` written with composed candle ops (any dtype or device).
+pub fn token_nll_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }

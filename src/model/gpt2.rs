@@ -120,7 +120,7 @@ impl Gpt2 {
             "gelu" => x.gelu_erf(),
             "relu" => x.relu(),
             "silu" => x.silu(),
-            _ => x.gelu(),
+            _ => crate::ops::gelu_new(x),
         }
     }
 

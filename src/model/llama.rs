@@ -221,7 +221,7 @@ impl Llama {
         let attn = ops::attention(&q, &k, &v, ctx.mask_for(blk.window), 1.0 / (hd as f64).sqrt())?;
         let x = (x + ops::linear(&attn, &blk.o, blk.o_b.as_ref())?)?;
         let m = ops::rms_norm(&x, &blk.post_norm, eps)?;
-        let gate = ops::linear(&m, &blk.gate, blk.gate_b.as_ref())?.silu()?;
+        let gate = ops::silu(&ops::linear(&m, &blk.gate, blk.gate_b.as_ref())?)?;
         let hidden = (gate * ops::linear(&m, &blk.up, blk.up_b.as_ref())?)?;
         if let Some(trace) = mlp_trace {
             trace.push(hidden.clone());

@@ -1,0 +1,652 @@
+//! Fused CPU kernels with backward passes, applied as candle `CustomOp`s.
+//!
+//! Every kernel here works on f32, contiguous CPU tensors and walks rows of the last dimension
+//! in parallel with rayon. `crate::ops` decides when to use them and falls back to the composed
+//! candle versions otherwise (other dtypes, other devices).
+//!
+//! Each forward op carries a `bwd`, so gradients flow through `Tensor::backward`; the backward
+//! kernels themselves are applied without a backward (no second derivatives).
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Below this, `exp(x - max)` is zero (or a denormal) in f32: skip the call.
+const EXP_CUTOFF: f32 = -88.0;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn contiguous_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    let data = s.as_slice::<u32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => f(contiguous_f32(s, l, what)?),
+        _ => bail!("{what}: CPU tensors only"),
+    }
+}
+
+/// Rows handed to one rayon task, so that each task touches about 16K elements.
+fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}
+
+fn last_dim(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let Some(&d) = dims.last() else { bail!("fused op: scalar input") };
+    let n = l.shape().elem_count().checked_div(d).unwrap_or(0);
+    Ok((n, d))
+}
+
+#[inline]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+#[inline]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    acc.iter().chain(rem).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// Writes `exp(row - m)` into `row` in place and returns the sum.
+#[inline]
+fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
+    for v in row.iter_mut() {
+        let z = *v - m;
+        *v = if z < EXP_CUTOFF { 0.0 } else { z.exp() };
+    }
+    sum(row)
+}
+
+// ------------------------------------------------------------------------------------------
+// softmax(scores * scale + mask) over the last dim
+
+/// `softmax(scores * scale + mask)` over the last dim; scores [b, h, t, s], mask [b or 1, 1, t, s].
+struct ScaledMaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let m = contiguous_f32(s2, l2, self.name())?;
+        let (b, h, t, s) = l1.shape().dims4()?;
+        let (mb, mh, mt, ms) = l2.shape().dims4()?;
+        if mh != 1 || mt != t || ms != s || !(mb == b || mb == 1) {
+            bail!("{}: mask {:?} does not broadcast to scores {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        if s == 0 {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        let scale = self.scale;
+        let rpt = rows_per_task(s);
+        out.par_chunks_mut(rpt * s).enumerate().for_each(|(ci, chunk)| {
+            for (k, o) in chunk.chunks_exact_mut(s).enumerate() {
+                let r = ci * rpt + k;
+                let (bi, ti) = (r / (h * t), r % t);
+                let mrow = &m[((bi % mb) * t + ti) * s..][..s];
+                let xrow = &x[r * s..][..s];
+                for ((o, &xv), &mv) in o.iter_mut().zip(xrow).zip(mrow) {
+                    *o = xv * scale + mv;
+                }
+                let mx = max(o);
+                let z = exp_shift_sum(o, mx);
+                let inv = 1.0 / z;
+                for v in o.iter_mut() {
+                    *v *= inv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let p = res.contiguous()?;
+        let ds = p.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// `scale * p * (g - sum(g * p))` over the last dim, for (p, g).
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        if l1.dims() != l2.dims() {
+            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        let (_, d) = last_dim(l1)?;
+        let mut out = vec![0f32; p.len()];
+        if d == 0 {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        let scale = self.scale;
+        let rpt = rows_per_task(d);
+        out.par_chunks_mut(rpt * d).enumerate().for_each(|(ci, chunk)| {
+            for (k, o) in chunk.chunks_exact_mut(d).enumerate() {
+                let r = ci * rpt + k;
+                let pr = &p[r * d..][..d];
+                let gr = &g[r * d..][..d];
+                let dp = dot(pr, gr);
+                for ((o, &pv), &gv) in o.iter_mut().zip(pr).zip(gr) {
+                    *o = scale * pv * (gv - dp);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Fused `softmax(scores * scale + mask)` over the last dim. scores [b, h, t, s] and mask
+/// [b or 1, 1, t, s], both f32 on the CPU. The mask gets no gradient.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = scores.contiguous()?;
+    let mask = mask.contiguous()?;
+    scores.apply_op2(&mask, ScaledMaskedSoftmax { scale: scale as f32 })
+}
+
+// ------------------------------------------------------------------------------------------
+// layer norm / rms norm over the last dim
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn check_param(what: &str, l: &Layout, d: usize) -> Result<()> {
+    if l.shape().elem_count() != d || l.dims().len() != 1 {
+        bail!("{what}: parameter of shape {:?}, expected [{d}]", l.dims());
+    }
+    Ok(())
+}
+
+/// (mean, 1/sqrt(var + eps)) of a row.
+#[inline]
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum(x) / d;
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let v = c[i] - mean;
+            acc[i] += v * v;
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + rem.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline]
+fn rms_rstd(x: &[f32], eps: f32) -> f32 {
+    let ms = dot(x, x) / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let (_, d) = last_dim(l1)?;
+        check_param(self.name(), l2, d)?;
+        check_param(self.name(), l3, d)?;
+        let mut out = vec![0f32; x.len()];
+        if d == 0 {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        let eps = self.eps;
+        let rpt = rows_per_task(d);
+        out.par_chunks_mut(rpt * d).zip(x.par_chunks(rpt * d)).for_each(|(oc, xc)| {
+            for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let (mean, rstd) = ln_stats(xr, eps);
+                for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                    *o = (xv - mean) * rstd * wv + bv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (dx, dw, db) = norm_bwd(x, w, &g, self.eps, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let (_, d) = last_dim(l1)?;
+        check_param(self.name(), l2, d)?;
+        let mut out = vec![0f32; x.len()];
+        if d == 0 {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        let eps = self.eps;
+        let rpt = rows_per_task(d);
+        out.par_chunks_mut(rpt * d).zip(x.par_chunks(rpt * d)).for_each(|(oc, xc)| {
+            for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let rstd = rms_rstd(xr, eps);
+                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                    *o = xv * rstd * wv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (dx, dw, _) = norm_bwd(x, w, &g, self.eps, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Gradients of layer norm (`centered`) or rms norm: (dx, dw, db if centered).
+/// With xhat the normalized row and dxhat = g * w:
+/// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (no mean(dxhat) term for rms),
+/// dw = sum_rows g * xhat, db = sum_rows g.
+fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32, centered: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let what = if centered { "fused-layer-norm-bwd" } else { "fused-rms-norm-bwd" };
+    let d = x.dims().last().copied().unwrap_or(0);
+    if g.dims() != x.dims() {
+        bail!("{what}: grad {:?} vs input {:?}", g.dims(), x.dims());
+    }
+    let mut dx = vec![0f32; x.elem_count()];
+    let mut dw = vec![0f32; d];
+    let mut db = vec![0f32; d];
+    if d > 0 {
+        with_f32(&x, what, |xs| {
+            with_f32(&w, what, |ws| {
+                with_f32(g, what, |gs| {
+                    let rpt = rows_per_task(d);
+                    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                        .par_chunks_mut(rpt * d)
+                        .zip(xs.par_chunks(rpt * d))
+                        .zip(gs.par_chunks(rpt * d))
+                        .map(|((dxc, xc), gc)| {
+                            let mut pw = vec![0f32; d];
+                            let mut pb = vec![0f32; if centered { d } else { 0 }];
+                            let mut xhat = vec![0f32; d];
+                            let mut dxhat = vec![0f32; d];
+                            for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
+                                let (mean, rstd) = if centered { ln_stats(xr, eps) } else { (0.0, rms_rstd(xr, eps)) };
+                                for ((xh, dxh), ((&xv, &gv), &wv)) in
+                                    xhat.iter_mut().zip(dxhat.iter_mut()).zip(xr.iter().zip(gr).zip(ws))
+                                {
+                                    *xh = (xv - mean) * rstd;
+                                    *dxh = gv * wv;
+                                }
+                                let inv_d = 1.0 / d as f32;
+                                let m1 = if centered { sum(&dxhat) * inv_d } else { 0.0 };
+                                let m2 = dot(&dxhat, &xhat) * inv_d;
+                                for ((o, &xh), &dxh) in dxr.iter_mut().zip(&xhat).zip(&dxhat) {
+                                    *o = rstd * (dxh - m1 - xh * m2);
+                                }
+                                for ((p, &gv), &xh) in pw.iter_mut().zip(gr).zip(&xhat) {
+                                    *p += gv * xh;
+                                }
+                                if centered {
+                                    for (p, &gv) in pb.iter_mut().zip(gr) {
+                                        *p += gv;
+                                    }
+                                }
+                            }
+                            (pw, pb)
+                        })
+                        .collect();
+                    // Sum the per-task partials in a fixed order: deterministic results.
+                    for (pw, pb) in &partials {
+                        for (a, v) in dw.iter_mut().zip(pw) {
+                            *a += v;
+                        }
+                        for (a, v) in db.iter_mut().zip(pb) {
+                            *a += v;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+    }
+    let dev = Device::Cpu;
+    let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
+    let dw = Tensor::from_vec(dw, w.shape(), &dev)?;
+    let db = if centered { Some(Tensor::from_vec(db, w.shape(), &dev)?) } else { None };
+    Ok((dx, dw, db))
+}
+
+/// Fused layer norm over the last dim (f32, CPU); w and b are [d].
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let b = b.contiguous()?;
+    x.apply_op3(&w, &b, LayerNorm { eps: eps as f32 })
+}
+
+/// Fused RMS norm over the last dim (f32, CPU); w is [d].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    x.apply_op2(&w, RmsNorm { eps: eps as f32 })
+}
+
+// ------------------------------------------------------------------------------------------
+// token negative log-likelihood: -log_softmax(logits)[target]
+
+/// logits [n, v] f32, targets [n] u32 -> [n]. Keeps the per-row logsumexp (n floats) for the
+/// backward pass.
+struct TokenNll {
+    lse: Mutex<Vec<f32>>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = max(row);
+    if m == f32::NEG_INFINITY || m.is_nan() {
+        return m;
+    }
+    let mut acc = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let z = c[i] - m;
+            acc[i] += if z < EXP_CUTOFF { 0.0 } else { z.exp() };
+        }
+    }
+    let s = acc.iter().sum::<f32>() + rem.iter().map(|&v| (v - m).exp()).sum::<f32>();
+    m + s.ln()
+}
+
+impl CustomOp2 for TokenNll {
+    fn name(&self) -> &'static str {
+        "fused-token-nll"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let tg = contiguous_u32(s2, l2, self.name())?;
+        let (n, v) = l1.shape().dims2()?;
+        if l2.dims() != [n] {
+            bail!("{}: targets {:?} for logits {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
+            bail!("{}: target {bad} out of range for vocab {v}", self.name());
+        }
+        let mut lse = vec![0f32; n];
+        let mut out = vec![0f32; n];
+        if v > 0 {
+            let rpt = rows_per_task(v);
+            lse.par_chunks_mut(rpt).zip(out.par_chunks_mut(rpt)).enumerate().for_each(|(ci, (lc, oc))| {
+                for (k, (l, o)) in lc.iter_mut().zip(oc.iter_mut()).enumerate() {
+                    let r = ci * rpt + k;
+                    let row = &x[r * v..][..v];
+                    *l = row_lse(row);
+                    *o = *l - row[tg[r] as usize];
+                }
+            });
+        }
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let logits = logits.contiguous()?;
+        let targets = targets.contiguous()?.to_vec1::<u32>()?;
+        let g = grad.contiguous()?.to_vec1::<f32>()?;
+        let (n, v) = logits.dims2()?;
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut d = vec![0f32; n * v];
+        if v > 0 {
+            with_f32(&logits, self.name(), |x| {
+                let lse = if lse.len() == n {
+                    lse
+                } else {
+                    (0..n).into_par_iter().map(|r| row_lse(&x[r * v..][..v])).collect()
+                };
+                d.par_chunks_mut(v).enumerate().with_min_len(rows_per_task(v)).for_each(|(r, dr)| {
+                    let gr = g[r];
+                    let xr = &x[r * v..][..v];
+                    let l = lse[r];
+                    if gr == 0.0 {
+                        return;
+                    }
+                    for (o, &xv) in dr.iter_mut().zip(xr) {
+                        let z = xv - l;
+                        *o = if z < EXP_CUTOFF { 0.0 } else { z.exp() * gr };
+                    }
+                    dr[targets[r] as usize] -= gr;
+                });
+                Ok(())
+            })?;
+        }
+        Ok((Some(Tensor::from_vec(d, (n, v), &Device::Cpu)?), None))
+    }
+}
+
+/// Fused `-log_softmax(logits)[i, targets[i]]`: logits [n, v] f32 and targets [n] u32 on the
+/// CPU -> [n]. Gradient flows to the logits only.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.contiguous()?;
+    let targets = targets.contiguous()?;
+    logits.apply_op2(&targets, TokenNll { lse: Mutex::new(Vec::new()) })
+}
+
+// ------------------------------------------------------------------------------------------
+// gelu_new (the tanh approximation): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044715;
+
+/// tanh through one `exp`: 1 - 2 / (exp(2u) + 1); exact at the limits (exp overflow gives 1).
+#[inline]
+fn tanh_via_exp(u: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+}
+
+struct GeluNew;
+
+impl CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "fused-gelu-new"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v));
+                *o = 0.5 * v * (1.0 + t);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let x = arg.contiguous()?;
+        let g = grad.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&g, &GeluNewBwd)?))
+    }
+}
+
+/// d gelu_new(x) / dx * g, for (x, g).
+struct GeluNewBwd;
+
+impl CustomOp2 for GeluNewBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-new-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        if l1.dims() != l2.dims() {
+            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((o, x), g)| {
+            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                let v2 = v * v;
+                let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v2));
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v2);
+                *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Fused gelu_new (tanh approximation, as `Tensor::gelu`) on an f32 CPU tensor.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluNew)
+}
+
+// ------------------------------------------------------------------------------------------
+// silu: x * sigmoid(x)
+
+struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "fused-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = v / (1.0 + (-v).exp());
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let x = arg.contiguous()?;
+        let g = grad.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&g, &SiluBwd)?))
+    }
+}
+
+/// d silu(x) / dx * g = g * s * (1 + x * (1 - s)) with s = sigmoid(x), for (x, g).
+struct SiluBwd;
+
+impl CustomOp2 for SiluBwd {
+    fn name(&self) -> &'static str {
+        "fused-silu-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        if l1.dims() != l2.dims() {
+            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((o, x), g)| {
+            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                let s = 1.0 / (1.0 + (-v).exp());
+                *o = gv * s * (1.0 + v * (1.0 - s));
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Fused silu on an f32 CPU tensor.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Silu)
+}
