@@ -11,14 +11,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -66,13 +66,21 @@ pub fn init_std(config: &ModelConfig, name: &str) -> Option<f64> {
     }
     match config {
         // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
-        ModelConfig::Gpt2(c) if name.ends_with("c_proj.weight") => Some(base / (2.0 * c.n_layer as f64).sqrt()),
+        ModelConfig::Gpt2(c) if name.ends_with("c_proj.weight") => {
+            Some(base / (2.0 * c.n_layer as f64).sqrt())
+        }
         _ => Some(base),
     }
 }
 
 /// A tensor of `shape` drawn as HF initializes `name`.
-pub fn init_tensor(config: &ModelConfig, name: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+pub fn init_tensor(
+    config: &ModelConfig,
+    name: &str,
+    shape: &[usize],
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let data: Vec<f32> = match init_std(config, name) {
         Some(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
@@ -114,7 +122,10 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
         let mut shards: Vec<String> = Vec::new();
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| {
-                anyhow!("{}: field `weight_map.{name}` is not a string", index.display())
+                anyhow!(
+                    "{}: field `weight_map.{name}` is not a string",
+                    index.display()
+                )
             })?;
             if !shards.iter().any(|s| s == file) {
                 shards.push(file.to_string());
@@ -156,7 +167,10 @@ impl Checkpoint {
                 let bytes = std::fs::read(&path)
                     .with_context(|| format!("{}: cannot read weight file", path.display()))?;
                 let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-                    anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display())
+                    anyhow!(
+                        "{}: corrupt or truncated safetensors file: {e}",
+                        path.display()
+                    )
                 })?;
                 let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
                 names.sort();
@@ -249,7 +263,13 @@ impl Checkpoint {
         if let Some(rng) = &self.init_rng {
             let mut vars = self.varmap.data().lock().unwrap();
             if !vars.contains_key(name) {
-                let t = init_tensor(&self.config, name, shape, &mut rng.lock().unwrap(), &self.device)?;
+                let t = init_tensor(
+                    &self.config,
+                    name,
+                    shape,
+                    &mut rng.lock().unwrap(),
+                    &self.device,
+                )?;
                 vars.insert(name.to_string(), Var::from_tensor(&t)?);
             }
         }
@@ -284,7 +304,11 @@ impl Checkpoint {
     }
 
     fn weights_label(&self) -> String {
-        let file = if self.sharded { INDEX_FILE } else { SINGLE_FILE };
+        let file = if self.sharded {
+            INDEX_FILE
+        } else {
+            SINGLE_FILE
+        };
         self.dir.join(file).display().to_string()
     }
 
@@ -296,7 +320,11 @@ impl Checkpoint {
     }
 
     /// Fails when the checkpoint holds tensors the model did not use, other than known buffers.
-    pub fn check_no_extra(&self, used: &HashSet<String>, allowed_extra: impl Fn(&str) -> bool) -> Result<()> {
+    pub fn check_no_extra(
+        &self,
+        used: &HashSet<String>,
+        allowed_extra: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         let extra: Vec<&str> = self
             .entries
             .iter()
@@ -319,7 +347,10 @@ impl Checkpoint {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum()
+        self.entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
     }
 
     /// SHA-256 over the weight files, in shard order.
@@ -330,8 +361,10 @@ impl Checkpoint {
     /// Writes the weights (same names, shapes, dtypes, shards) and copies every other file of the
     /// input directory except weights in other formats. `dir` must exist and be empty.
     pub fn write_to(&self, dir: &Path, provenance: &BTreeMap<String, String>) -> Result<()> {
-        let mut metadata: HashMap<String, String> =
-            provenance.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut metadata: HashMap<String, String> = provenance
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         metadata.insert("format".into(), "pt".into());
         let vars = self.vars();
         let mut total_size = 0usize;
@@ -388,7 +421,9 @@ fn check_index_matches(
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let index = dir.join(INDEX_FILE);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-    let map = json["weight_map"].as_object().expect("checked by weight_files");
+    let map = json["weight_map"]
+        .as_object()
+        .expect("checked by weight_files");
     for (name, file) in map {
         match entries.iter().find(|e| &e.name == name) {
             None => bail!(
@@ -452,7 +487,15 @@ impl View for OutTensor<'_> {
 /// Weight formats that must not be copied beside rewritten safetensors (they would be stale).
 fn is_weight_file(name: &str) -> bool {
     const EXTS: &[&str] = &[
-        ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".onnx",
     ];
     name == INDEX_FILE
         || name.ends_with(".index.json")
@@ -462,7 +505,9 @@ fn is_weight_file(name: &str) -> bool {
 
 /// Copies config, generation config, tokenizer files and any other plain file of `src` to `dst`.
 pub fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
+    for entry in
+        std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))?
+    {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
         let path = entry.path();
@@ -479,8 +524,8 @@ pub fn sha256_files(dir: &Path, files: &[String]) -> Result<String> {
     let mut hasher = Sha256::new();
     for f in files {
         let path = dir.join(f);
-        let mut file =
-            std::fs::File::open(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut file = std::fs::File::open(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         std::io::copy(&mut file, &mut hasher)?;
     }
     Ok(format!("{:x}", hasher.finalize()))
@@ -496,7 +541,8 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
         }
         return Ok(path.to_path_buf());
     }
-    let looks_like_repo = model.split('/').count() == 2 && !model.starts_with('.') && !model.ends_with('/');
+    let looks_like_repo =
+        model.split('/').count() == 2 && !model.starts_with('.') && !model.ends_with('/');
     if !looks_like_repo {
         bail!("{model}: no such model directory");
     }
@@ -511,18 +557,23 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     };
     // The layout huggingface_hub writes: models--org--name/refs/main holds the commit hash of
     // models--org--name/snapshots/<hash>/. Read it ourselves so that a trailing newline is fine.
-    let repo_dir = cache.path().join(format!("models--{}", model.replace('/', "--")));
-    let hash = std::fs::read_to_string(repo_dir.join("refs").join("main")).map_err(|_| not_cached())?;
+    let repo_dir = cache
+        .path()
+        .join(format!("models--{}", model.replace('/', "--")));
+    let hash =
+        std::fs::read_to_string(repo_dir.join("refs").join("main")).map_err(|_| not_cached())?;
     let dir = repo_dir.join("snapshots").join(hash.trim());
     if !dir.is_dir() {
         return Err(not_cached());
     }
     if !dir.join("config.json").is_file() {
-        bail!("{model}: cached snapshot {} lacks config.json", dir.display());
+        bail!(
+            "{model}: cached snapshot {} lacks config.json",
+            dir.display()
+        );
     }
-    let (shards, _) = weight_files(&dir).with_context(|| {
-        format!("{model}: cached snapshot {} is incomplete", dir.display())
-    })?;
+    let (shards, _) = weight_files(&dir)
+        .with_context(|| format!("{model}: cached snapshot {} is incomplete", dir.display()))?;
     for shard in shards {
         if !dir.join(&shard).is_file() {
             bail!("{model}: cached snapshot {} lacks {shard}", dir.display());

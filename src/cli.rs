@@ -48,7 +48,11 @@ pub struct SpansArgs {
 
 impl SpansArgs {
     pub fn load(&self) -> Result<Vec<crate::spans::Document>> {
-        crate::spans::load_documents(self.sensitive.as_deref(), self.corpus.as_deref(), self.terms.as_deref())
+        crate::spans::load_documents(
+            self.sensitive.as_deref(),
+            self.corpus.as_deref(),
+            self.terms.as_deref(),
+        )
     }
 }
 
@@ -70,10 +74,16 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose()
-                .with_context(|| format!("--device {s}: bad ordinal"))?.unwrap_or(0);
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .with_context(|| format!("--device {s}: bad ordinal"))?
+                .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this build has no CUDA support (rebuild with `--features cuda`)");
+                bail!(
+                    "--device {s}: this build has no CUDA support (rebuild with `--features cuda`)"
+                );
             }
             Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open the GPU"))
         }
@@ -85,9 +95,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
-        bail!("{}: missing tokenizer.json (sani needs the fast tokenizer file)", path.display());
+        bail!(
+            "{}: missing tokenizer.json (sani needs the fast tokenizer file)",
+            path.display()
+        );
     }
-    Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
+    Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
 }
 
 /// Resolves and loads a model and its tokenizer.

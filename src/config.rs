@@ -205,6 +205,7 @@ impl LlamaConfig {
 
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum ModelConfig {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig, LlamaFlavor),
@@ -270,7 +271,11 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => {
                 if c.n_head == 0 || c.n_embd % c.n_head != 0 {
-                    bail!("field `n_embd` ({}) must be a multiple of `n_head` ({})", c.n_embd, c.n_head);
+                    bail!(
+                        "field `n_embd` ({}) must be a multiple of `n_head` ({})",
+                        c.n_embd,
+                        c.n_head
+                    );
                 }
                 match c.activation_function.as_str() {
                     "gelu_new" | "gelu_pytorch_tanh" | "gelu" | "relu" | "silu" => {}
@@ -286,7 +291,10 @@ impl ModelConfig {
                     );
                 }
                 if c.hidden_act != "silu" {
-                    bail!("field `hidden_act`: unsupported `{}` (only silu)", c.hidden_act);
+                    bail!(
+                        "field `hidden_act`: unsupported `{}` (only silu)",
+                        c.hidden_act
+                    );
                 }
                 if let Some(t) = c.rope().rope_type.as_deref() {
                     if !matches!(t, "default" | "llama3" | "linear") {
@@ -362,8 +370,16 @@ impl ModelConfig {
     }
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match self {
-            ModelConfig::Gpt2(c) => c.eos_token_id.as_ref().map(TokenIds::all).unwrap_or_default(),
-            ModelConfig::Llama(c, _) => c.eos_token_id.as_ref().map(TokenIds::all).unwrap_or_default(),
+            ModelConfig::Gpt2(c) => c
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::all)
+                .unwrap_or_default(),
+            ModelConfig::Llama(c, _) => c
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::all)
+                .unwrap_or_default(),
         }
     }
     pub fn pad_token_id(&self) -> Option<u32> {
@@ -382,7 +398,12 @@ mod tests {
     fn unknown_architecture_lists_supported() {
         let err = ModelConfig::from_json(r#"{"architectures": ["BertForMaskedLM"]}"#).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("BertForMaskedLM") && msg.contains("GPT2LMHeadModel") && msg.contains("Qwen2ForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("BertForMaskedLM")
+                && msg.contains("GPT2LMHeadModel")
+                && msg.contains("Qwen2ForCausalLM"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -393,7 +414,9 @@ mod tests {
                 "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}"#,
         )
         .unwrap();
-        let ModelConfig::Llama(c, LlamaFlavor::Qwen2) = cfg else { panic!() };
+        let ModelConfig::Llama(c, LlamaFlavor::Qwen2) = cfg else {
+            panic!()
+        };
         assert_eq!(c.rope().rope_theta, Some(500000.0));
         assert_eq!(c.head_dim(), 4);
         assert_eq!(c.layer_window(LlamaFlavor::Qwen2, 0), None);

@@ -52,9 +52,25 @@ struct Plan {
 
 fn plan(args: &DemoArgs) -> Plan {
     let mut p = if args.quick {
-        Plan { notes: 48, heldout: 16, vocab: 600, n_embd: 96, n_layer: 4, finetune_epochs: 40, finetune_lr: 3e-3 }
+        Plan {
+            notes: 48,
+            heldout: 16,
+            vocab: 600,
+            n_embd: 96,
+            n_layer: 4,
+            finetune_epochs: 40,
+            finetune_lr: 3e-3,
+        }
     } else {
-        Plan { notes: 200, heldout: 50, vocab: 1024, n_embd: 128, n_layer: 4, finetune_epochs: 40, finetune_lr: 2e-3 }
+        Plan {
+            notes: 200,
+            heldout: 50,
+            vocab: 1024,
+            n_embd: 128,
+            n_layer: 4,
+            finetune_epochs: 40,
+            finetune_lr: 2e-3,
+        }
     };
     if let Some(n) = args.notes {
         p.notes = n;
@@ -67,7 +83,16 @@ fn plan(args: &DemoArgs) -> Plan {
 
 /// Runs this same binary with `args`, echoing the command first.
 fn sani(dir: &Path, args: &[String], quiet: bool, allow_gate_fail: bool) -> Result<()> {
-    let shown: Vec<String> = args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect();
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     println!("\n$ sani {}", shown.join(" "));
     let exe = std::env::current_exe().context("cannot locate the sani executable")?;
     let mut cmd = Command::new(exe);
@@ -99,17 +124,34 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
 
     // 1. Notes.
-    let train = generate_notes(&SynthConfig { n_notes: p.notes, seed: args.seed, id_prefix: "note-".into() });
-    let heldout = generate_notes(&SynthConfig { n_notes: p.heldout, seed: args.seed + 1_000, id_prefix: "heldout-".into() });
+    let train = generate_notes(&SynthConfig {
+        n_notes: p.notes,
+        seed: args.seed,
+        id_prefix: "note-".into(),
+    });
+    let heldout = generate_notes(&SynthConfig {
+        n_notes: p.heldout,
+        seed: args.seed + 1_000,
+        id_prefix: "heldout-".into(),
+    });
     std::fs::write(dir.join("notes.jsonl"), notes_to_jsonl(&train))?;
     std::fs::write(dir.join("heldout.jsonl"), notes_to_jsonl(&heldout))?;
     std::fs::write(dir.join("paper.toml"), PAPER_CONFIG)?;
     let n_spans: usize = train.iter().map(|d| d.spans.len()).sum();
-    println!("wrote {} training notes ({n_spans} sensitive spans) and {} held-out notes to {}", train.len(), heldout.len(), args.out.display());
+    println!(
+        "wrote {} training notes ({n_spans} sensitive spans) and {} held-out notes to {}",
+        train.len(),
+        heldout.len(),
+        args.out.display()
+    );
 
     // 2. Tokenizer and a fresh GPT-2 config.
     std::fs::create_dir_all(dir.join("init"))?;
-    let texts: Vec<&str> = train.iter().chain(&heldout).map(|d| d.text.as_str()).collect();
+    let texts: Vec<&str> = train
+        .iter()
+        .chain(&heldout)
+        .map(|d| d.text.as_str())
+        .collect();
     let tok = train_byte_level_bpe(texts, p.vocab, &["<|endoftext|>"])?;
     tok.save(dir.join("init/tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("cannot save tokenizer: {e}"))?;
@@ -121,40 +163,107 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": true,
     });
     crate::report::write_json(&dir.join("init/config.json"), &config)?;
-    println!("trained a byte-level BPE tokenizer ({vocab} tokens); GPT-2 config: {} layers, d={}", p.n_layer, p.n_embd);
+    println!(
+        "trained a byte-level BPE tokenizer ({vocab} tokens); GPT-2 config: {} layers, d={}",
+        p.n_layer, p.n_embd
+    );
 
     let mut finetune = vec![
-        s("finetune"), s("--init"), s("init/config.json"), s("--tokenizer"), s("init/tokenizer.json"),
-        s("--data"), s("notes.jsonl"), s("--out"), s("med-gpt"), s("--epochs"), p.finetune_epochs.to_string(),
-        s("--lr"), p.finetune_lr.to_string(), s("--warmup-steps"), s("20"), s("--seed"), args.seed.to_string(),
+        s("finetune"),
+        s("--init"),
+        s("init/config.json"),
+        s("--tokenizer"),
+        s("init/tokenizer.json"),
+        s("--data"),
+        s("notes.jsonl"),
+        s("--out"),
+        s("med-gpt"),
+        s("--epochs"),
+        p.finetune_epochs.to_string(),
+        s("--lr"),
+        p.finetune_lr.to_string(),
+        s("--warmup-steps"),
+        s("20"),
+        s("--seed"),
+        args.seed.to_string(),
     ];
     finetune.extend(common.clone());
     sani(&dir, &finetune, quiet, false)?;
 
     let eval = |model: &str, json: &str| -> Vec<String> {
         let mut v = vec![
-            s("eval"), s("--model"), s(model), s("--sensitive"), s("notes.jsonl"), s("--control"), s("heldout.jsonl"),
-            s("--perplexity"), s("heldout.jsonl"), s("--json"), s(json),
+            s("eval"),
+            s("--model"),
+            s(model),
+            s("--sensitive"),
+            s("notes.jsonl"),
+            s("--control"),
+            s("heldout.jsonl"),
+            s("--perplexity"),
+            s("heldout.jsonl"),
+            s("--json"),
+            s(json),
         ];
         v.extend(common.clone());
         v
     };
     sani(&dir, &eval("med-gpt", "eval_before.json"), quiet, true)?;
 
-    let mut sanitize_default = vec![s("sanitize"), s("--model"), s("med-gpt"), s("--sensitive"), s("notes.jsonl"), s("--out"), s("med-gpt-sanitized")];
+    let mut sanitize_default = vec![
+        s("sanitize"),
+        s("--model"),
+        s("med-gpt"),
+        s("--sensitive"),
+        s("notes.jsonl"),
+        s("--out"),
+        s("med-gpt-sanitized"),
+    ];
     sanitize_default.extend(common.clone());
     sani(&dir, &sanitize_default, quiet, false)?;
-    sani(&dir, &eval("med-gpt-sanitized", "eval_after.json"), quiet, true)?;
+    sani(
+        &dir,
+        &eval("med-gpt-sanitized", "eval_after.json"),
+        quiet,
+        true,
+    )?;
 
     let mut sanitize_paper = vec![
-        s("sanitize"), s("--model"), s("med-gpt"), s("--sensitive"), s("notes.jsonl"), s("--config"), s("paper.toml"), s("--out"), s("med-gpt-paper"),
+        s("sanitize"),
+        s("--model"),
+        s("med-gpt"),
+        s("--sensitive"),
+        s("notes.jsonl"),
+        s("--config"),
+        s("paper.toml"),
+        s("--out"),
+        s("med-gpt-paper"),
     ];
     sanitize_paper.extend(common.clone());
     sani(&dir, &sanitize_paper, quiet, false)?;
     sani(&dir, &eval("med-gpt-paper", "eval_paper.json"), quiet, true)?;
 
-    sani(&dir, &[s("eval"), s("--compare"), s("eval_before.json"), s("eval_paper.json")], quiet, false)?;
-    sani(&dir, &[s("eval"), s("--compare"), s("eval_before.json"), s("eval_after.json")], quiet, false)?;
+    sani(
+        &dir,
+        &[
+            s("eval"),
+            s("--compare"),
+            s("eval_before.json"),
+            s("eval_paper.json"),
+        ],
+        quiet,
+        false,
+    )?;
+    sani(
+        &dir,
+        &[
+            s("eval"),
+            s("--compare"),
+            s("eval_before.json"),
+            s("eval_after.json"),
+        ],
+        quiet,
+        false,
+    )?;
 
     let out = staged.commit()?;
     println!(

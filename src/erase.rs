@@ -103,14 +103,17 @@ fn unit_scores(
                 continue;
             }
             // Position i "produces" token i+1: it is sensitive when token i+1 is.
-            let produces: Vec<f32> = (0..t).map(|i| (i + 1 < t && e.sensitive[i + 1]) as u8 as f32).collect();
+            let produces: Vec<f32> = (0..t)
+                .map(|i| (i + 1 < t && e.sensitive[i + 1]) as u8 as f32)
+                .collect();
             let n_prod: f32 = produces.iter().sum();
             if selection == Selection::Attribution && n_prod == 0.0 {
                 continue;
             }
             let ids = Tensor::new(e.ids.as_slice(), &model_in.device)?.unsqueeze(0)?;
             let valid = vec![vec![true; t]];
-            let ctx = AttnContext::for_training(&valid, model_in.sliding_window(), &model_in.device)?;
+            let ctx =
+                AttnContext::for_training(&valid, model_in.sliding_window(), &model_in.device)?;
             let x = model_in.embed(&ids, &ctx)?.detach();
             let mut h = x;
             for layer in 0..first {
@@ -152,12 +155,18 @@ fn unit_scores(
                             bail!("attribution: no gradient reached layer {layer}'s output");
                         };
                         // d act = d out @ W_down^T, with W_down as [width, d].
-                        let ga = g_out.squeeze(0)?.matmul(&model_in.mlp_down_weight(*layer)?.t()?)?;
+                        let ga = g_out
+                            .squeeze(0)?
+                            .matmul(&model_in.mlp_down_weight(*layer)?.t()?)?;
                         (a * ga)?.abs()?
                     }
                     _ => a.abs()?,
                 };
-                let s_sum = score.broadcast_mul(&mask)?.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let s_sum = score
+                    .broadcast_mul(&mask)?
+                    .sum(0)?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?;
                 let total = score.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 for u in 0..width {
                     sens_sum[i][u] += s_sum[u];
@@ -197,14 +206,19 @@ pub fn reset_units(
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_e7a5e);
     for (&layer, chosen) in units {
         for slice in model.mlp_unit_slices(layer) {
-            let entry = ckpt.entry(&slice.name).expect("model tensors are in the checkpoint");
+            let entry = ckpt
+                .entry(&slice.name)
+                .expect("model tensors are in the checkpoint");
             let var = ckpt.var(&slice.name, &entry.shape)?;
             let dims = var.dims().to_vec();
             let mut data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let base_data = match (mode, base) {
                 (ResetMode::Base, Some(b)) => {
                     let bv = b.var(&slice.name, &dims).map_err(|e| {
-                        e.context(format!("--base-model {}: does not match the model", b.dir.display()))
+                        e.context(format!(
+                            "--base-model {}: does not match the model",
+                            b.dir.display()
+                        ))
                     })?;
                     Some(bv.as_tensor().flatten_all()?.to_vec1::<f32>()?)
                 }

@@ -180,16 +180,23 @@ impl Default for RegurgitationSettings {
 
 mod bos_policy_serde {
     use super::*;
-    pub fn serialize<S: serde::Serializer>(p: &BosPolicy, s: S) -> std::result::Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        p: &BosPolicy,
+        s: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(policy_name(*p))
     }
-    pub fn deserialize<'de, De: serde::Deserializer<'de>>(d: De) -> std::result::Result<BosPolicy, De::Error> {
+    pub fn deserialize<'de, De: serde::Deserializer<'de>>(
+        d: De,
+    ) -> std::result::Result<BosPolicy, De::Error> {
         let s = String::deserialize(d)?;
         match s.as_str() {
             "auto" => Ok(BosPolicy::Auto),
             "always" => Ok(BosPolicy::Always),
             "never" => Ok(BosPolicy::Never),
-            other => Err(serde::de::Error::custom(format!("unknown BOS policy {other:?}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown BOS policy {other:?}"
+            ))),
         }
     }
 }
@@ -362,7 +369,8 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tok.decode(ids, true).map_err(|e| anyhow!("cannot decode tokens: {e}"))
+    tok.decode(ids, true)
+        .map_err(|e| anyhow!("cannot decode tokens: {e}"))
 }
 
 /// Builds the prompt and span tokens of every span.
@@ -384,18 +392,29 @@ fn prepare(
             let sub = Document {
                 id: doc.id.clone(),
                 text,
-                spans: vec![Span { start: span.start, end: span.end, label: span.label.clone() }],
+                spans: vec![Span {
+                    start: span.start,
+                    end: span.end,
+                    label: span.label.clone(),
+                }],
             };
             let enc = tokens::encode_document(&tok, &sub, di)?;
             let mut first = enc.span_of_token.iter().position(Option::is_some);
             if first.is_none() {
                 // No token attributed to the span: fall back to plain overlap.
-                first = enc.char_offsets.iter().position(|&(s, e)| s < span.end && span.start < e.max(s + 1));
+                first = enc
+                    .char_offsets
+                    .iter()
+                    .position(|&(s, e)| s < span.end && span.start < e.max(s + 1));
             }
             let first = first.unwrap_or(enc.ids.len());
             let before = &enc.ids[..first];
             let mut span_ids = enc.ids[first..].to_vec();
-            let covered_until = enc.char_offsets[..first].iter().map(|&(_, e)| e).max().unwrap_or(0);
+            let covered_until = enc.char_offsets[..first]
+                .iter()
+                .map(|&(_, e)| e)
+                .max()
+                .unwrap_or(0);
             let gap = char_slice(&doc.text, covered_until.min(span.start), span.start);
 
             let bos_len = usize::from(bos.id.is_some());
@@ -441,9 +460,16 @@ fn prepare(
 
 /// Teacher-forced argmax check of the span tokens for a batch (right padding).
 fn teacher_forced(model: &Model, batch: &[&Prepared]) -> Result<Vec<Vec<bool>>> {
-    let t = batch.iter().map(|p| p.prompt.len() + p.span_ids.len()).max().unwrap_or(0);
+    let t = batch
+        .iter()
+        .map(|p| p.prompt.len() + p.span_ids.len())
+        .max()
+        .unwrap_or(0);
     if t == 0 || batch.iter().all(|p| p.span_ids.is_empty()) {
-        return Ok(batch.iter().map(|p| vec![false; p.span_ids.len()]).collect());
+        return Ok(batch
+            .iter()
+            .map(|p| vec![false; p.span_ids.len()])
+            .collect());
     }
     let mut ids = Vec::with_capacity(batch.len() * t);
     let mut valid = Vec::with_capacity(batch.len());
@@ -464,13 +490,20 @@ fn teacher_forced(model: &Model, batch: &[&Prepared]) -> Result<Vec<Vec<bool>>> 
     // Logits only from the last prompt position on (prompts of a batch have similar lengths).
     let from = batch.iter().map(|p| p.prompt.len() - 1).min().unwrap_or(0);
     let logits = model.logits(&h.narrow(1, from, t - from)?)?;
-    let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let pred = logits
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec2::<u32>()?;
     Ok(batch
         .iter()
         .zip(pred)
         .map(|(p, row)| {
             let pl = p.prompt.len();
-            p.span_ids.iter().enumerate().map(|(i, &s)| row[pl + i - 1 - from] == s).collect()
+            p.span_ids
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| row[pl + i - 1 - from] == s)
+                .collect()
         })
         .collect())
 }
@@ -514,7 +547,10 @@ pub fn regurgitation(
         let correct = teacher_forced(model, &batch)?;
         let mut sampled_hit = vec![false; batch.len()];
         if settings.samples > 0 {
-            opts.sampling = Some(Sampling { temperature: settings.temperature, top_k: settings.top_k });
+            opts.sampling = Some(Sampling {
+                temperature: settings.temperature,
+                top_k: settings.top_k,
+            });
             for _ in 0..settings.samples {
                 let outs = generate(model, &prompts, &opts, &mut rng)?;
                 for (j, ids) in outs.iter().enumerate() {
@@ -562,11 +598,18 @@ pub fn regurgitation(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    let spans: Vec<SpanResult> = results.into_iter().map(|r| r.expect("every span measured")).collect();
+    let spans: Vec<SpanResult> = results
+        .into_iter()
+        .map(|r| r.expect("every span measured"))
+        .collect();
     let mut summary = summarize(&spans, settings.samples > 0);
     summary.generated_tokens = generated_tokens;
     summary.seconds = started.elapsed().as_secs_f64();
-    Ok(RegurgitationResult { spans, summary, bos })
+    Ok(RegurgitationResult {
+        spans,
+        summary,
+        bos,
+    })
 }
 
 fn counts_of<'a>(spans: impl Iterator<Item = &'a SpanResult>, sampled: bool) -> LabelCounts {
@@ -585,7 +628,13 @@ fn counts_of<'a>(spans: impl Iterator<Item = &'a SpanResult>, sampled: bool) -> 
         strength += s.strength;
         sampled_exact += usize::from(s.sampled_exact == Some(true));
     }
-    let rate = |k: usize| if c.measured == 0 { 0.0 } else { k as f64 / c.measured as f64 };
+    let rate = |k: usize| {
+        if c.measured == 0 {
+            0.0
+        } else {
+            k as f64 / c.measured as f64
+        }
+    };
     c.exact_rate = rate(c.exact);
     c.partial_rate = rate(c.partial);
     c.mean_strength = (c.measured > 0).then(|| strength / c.measured as f64);
@@ -603,7 +652,12 @@ pub fn summarize(spans: &[SpanResult], sampled: bool) -> RegurgitationSummary {
     labels.dedup();
     let per_label = labels
         .into_iter()
-        .map(|l| (l.to_string(), counts_of(spans.iter().filter(|s| s.label == l), sampled)))
+        .map(|l| {
+            (
+                l.to_string(),
+                counts_of(spans.iter().filter(|s| s.label == l), sampled),
+            )
+        })
         .collect();
     RegurgitationSummary {
         per_label,
@@ -631,7 +685,11 @@ impl PplStat {
             return PplStat::default();
         }
         let mean = sum / n as f64;
-        PplStat { tokens: n, mean_nll: Some(mean), perplexity: Some(mean.exp()) }
+        PplStat {
+            tokens: n,
+            mean_nll: Some(mean),
+            perplexity: Some(mean.exp()),
+        }
     }
 }
 
@@ -788,7 +846,11 @@ pub struct EvalReport {
 }
 
 /// Applies `--max-rate` / `--max-count` to a total; None when no gate is set.
-pub fn gate(total: &LabelCounts, max_rate: Option<f64>, max_count: Option<usize>) -> Option<GateReport> {
+pub fn gate(
+    total: &LabelCounts,
+    max_rate: Option<f64>,
+    max_count: Option<usize>,
+) -> Option<GateReport> {
     if let Some(r) = max_rate {
         let passed = total.exact_rate <= r;
         let op = if passed { "<=" } else { ">" };
@@ -830,12 +892,23 @@ fn counts_row(name: &str, c: &LabelCounts) -> String {
 pub fn render_report(r: &EvalReport) -> String {
     let mut s = String::new();
     if let Some(m) = &r.model {
-        s += &format!("model: {} ({}, weights sha256 {})\n", m.path, m.architecture, &m.weights_sha256);
+        s += &format!(
+            "model: {} ({}, weights sha256 {})\n",
+            m.path, m.architecture, &m.weights_sha256
+        );
     }
     if let Some(reg) = &r.regurgitation {
         s += &format!(
             "{:<16} {:>6} {:>6} {:>7} {:>10} {:>12} {:>9} {:>9} {:>8}\n",
-            "label", "n", "exact", "partial", "exact rate", "partial rate", "in-prompt", "strength", "sampled"
+            "label",
+            "n",
+            "exact",
+            "partial",
+            "exact rate",
+            "partial rate",
+            "in-prompt",
+            "strength",
+            "sampled"
         );
         for (label, c) in &reg.per_label {
             s += &counts_row(label, c);
@@ -847,7 +920,10 @@ pub fn render_report(r: &EvalReport) -> String {
             s += &counts_row("CONTROL", &ctl.total);
             s.push('\n');
         }
-        s += &format!("mean extraction strength: {}\n", fmt_opt(reg.total.mean_strength, 4));
+        s += &format!(
+            "mean extraction strength: {}\n",
+            fmt_opt(reg.total.mean_strength, 4)
+        );
         if let Some(rate) = reg.total.sampled_rate {
             s += &format!(
                 "sampled exact rate ({} samples, T={}, top-k {}): {rate:.4}\n",
@@ -855,7 +931,12 @@ pub fn render_report(r: &EvalReport) -> String {
             );
         }
         if let Some(b) = &r.settings.bos {
-            s += &format!("bos: {} ({}, policy {})", b.id.map_or("none".to_string(), |i| i.to_string()), b.source, b.policy);
+            s += &format!(
+                "bos: {} ({}, policy {})",
+                b.id.map_or("none".to_string(), |i| i.to_string()),
+                b.source,
+                b.policy
+            );
             if let (Some(t), Some(src)) = (b.empty_prompt_token, &b.empty_prompt_source) {
                 s += &format!("; empty prompts use token {t} ({src})");
             }
@@ -881,14 +962,24 @@ pub fn render_report(r: &EvalReport) -> String {
         fmt_opt(t.generated_tokens_per_second, 1)
     );
     match &r.gate {
-        Some(g) => s += &format!("gate: {} ({})\n", if g.passed { "PASS" } else { "FAIL" }, g.message),
+        Some(g) => {
+            s += &format!(
+                "gate: {} ({})\n",
+                if g.passed { "PASS" } else { "FAIL" },
+                g.message
+            )
+        }
         None => s += "gate: none (no --max-rate or --max-count)\n",
     }
     s
 }
 
 fn rate_change(b: Option<&LabelCounts>, a: Option<&LabelCounts>) -> String {
-    let cell = |c: Option<&LabelCounts>| c.map_or("-".to_string(), |c| format!("{}/{} {:.4}", c.exact, c.measured, c.exact_rate));
+    let cell = |c: Option<&LabelCounts>| {
+        c.map_or("-".to_string(), |c| {
+            format!("{}/{} {:.4}", c.exact, c.measured, c.exact_rate)
+        })
+    };
     let delta = match (b, a) {
         (Some(b), Some(a)) => format!("{:+.4}", a.exact_rate - b.exact_rate),
         _ => "-".to_string(),
@@ -901,36 +992,94 @@ pub fn render_compare(before: &EvalReport, after: &EvalReport) -> String {
     let mut s = String::new();
     let model = |r: &EvalReport| r.model.as_ref().map_or("-".to_string(), |m| m.path.clone());
     s += &format!("before: {}\nafter:  {}\n", model(before), model(after));
-    s += &format!("{:<16} {:>18}    {:>18} {:>9}\n", "exact", "before", "after", "delta");
+    s += &format!(
+        "{:<16} {:>18}    {:>18} {:>9}\n",
+        "exact", "before", "after", "delta"
+    );
     let (rb, ra) = (before.regurgitation.as_ref(), after.regurgitation.as_ref());
-    let mut labels: Vec<&String> = rb.iter().chain(ra.iter()).flat_map(|r| r.per_label.keys()).collect();
+    let mut labels: Vec<&String> = rb
+        .iter()
+        .chain(ra.iter())
+        .flat_map(|r| r.per_label.keys())
+        .collect();
     labels.sort();
     labels.dedup();
     for l in labels {
-        s += &format!("{l:<16} {}\n", rate_change(rb.and_then(|r| r.per_label.get(l)), ra.and_then(|r| r.per_label.get(l))));
+        s += &format!(
+            "{l:<16} {}\n",
+            rate_change(
+                rb.and_then(|r| r.per_label.get(l)),
+                ra.and_then(|r| r.per_label.get(l))
+            )
+        );
     }
-    s += &format!("{:<16} {}\n", "TOTAL", rate_change(rb.map(|r| &r.total), ra.map(|r| &r.total)));
+    s += &format!(
+        "{:<16} {}\n",
+        "TOTAL",
+        rate_change(rb.map(|r| &r.total), ra.map(|r| &r.total))
+    );
     let (cb, ca) = (before.control.as_ref(), after.control.as_ref());
     if cb.is_some() || ca.is_some() {
-        s += &format!("{:<16} {}\n", "CONTROL", rate_change(cb.map(|r| &r.total), ca.map(|r| &r.total)));
+        s += &format!(
+            "{:<16} {}\n",
+            "CONTROL",
+            rate_change(cb.map(|r| &r.total), ca.map(|r| &r.total))
+        );
     }
     let pair = |name: &str, b: Option<f64>, a: Option<f64>, prec: usize| {
         let d = match (b, a) {
             (Some(b), Some(a)) => format!("{:+.prec$}", a - b),
             _ => "-".to_string(),
         };
-        format!("{name:<16} {:>18} -> {:>18} {:>9}\n", fmt_opt(b, prec), fmt_opt(a, prec), d)
+        format!(
+            "{name:<16} {:>18} -> {:>18} {:>9}\n",
+            fmt_opt(b, prec),
+            fmt_opt(a, prec),
+            d
+        )
     };
-    s += &pair("partial rate", rb.map(|r| r.total.partial_rate), ra.map(|r| r.total.partial_rate), 4);
-    s += &pair("strength", rb.and_then(|r| r.total.mean_strength), ra.and_then(|r| r.total.mean_strength), 4);
-    if rb.and_then(|r| r.total.sampled_rate).is_some() || ra.and_then(|r| r.total.sampled_rate).is_some() {
-        s += &pair("sampled rate", rb.and_then(|r| r.total.sampled_rate), ra.and_then(|r| r.total.sampled_rate), 4);
+    s += &pair(
+        "partial rate",
+        rb.map(|r| r.total.partial_rate),
+        ra.map(|r| r.total.partial_rate),
+        4,
+    );
+    s += &pair(
+        "strength",
+        rb.and_then(|r| r.total.mean_strength),
+        ra.and_then(|r| r.total.mean_strength),
+        4,
+    );
+    if rb.and_then(|r| r.total.sampled_rate).is_some()
+        || ra.and_then(|r| r.total.sampled_rate).is_some()
+    {
+        s += &pair(
+            "sampled rate",
+            rb.and_then(|r| r.total.sampled_rate),
+            ra.and_then(|r| r.total.sampled_rate),
+            4,
+        );
     }
     let (pb, pa) = (before.perplexity.as_ref(), after.perplexity.as_ref());
     if pb.is_some() || pa.is_some() {
-        s += &pair("ppl all", pb.and_then(|p| p.all.perplexity), pa.and_then(|p| p.all.perplexity), 3);
-        s += &pair("ppl non-sens.", pb.and_then(|p| p.non_sensitive.perplexity), pa.and_then(|p| p.non_sensitive.perplexity), 3);
-        s += &pair("ppl sensitive", pb.and_then(|p| p.sensitive.perplexity), pa.and_then(|p| p.sensitive.perplexity), 3);
+        s += &pair(
+            "ppl all",
+            pb.and_then(|p| p.all.perplexity),
+            pa.and_then(|p| p.all.perplexity),
+            3,
+        );
+        s += &pair(
+            "ppl non-sens.",
+            pb.and_then(|p| p.non_sensitive.perplexity),
+            pa.and_then(|p| p.non_sensitive.perplexity),
+            3,
+        );
+        s += &pair(
+            "ppl sensitive",
+            pb.and_then(|p| p.sensitive.perplexity),
+            pa.and_then(|p| p.sensitive.perplexity),
+            3,
+        );
     }
     s
 }
@@ -960,19 +1109,26 @@ pub fn per_span_json(r: &SpanResult, set: &str, show_text: bool) -> serde_json::
         m.insert("generated_text".into(), r.generated_text.clone().into());
     } else {
         m.insert("span_sha256".into(), sha256_hex(&r.span_text).into());
-        m.insert("generated_sha256".into(), sha256_hex(&r.generated_text).into());
+        m.insert(
+            "generated_sha256".into(),
+            sha256_hex(&r.generated_text).into(),
+        );
     }
     v
 }
 
 fn read_report(path: &Path) -> Result<EvalReport> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a sani eval JSON report", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a sani eval JSON report", path.display()))
 }
 
 fn write_file(path: &Path, content: &str) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(content.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(content.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn path_str(p: &Option<PathBuf>) -> Option<String> {
@@ -996,17 +1152,32 @@ pub fn run(args: &EvalArgs) -> Result<Verdict> {
         let before = read_report(b)?;
         let after = read_report(a)?;
         print!("{}", render_compare(&before, &after));
-        let g = after.regurgitation.as_ref().and_then(|r| gate(&r.total, args.max_rate, args.max_count));
+        let g = after
+            .regurgitation
+            .as_ref()
+            .and_then(|r| gate(&r.total, args.max_rate, args.max_count));
         return Ok(match g {
             Some(g) => {
-                println!("gate (after): {} ({})", if g.passed { "PASS" } else { "FAIL" }, g.message);
-                if g.passed { Verdict::Pass } else { Verdict::Fail }
+                println!(
+                    "gate (after): {} ({})",
+                    if g.passed { "PASS" } else { "FAIL" },
+                    g.message
+                );
+                if g.passed {
+                    Verdict::Pass
+                } else {
+                    Verdict::Fail
+                }
             }
             None => Verdict::Pass,
         });
     }
-    let model_id = args.model.clone().ok_or_else(|| anyhow!("--model is required (except with --compare)"))?;
-    let do_regurgitation = args.regurgitation || args.perplexity.is_none() || args.control.is_some();
+    let model_id = args
+        .model
+        .clone()
+        .ok_or_else(|| anyhow!("--model is required (except with --compare)"))?;
+    let do_regurgitation =
+        args.regurgitation || args.perplexity.is_none() || args.control.is_some();
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -1018,9 +1189,16 @@ pub fn run(args: &EvalArgs) -> Result<Verdict> {
     }
     let started = Instant::now();
     let device = args.runtime.setup()?;
-    let margs = ModelArgs { model: model_id.clone(), runtime: args.runtime.clone() };
+    let margs = ModelArgs {
+        model: model_id.clone(),
+        runtime: args.runtime.clone(),
+    };
     // Inputs are checked before the (slow) model load.
-    let docs = if do_regurgitation { Some(args.spans.load()?) } else { None };
+    let docs = if do_regurgitation {
+        Some(args.spans.load()?)
+    } else {
+        None
+    };
     let control_docs = match &args.control {
         Some(p) => Some(crate::spans::load_documents(Some(p), None, None)?),
         None => None,
@@ -1057,17 +1235,33 @@ pub fn run(args: &EvalArgs) -> Result<Verdict> {
     let ppl = match &ppl_docs {
         Some(d) => {
             let bos = resolve_bos_info(&model, &tok, settings.bos).id;
-            let len = args.max_seq_len.unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
+            let len = args
+                .max_seq_len
+                .unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
             Some(perplexity(&model, &tok, d, bos, len, args.batch_size)?)
         }
         None => None,
     };
-    let ppl_seconds = if ppl.is_some() { ppl_started.elapsed().as_secs_f64() } else { 0.0 };
-    let reg_seconds: f64 = reg.iter().chain(ctl.iter()).map(|r| r.summary.seconds).sum();
+    let ppl_seconds = if ppl.is_some() {
+        ppl_started.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+    let reg_seconds: f64 = reg
+        .iter()
+        .chain(ctl.iter())
+        .map(|r| r.summary.seconds)
+        .sum();
     let n_spans: usize = reg.iter().chain(ctl.iter()).map(|r| r.spans.len()).sum();
-    let gen_tokens: usize = reg.iter().chain(ctl.iter()).map(|r| r.summary.generated_tokens).sum();
+    let gen_tokens: usize = reg
+        .iter()
+        .chain(ctl.iter())
+        .map(|r| r.summary.generated_tokens)
+        .sum();
     let per_s = |x: usize| (reg_seconds > 0.0 && n_spans > 0).then(|| x as f64 / reg_seconds);
-    let gate_report = reg.as_ref().and_then(|r| gate(&r.summary.total, args.max_rate, args.max_count));
+    let gate_report = reg
+        .as_ref()
+        .and_then(|r| gate(&r.summary.total, args.max_rate, args.max_count));
     let report = EvalReport {
         sani_version: env!("CARGO_PKG_VERSION").to_string(),
         model: Some(ModelInfo {
@@ -1133,8 +1327,14 @@ mod tests {
 
     #[test]
     fn matching_rules() {
-        assert_eq!(match_span(" John Smith visited", "", "John Smith"), (true, true));
-        assert_eq!(match_span("\n  John Smith", " ", " John Smith "), (true, true));
+        assert_eq!(
+            match_span(" John Smith visited", "", "John Smith"),
+            (true, true)
+        );
+        assert_eq!(
+            match_span("\n  John Smith", " ", " John Smith "),
+            (true, true)
+        );
         assert_eq!(match_span(" John Smyth", "", "John Smith"), (false, true)); // "John " = 5 of 10
         assert_eq!(match_span(" Joh", "", "John Smith"), (false, false));
         assert_eq!(match_span("12345", "", "12345"), (true, true));
@@ -1159,11 +1359,18 @@ mod tests {
     fn fixture() -> (Model, Tokenizer) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_f32");
         let ckpt = crate::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
-        (Model::load_frozen(&ckpt).unwrap(), crate::cli::load_tokenizer(&dir).unwrap())
+        (
+            Model::load_frozen(&ckpt).unwrap(),
+            crate::cli::load_tokenizer(&dir).unwrap(),
+        )
     }
 
     fn docs() -> Vec<Document> {
-        let sp = |start, end, label: &str| Span { start, end, label: label.into() };
+        let sp = |start, end, label: &str| Span {
+            start,
+            end,
+            label: label.into(),
+        };
         vec![
             Document {
                 id: "a".into(),
@@ -1182,15 +1389,22 @@ mod tests {
     fn batched_equals_one_at_a_time() {
         let (model, tok) = fixture();
         let docs = docs();
-        let batched = RegurgitationSettings { batch_size: 16, ..Default::default() };
-        let single = RegurgitationSettings { batch_size: 1, ..Default::default() };
+        let batched = RegurgitationSettings {
+            batch_size: 16,
+            ..Default::default()
+        };
+        let single = RegurgitationSettings {
+            batch_size: 1,
+            ..Default::default()
+        };
         let a = regurgitation(&model, &tok, &docs, &batched, true).unwrap();
         let b = regurgitation(&model, &tok, &docs, &single, true).unwrap();
         assert_eq!(a.spans.len(), 5);
         assert_eq!(a.spans, b.spans);
         // Strength from the teacher-forced pass agrees with greedy decoding of the tokens.
         for s in &a.spans {
-            let reproduced = s.generated_ids.len() >= s.span_ids.len() && s.generated_ids[..s.span_ids.len()] == s.span_ids[..];
+            let reproduced = s.generated_ids.len() >= s.span_ids.len()
+                && s.generated_ids[..s.span_ids.len()] == s.span_ids[..];
             assert_eq!(reproduced, s.strength == 1.0, "{s:?}");
         }
     }

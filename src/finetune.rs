@@ -22,7 +22,12 @@ use std::time::Instant;
 #[derive(Debug, Clone, Args)]
 pub struct FinetuneArgs {
     /// Model directory to continue from
-    #[arg(long, value_name = "DIR", conflicts_with = "init", required_unless_present = "init")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "init",
+        required_unless_present = "init"
+    )]
     pub model: Option<String>,
     /// Start from a fresh model: a config.json (any supported architecture), randomly initialized
     #[arg(long, value_name = "CONFIG", requires = "tokenizer")]
@@ -92,10 +97,15 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         (None, Some(cfg_path)) => {
             let text = std::fs::read_to_string(cfg_path)
                 .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
-            let config = ModelConfig::from_json(&text).with_context(|| format!("{}: invalid model config", cfg_path.display()))?;
-            let tok_path = args.tokenizer.as_ref().expect("clap requires --tokenizer with --init");
-            let tok = tokenizers::Tokenizer::from_file(tok_path)
-                .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
+            let config = ModelConfig::from_json(&text)
+                .with_context(|| format!("{}: invalid model config", cfg_path.display()))?;
+            let tok_path = args
+                .tokenizer
+                .as_ref()
+                .expect("clap requires --tokenizer with --init");
+            let tok = tokenizers::Tokenizer::from_file(tok_path).map_err(|e| {
+                anyhow::anyhow!("{}: cannot load tokenizer: {e}", tok_path.display())
+            })?;
             if tok.get_vocab_size(true) > config.vocab_size() {
                 bail!(
                     "{}: vocab_size {} is smaller than the tokenizer's {}",
@@ -115,7 +125,10 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let metrics = finetune_in_memory(&ckpt, &tok, &docs, args)?;
     let tokens: usize = metrics.first().map_or(0, |m| m.trained_tokens);
     let mut provenance = BTreeMap::new();
-    provenance.insert("sani_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    provenance.insert(
+        "sani_version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    );
     provenance.insert("sani_operation".to_string(), "finetune".to_string());
     ckpt.write_to(staged.path(), &provenance)?;
     if let (None, Some(cfg_path), Some(tok_path)) = (&model_dir, &args.init, &args.tokenizer) {

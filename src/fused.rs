@@ -8,7 +8,8 @@
 //! kernels themselves are applied without a backward (no second derivatives).
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage,
+    Tensor,
 };
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -48,7 +49,9 @@ fn rows_per_task(row_len: usize) -> usize {
 
 fn last_dim(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.dims();
-    let Some(&d) = dims.last() else { bail!("fused op: scalar input") };
+    let Some(&d) = dims.last() else {
+        bail!("fused op: scalar input")
+    };
     let n = l.shape().elem_count().checked_div(d).unwrap_or(0);
     Ok((n, d))
 }
@@ -90,7 +93,9 @@ fn max(x: &[f32]) -> f32 {
             acc[i] = acc[i].max(c[i]);
         }
     }
-    acc.iter().chain(rem).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    acc.iter()
+        .chain(rem)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 /// Writes `exp(row - m)` into `row` in place and returns the sum.
@@ -116,13 +121,24 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         "fused-scaled-masked-softmax"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let m = contiguous_f32(s2, l2, self.name())?;
         let (b, h, t, s) = l1.shape().dims4()?;
         let (mb, mh, mt, ms) = l2.shape().dims4()?;
         if mh != 1 || mt != t || ms != s || !(mb == b || mb == 1) {
-            bail!("{}: mask {:?} does not broadcast to scores {:?}", self.name(), l2.dims(), l1.dims());
+            bail!(
+                "{}: mask {:?} does not broadcast to scores {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
         }
         let mut out = vec![0f32; x.len()];
         if s == 0 {
@@ -130,27 +146,35 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         }
         let scale = self.scale;
         let rpt = rows_per_task(s);
-        out.par_chunks_mut(rpt * s).enumerate().for_each(|(ci, chunk)| {
-            for (k, o) in chunk.chunks_exact_mut(s).enumerate() {
-                let r = ci * rpt + k;
-                let (bi, ti) = (r / (h * t), r % t);
-                let mrow = &m[((bi % mb) * t + ti) * s..][..s];
-                let xrow = &x[r * s..][..s];
-                for ((o, &xv), &mv) in o.iter_mut().zip(xrow).zip(mrow) {
-                    *o = xv * scale + mv;
+        out.par_chunks_mut(rpt * s)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                for (k, o) in chunk.chunks_exact_mut(s).enumerate() {
+                    let r = ci * rpt + k;
+                    let (bi, ti) = (r / (h * t), r % t);
+                    let mrow = &m[((bi % mb) * t + ti) * s..][..s];
+                    let xrow = &x[r * s..][..s];
+                    for ((o, &xv), &mv) in o.iter_mut().zip(xrow).zip(mrow) {
+                        *o = xv * scale + mv;
+                    }
+                    let mx = max(o);
+                    let z = exp_shift_sum(o, mx);
+                    let inv = 1.0 / z;
+                    for v in o.iter_mut() {
+                        *v *= inv;
+                    }
                 }
-                let mx = max(o);
-                let z = exp_shift_sum(o, mx);
-                let inv = 1.0 / z;
-                for v in o.iter_mut() {
-                    *v *= inv;
-                }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
         let p = res.contiguous()?;
         let ds = p.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?;
@@ -168,11 +192,22 @@ impl CustomOp2 for SoftmaxBwd {
         "fused-softmax-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let p = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         if l1.dims() != l2.dims() {
-            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+            bail!(
+                "{}: shape mismatch {:?} vs {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
         }
         let (_, d) = last_dim(l1)?;
         let mut out = vec![0f32; p.len()];
@@ -181,17 +216,19 @@ impl CustomOp2 for SoftmaxBwd {
         }
         let scale = self.scale;
         let rpt = rows_per_task(d);
-        out.par_chunks_mut(rpt * d).enumerate().for_each(|(ci, chunk)| {
-            for (k, o) in chunk.chunks_exact_mut(d).enumerate() {
-                let r = ci * rpt + k;
-                let pr = &p[r * d..][..d];
-                let gr = &g[r * d..][..d];
-                let dp = dot(pr, gr);
-                for ((o, &pv), &gv) in o.iter_mut().zip(pr).zip(gr) {
-                    *o = scale * pv * (gv - dp);
+        out.par_chunks_mut(rpt * d)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                for (k, o) in chunk.chunks_exact_mut(d).enumerate() {
+                    let r = ci * rpt + k;
+                    let pr = &p[r * d..][..d];
+                    let gr = &g[r * d..][..d];
+                    let dp = dot(pr, gr);
+                    for ((o, &pv), &gv) in o.iter_mut().zip(pr).zip(gr) {
+                        *o = scale * pv * (gv - dp);
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -201,7 +238,12 @@ impl CustomOp2 for SoftmaxBwd {
 pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = scores.contiguous()?;
     let mask = mask.contiguous()?;
-    scores.apply_op2(&mask, ScaledMaskedSoftmax { scale: scale as f32 })
+    scores.apply_op2(
+        &mask,
+        ScaledMaskedSoftmax {
+            scale: scale as f32,
+        },
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -232,7 +274,8 @@ fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
             acc[i] += v * v;
         }
     }
-    let var = (acc.iter().sum::<f32>() + rem.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / d;
+    let var =
+        (acc.iter().sum::<f32>() + rem.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -268,14 +311,16 @@ impl CustomOp3 for LayerNorm {
         }
         let eps = self.eps;
         let rpt = rows_per_task(d);
-        out.par_chunks_mut(rpt * d).zip(x.par_chunks(rpt * d)).for_each(|(oc, xc)| {
-            for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, rstd) = ln_stats(xr, eps);
-                for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(w).zip(b) {
-                    *o = (xv - mean) * rstd * wv + bv;
+        out.par_chunks_mut(rpt * d)
+            .zip(x.par_chunks(rpt * d))
+            .for_each(|(oc, xc)| {
+                for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                    let (mean, rstd) = ln_stats(xr, eps);
+                    for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                        *o = (xv - mean) * rstd * wv + bv;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -302,7 +347,13 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let w = contiguous_f32(s2, l2, self.name())?;
         let (_, d) = last_dim(l1)?;
@@ -313,18 +364,26 @@ impl CustomOp2 for RmsNorm {
         }
         let eps = self.eps;
         let rpt = rows_per_task(d);
-        out.par_chunks_mut(rpt * d).zip(x.par_chunks(rpt * d)).for_each(|(oc, xc)| {
-            for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let rstd = rms_rstd(xr, eps);
-                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
-                    *o = xv * rstd * wv;
+        out.par_chunks_mut(rpt * d)
+            .zip(x.par_chunks(rpt * d))
+            .for_each(|(oc, xc)| {
+                for (o, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                    let rstd = rms_rstd(xr, eps);
+                    for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                        *o = xv * rstd * wv;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
         let (dx, dw, _) = norm_bwd(x, w, &g, self.eps, false)?;
         Ok((Some(dx), Some(dw)))
@@ -335,10 +394,20 @@ impl CustomOp2 for RmsNorm {
 /// With xhat the normalized row and dxhat = g * w:
 /// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (no mean(dxhat) term for rms),
 /// dw = sum_rows g * xhat, db = sum_rows g.
-fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32, centered: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+fn norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    centered: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let what = if centered { "fused-layer-norm-bwd" } else { "fused-rms-norm-bwd" };
+    let what = if centered {
+        "fused-layer-norm-bwd"
+    } else {
+        "fused-rms-norm-bwd"
+    };
     let d = x.dims().last().copied().unwrap_or(0);
     if g.dims() != x.dims() {
         bail!("{what}: grad {:?} vs input {:?}", g.dims(), x.dims());
@@ -360,10 +429,20 @@ fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32, centered: bool) -> Res
                             let mut pb = vec![0f32; if centered { d } else { 0 }];
                             let mut xhat = vec![0f32; d];
                             let mut dxhat = vec![0f32; d];
-                            for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                                let (mean, rstd) = if centered { ln_stats(xr, eps) } else { (0.0, rms_rstd(xr, eps)) };
-                                for ((xh, dxh), ((&xv, &gv), &wv)) in
-                                    xhat.iter_mut().zip(dxhat.iter_mut()).zip(xr.iter().zip(gr).zip(ws))
+                            for ((dxr, xr), gr) in dxc
+                                .chunks_exact_mut(d)
+                                .zip(xc.chunks_exact(d))
+                                .zip(gc.chunks_exact(d))
+                            {
+                                let (mean, rstd) = if centered {
+                                    ln_stats(xr, eps)
+                                } else {
+                                    (0.0, rms_rstd(xr, eps))
+                                };
+                                for ((xh, dxh), ((&xv, &gv), &wv)) in xhat
+                                    .iter_mut()
+                                    .zip(dxhat.iter_mut())
+                                    .zip(xr.iter().zip(gr).zip(ws))
                                 {
                                     *xh = (xv - mean) * rstd;
                                     *dxh = gv * wv;
@@ -403,7 +482,11 @@ fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32, centered: bool) -> Res
     let dev = Device::Cpu;
     let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
     let dw = Tensor::from_vec(dw, w.shape(), &dev)?;
-    let db = if centered { Some(Tensor::from_vec(db, w.shape(), &dev)?) } else { None };
+    let db = if centered {
+        Some(Tensor::from_vec(db, w.shape(), &dev)?)
+    } else {
+        None
+    };
     Ok((dx, dw, db))
 }
 
@@ -454,12 +537,23 @@ impl CustomOp2 for TokenNll {
         "fused-token-nll"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let tg = contiguous_u32(s2, l2, self.name())?;
         let (n, v) = l1.shape().dims2()?;
         if l2.dims() != [n] {
-            bail!("{}: targets {:?} for logits {:?}", self.name(), l2.dims(), l1.dims());
+            bail!(
+                "{}: targets {:?} for logits {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
         }
         if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
             bail!("{}: target {bad} out of range for vocab {v}", self.name());
@@ -468,20 +562,29 @@ impl CustomOp2 for TokenNll {
         let mut out = vec![0f32; n];
         if v > 0 {
             let rpt = rows_per_task(v);
-            lse.par_chunks_mut(rpt).zip(out.par_chunks_mut(rpt)).enumerate().for_each(|(ci, (lc, oc))| {
-                for (k, (l, o)) in lc.iter_mut().zip(oc.iter_mut()).enumerate() {
-                    let r = ci * rpt + k;
-                    let row = &x[r * v..][..v];
-                    *l = row_lse(row);
-                    *o = *l - row[tg[r] as usize];
-                }
-            });
+            lse.par_chunks_mut(rpt)
+                .zip(out.par_chunks_mut(rpt))
+                .enumerate()
+                .for_each(|(ci, (lc, oc))| {
+                    for (k, (l, o)) in lc.iter_mut().zip(oc.iter_mut()).enumerate() {
+                        let r = ci * rpt + k;
+                        let row = &x[r * v..][..v];
+                        *l = row_lse(row);
+                        *o = *l - row[tg[r] as usize];
+                    }
+                });
         }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let logits = logits.contiguous()?;
         let targets = targets.contiguous()?.to_vec1::<u32>()?;
         let g = grad.contiguous()?.to_vec1::<f32>()?;
@@ -493,21 +596,27 @@ impl CustomOp2 for TokenNll {
                 let lse = if lse.len() == n {
                     lse
                 } else {
-                    (0..n).into_par_iter().map(|r| row_lse(&x[r * v..][..v])).collect()
+                    (0..n)
+                        .into_par_iter()
+                        .map(|r| row_lse(&x[r * v..][..v]))
+                        .collect()
                 };
-                d.par_chunks_mut(v).enumerate().with_min_len(rows_per_task(v)).for_each(|(r, dr)| {
-                    let gr = g[r];
-                    let xr = &x[r * v..][..v];
-                    let l = lse[r];
-                    if gr == 0.0 {
-                        return;
-                    }
-                    for (o, &xv) in dr.iter_mut().zip(xr) {
-                        let z = xv - l;
-                        *o = if z < EXP_CUTOFF { 0.0 } else { z.exp() * gr };
-                    }
-                    dr[targets[r] as usize] -= gr;
-                });
+                d.par_chunks_mut(v)
+                    .enumerate()
+                    .with_min_len(rows_per_task(v))
+                    .for_each(|(r, dr)| {
+                        let gr = g[r];
+                        let xr = &x[r * v..][..v];
+                        let l = lse[r];
+                        if gr == 0.0 {
+                            return;
+                        }
+                        for (o, &xv) in dr.iter_mut().zip(xr) {
+                            let z = xv - l;
+                            *o = if z < EXP_CUTOFF { 0.0 } else { z.exp() * gr };
+                        }
+                        dr[targets[r] as usize] -= gr;
+                    });
                 Ok(())
             })?;
         }
@@ -520,7 +629,12 @@ impl CustomOp2 for TokenNll {
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.contiguous()?;
     let targets = targets.contiguous()?;
-    logits.apply_op2(&targets, TokenNll { lse: Mutex::new(Vec::new()) })
+    logits.apply_op2(
+        &targets,
+        TokenNll {
+            lse: Mutex::new(Vec::new()),
+        },
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -545,12 +659,14 @@ impl CustomOp1 for GeluNew {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v));
-                *o = 0.5 * v * (1.0 + t);
-            }
-        });
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v));
+                    *o = 0.5 * v * (1.0 + t);
+                }
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -569,21 +685,35 @@ impl CustomOp2 for GeluNewBwd {
         "fused-gelu-new-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         if l1.dims() != l2.dims() {
-            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+            bail!(
+                "{}: shape mismatch {:?} vs {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((o, x), g)| {
-            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                let v2 = v * v;
-                let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v2));
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v2);
-                *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-            }
-        });
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .zip(g.par_chunks(16384))
+            .for_each(|((o, x), g)| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    let v2 = v * v;
+                    let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v2));
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v2);
+                    *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -606,11 +736,13 @@ impl CustomOp1 for Silu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = v / (1.0 + (-v).exp());
-            }
-        });
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = v / (1.0 + (-v).exp());
+                }
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -629,19 +761,33 @@ impl CustomOp2 for SiluBwd {
         "fused-silu-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         if l1.dims() != l2.dims() {
-            bail!("{}: shape mismatch {:?} vs {:?}", self.name(), l1.dims(), l2.dims());
+            bail!(
+                "{}: shape mismatch {:?} vs {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((o, x), g)| {
-            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                let s = 1.0 / (1.0 + (-v).exp());
-                *o = gv * s * (1.0 + v * (1.0 - s));
-            }
-        });
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .zip(g.par_chunks(16384))
+            .for_each(|((o, x), g)| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    let s = 1.0 / (1.0 + (-v).exp());
+                    *o = gv * s * (1.0 + v * (1.0 - s));
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

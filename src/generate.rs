@@ -29,7 +29,12 @@ pub struct GenerateOptions {
 
 /// Generates continuations of `prompts` (token ids, each non-empty) in one batch.
 /// Returns the new tokens of each row.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, rng: &mut StdRng) -> Result<Vec<Vec<u32>>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rng: &mut StdRng,
+) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
@@ -98,7 +103,11 @@ fn sample(logits: &Tensor, s: Sampling, rng: &mut StdRng) -> Result<Vec<u32>> {
         .map(|row| {
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]));
-            let k = if s.top_k == 0 { row.len() } else { s.top_k.min(row.len()) };
+            let k = if s.top_k == 0 {
+                row.len()
+            } else {
+                s.top_k.min(row.len())
+            };
             let top = &idx[..k];
             let t = s.temperature.max(1e-6) as f32;
             let m = row[top[0]];

@@ -75,9 +75,16 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     println!("hidden size    {}", s.hidden_size);
     println!("MLP width      {}", s.mlp_width);
     println!("heads          {} (kv heads {})", s.heads, s.kv_heads);
-    println!("vocab          {} (tokenizer {})", s.vocab_size, s.tokenizer_vocab_size);
+    println!(
+        "vocab          {} (tokenizer {})",
+        s.vocab_size, s.tokenizer_vocab_size
+    );
     println!("context        {}", s.max_positions);
-    println!("parameters     {} ({:.2}M)", s.parameters, s.parameters as f64 / 1e6);
+    println!(
+        "parameters     {} ({:.2}M)",
+        s.parameters,
+        s.parameters as f64 / 1e6
+    );
     let dt: Vec<String> = s.dtypes.iter().map(|(k, v)| format!("{k} x{v}")).collect();
     println!("dtypes         {}", dt.join(", "));
     println!("tied head      {}", s.tied_embeddings);

@@ -8,8 +8,12 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sani", version, about = "Sanitize fine-tuned causal LMs so they stop regurgitating sensitive data (SANI, arXiv 2510.21322)",
-    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error.")]
+#[command(
+    name = "sani",
+    version,
+    about = "Sanitize fine-tuned causal LMs so they stop regurgitating sensitive data (SANI, arXiv 2510.21322)",
+    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

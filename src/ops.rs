@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Result, Tensor, D};
 fn use_fused(ts: &[&Tensor]) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("SANI_FUSED").map_or(true, |v| v != "0"))
-        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
@@ -124,7 +126,11 @@ pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
 }
 
 /// `scaled_masked_softmax` written with composed candle ops (any dtype or device).
-pub fn scaled_masked_softmax_composed(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_masked_softmax_composed(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     softmax_last(&(scores * scale)?.broadcast_add(mask)?)
 }
 
@@ -153,8 +159,7 @@ pub fn attention_mask(
         for i in 0..q_len {
             let qpos = past + i;
             for j in 0..s {
-                let visible =
-                    valid[j] && j <= qpos && window.is_none_or(|w| qpos - j < w);
+                let visible = valid[j] && j <= qpos && window.is_none_or(|w| qpos - j < w);
                 if !visible {
                     data[(bi * q_len + i) * s + j] = f32::MIN;
                 }
@@ -165,7 +170,11 @@ pub fn attention_mask(
 }
 
 /// Positions the way HF `generate` computes them: count of real tokens before, pads get 1.
-pub fn positions_from_mask(key_valid: &[Vec<bool>], q_len: usize, device: &Device) -> Result<Tensor> {
+pub fn positions_from_mask(
+    key_valid: &[Vec<bool>],
+    q_len: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let b = key_valid.len();
     let mut data = Vec::with_capacity(b * q_len);
     for valid in key_valid {
@@ -185,25 +194,43 @@ pub fn positions_from_mask(key_valid: &[Vec<bool>], q_len: usize, device: &Devic
 
 /// Mean cross-entropy of `logits` [n, v] against `targets` [n] (u32) over rows with weight 1
 /// (`weights` [n] f32 of 0/1). Returns (loss, number of counted rows).
-pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, f32)> {
+pub fn masked_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<(Tensor, f32)> {
     let nll = token_nll(logits, targets)?;
-    let count = weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let count = weights
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     let total = (nll * weights)?.sum_all()?;
     Ok(((total / count.max(1.0) as f64)?, count))
 }
 
 /// `masked_cross_entropy` written with composed candle ops (any dtype or device).
-pub fn masked_cross_entropy_composed(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, f32)> {
+pub fn masked_cross_entropy_composed(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<(Tensor, f32)> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let count = weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let count = weights
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     let total = (picked * weights)?.sum_all()?.neg()?;
     Ok(((total / count.max(1.0) as f64)?, count))
 }
 
 /// Negative log-likelihood of each target: logits [n, v], targets [n] u32 -> [n].
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if use_fused(&[logits]) && targets.dtype() == DType::U32 && logits.rank() == 2 && targets.rank() == 1 {
+    if use_fused(&[logits])
+        && targets.dtype() == DType::U32
+        && logits.rank() == 2
+        && targets.rank() == 1
+    {
         return fused::token_nll(logits, targets);
     }
     token_nll_composed(logits, targets)
@@ -212,5 +239,8 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// `token_nll` written with composed candle ops (any dtype or device).
 pub fn token_nll_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+    log_probs
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()
 }

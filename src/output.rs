@@ -50,7 +50,9 @@ fn resolve(path: &Path) -> Result<PathBuf> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        std::env::current_dir().context("cannot read the current directory")?.join(path)
+        std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(path)
     };
     // Drop `.` and resolve `..` lexically only in the part that does not exist.
     let mut existing = abs.clone();
@@ -76,7 +78,14 @@ fn resolve(path: &Path) -> Result<PathBuf> {
             }
             // `..` or `.` as the last component: keep it and go up.
             (Some(parent), None) => {
-                rest.push(existing.components().next_back().unwrap().as_os_str().to_os_string());
+                rest.push(
+                    existing
+                        .components()
+                        .next_back()
+                        .unwrap()
+                        .as_os_str()
+                        .to_os_string(),
+                );
                 existing = parent.to_path_buf();
             }
             (None, _) => return Ok(abs),
@@ -105,17 +114,25 @@ impl StagedDir {
         let name = file_name_of(target)?;
         if std::fs::symlink_metadata(target).is_ok() {
             if !force {
-                bail!("{}: already exists (use --force to replace it)", target.display());
+                bail!(
+                    "{}: already exists (use --force to replace it)",
+                    target.display()
+                );
             }
             // A directory, or a link to one (then the link is replaced, not what it points to).
             if !target.is_dir() {
-                bail!("{}: exists and is not a directory; refusing to replace it", target.display());
+                bail!(
+                    "{}: exists and is not a directory; refusing to replace it",
+                    target.display()
+                );
             }
         }
         let resolved_target = resolve(target)?;
         for input in inputs {
             let resolved_input = resolve(input)?;
-            if resolved_target.starts_with(&resolved_input) || resolved_input.starts_with(&resolved_target) {
+            if resolved_target.starts_with(&resolved_input)
+                || resolved_input.starts_with(&resolved_target)
+            {
                 bail!(
                     "{}: refusing to write into the input model {}",
                     target.display(),
@@ -140,7 +157,7 @@ impl StagedDir {
                         target: target.to_path_buf(),
                         force,
                         committed: false,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -169,7 +186,10 @@ impl StagedDir {
         forget_live(&self.tmp);
         if std::fs::symlink_metadata(&target).is_ok() {
             if !self.force {
-                bail!("{}: already exists (use --force to replace it)", target.display());
+                bail!(
+                    "{}: already exists (use --force to replace it)",
+                    target.display()
+                );
             }
             let name = file_name_of(&target)?;
             let old = parent_of(&target).join(format!(".{name}.sani-old-{}", std::process::id()));
@@ -177,13 +197,22 @@ impl StagedDir {
                 std::fs::remove_dir_all(&old)
                     .with_context(|| format!("{}: cannot remove stale directory", old.display()))?;
             }
-            std::fs::rename(&target, &old)
-                .with_context(|| format!("{}: cannot move aside to {}", target.display(), old.display()))?;
+            std::fs::rename(&target, &old).with_context(|| {
+                format!(
+                    "{}: cannot move aside to {}",
+                    target.display(),
+                    old.display()
+                )
+            })?;
             if let Err(e) = std::fs::rename(&self.tmp, &target) {
                 // Put the previous output back before reporting.
                 let _ = std::fs::rename(&old, &target);
                 return Err(e).with_context(|| {
-                    format!("{}: cannot rename {} to it", target.display(), self.tmp.display())
+                    format!(
+                        "{}: cannot rename {} to it",
+                        target.display(),
+                        self.tmp.display()
+                    )
                 });
             }
             self.committed = true;
@@ -191,7 +220,11 @@ impl StagedDir {
                 .with_context(|| format!("{}: cannot remove the replaced output", old.display()))?;
         } else {
             std::fs::rename(&self.tmp, &target).with_context(|| {
-                format!("{}: cannot rename {} to it", target.display(), self.tmp.display())
+                format!(
+                    "{}: cannot rename {} to it",
+                    target.display(),
+                    self.tmp.display()
+                )
             })?;
             self.committed = true;
         }
@@ -227,8 +260,16 @@ mod tests {
         let staged = StagedDir::create(&target, false, &[]).unwrap();
         assert!(staged.path().is_dir());
         assert_eq!(staged.path().parent().unwrap(), root.path());
-        let tmp_name = staged.path().file_name().unwrap().to_string_lossy().into_owned();
-        assert!(tmp_name.starts_with(&format!(".out.sani-tmp-{}-", std::process::id())), "{tmp_name}");
+        let tmp_name = staged
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            tmp_name.starts_with(&format!(".out.sani-tmp-{}-", std::process::id())),
+            "{tmp_name}"
+        );
         assert!(!target.exists());
         std::fs::write(staged.path().join("a.txt"), "x").unwrap();
         assert_eq!(staged.commit().unwrap(), target);
@@ -258,7 +299,10 @@ mod tests {
         std::fs::write(target.join("old.txt"), "old").unwrap();
         let err = StagedDir::create(&target, false, &[]).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("already exists (use --force to replace it)"), "{msg}");
+        assert!(
+            msg.contains("already exists (use --force to replace it)"),
+            "{msg}"
+        );
         assert!(msg.contains(&target.display().to_string()), "{msg}");
         assert!(leftovers(root.path()).is_empty());
 
@@ -268,8 +312,15 @@ mod tests {
         std::fs::write(staged.path().join("new.txt"), "new").unwrap();
         staged.commit().unwrap();
         assert!(!target.join("old.txt").exists());
-        assert_eq!(std::fs::read_to_string(target.join("new.txt")).unwrap(), "new");
-        assert!(leftovers(root.path()).is_empty(), "{:?}", leftovers(root.path()));
+        assert_eq!(
+            std::fs::read_to_string(target.join("new.txt")).unwrap(),
+            "new"
+        );
+        assert!(
+            leftovers(root.path()).is_empty(),
+            "{:?}",
+            leftovers(root.path())
+        );
     }
 
     #[test]
@@ -298,8 +349,14 @@ mod tests {
         let input = root.path().join("model");
         std::fs::create_dir(&input).unwrap();
         let check = |target: PathBuf, force: bool| {
-            let msg = format!("{:#}", StagedDir::create(&target, force, &[&input]).unwrap_err());
-            assert!(msg.contains("refusing to write into the input model"), "{msg}");
+            let msg = format!(
+                "{:#}",
+                StagedDir::create(&target, force, &[&input]).unwrap_err()
+            );
+            assert!(
+                msg.contains("refusing to write into the input model"),
+                "{msg}"
+            );
             assert!(msg.contains(&input.display().to_string()), "{msg}");
         };
         check(input.clone(), true); // the input itself
@@ -307,7 +364,7 @@ mod tests {
         check(input.join("a/b/../c"), false);
         check(root.path().join("x/../model"), true); // same dir, spelled differently
         check(root.path().to_path_buf(), true); // the input lies inside the target
-        // Through a symlink to the input.
+                                                // Through a symlink to the input.
         #[cfg(unix)]
         {
             let link = root.path().join("link");

@@ -23,7 +23,11 @@ impl PhaseTiming {
             phase: phase.to_string(),
             seconds,
             tokens,
-            tokens_per_s: if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
+            tokens_per_s: if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            },
         }
     }
 }

@@ -108,18 +108,39 @@ impl SanitizeOptions {
         toml::from_str(text).with_context(|| format!("{}: invalid sanitize config", path.display()))
     }
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read config", path.display()))?;
         Self::from_toml(&text, path)
     }
     /// `top` wins where set.
     pub fn overlay(&self, top: &SanitizeOptions) -> SanitizeOptions {
-        overlay!(self, top, erase_layers, erase_fraction, select, reset, base_model, repair_target, epochs, lr,
-            batch_size, grad_accum, max_seq_len, stride, warmup_steps, weight_decay, max_grad_norm, train_scope,
-            bos, seed)
+        overlay!(
+            self,
+            top,
+            erase_layers,
+            erase_fraction,
+            select,
+            reset,
+            base_model,
+            repair_target,
+            epochs,
+            lr,
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            stride,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            train_scope,
+            bos,
+            seed
+        )
     }
     /// Built-in defaults, then the file, then the command line.
     pub fn layered(file: Option<&Path>, cli: &SanitizeOptions) -> Result<ResolvedConfig> {
-        let mut opts = Self::from_toml(DEFAULT_CONFIG, Path::new("configs/default.toml (built in)"))?;
+        let mut opts =
+            Self::from_toml(DEFAULT_CONFIG, Path::new("configs/default.toml (built in)"))?;
         if let Some(f) = file {
             opts = opts.overlay(&Self::from_file(f)?);
         }
@@ -127,7 +148,9 @@ impl SanitizeOptions {
     }
 
     fn resolve(&self) -> Result<ResolvedConfig> {
-        let missing = |f: &str| anyhow::anyhow!("option `{f}` has no value (built-in default config is incomplete)");
+        let missing = |f: &str| {
+            anyhow::anyhow!("option `{f}` has no value (built-in default config is incomplete)")
+        };
         macro_rules! req {
             ($f:ident) => {
                 self.$f.clone().ok_or_else(|| missing(stringify!($f)))?
@@ -186,7 +209,10 @@ pub struct ResolvedConfig {
 impl ResolvedConfig {
     fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.erase_fraction) {
-            bail!("--erase-fraction must be in [0, 1], got {}", self.erase_fraction);
+            bail!(
+                "--erase-fraction must be in [0, 1], got {}",
+                self.erase_fraction
+            );
         }
         if self.lr <= 0.0 || !self.lr.is_finite() {
             bail!("--lr must be positive, got {}", self.lr);
@@ -209,7 +235,10 @@ impl ResolvedConfig {
         Ok(match self.train_scope.as_str() {
             "all" => TrainScope::All,
             "erased" => TrainScope::LastBlocks(self.erase_layers.min(n_layers).max(1)),
-            s => match s.strip_prefix("last:").and_then(|k| k.parse::<usize>().ok()) {
+            s => match s
+                .strip_prefix("last:")
+                .and_then(|k| k.parse::<usize>().ok())
+            {
                 Some(k) if k > 0 => TrainScope::LastBlocks(k.min(n_layers)),
                 _ => bail!("--train-scope {s}: expected all, erased or last:K (K >= 1)"),
             },
@@ -243,7 +272,11 @@ pub fn windows_to_examples(windows: &[Window], mask_sensitive: bool) -> Vec<Exam
         .filter(|w| w.ids.len() >= 2)
         .map(|w| Example {
             ids: w.ids.clone(),
-            train: w.sensitive.iter().map(|&s| !(mask_sensitive && s)).collect(),
+            train: w
+                .sensitive
+                .iter()
+                .map(|&s| !(mask_sensitive && s))
+                .collect(),
             sensitive: w.sensitive.clone(),
         })
         .collect()
@@ -262,7 +295,14 @@ pub struct Corpus<'a> {
 impl Corpus<'_> {
     pub fn windows(&self, docs: &[Document]) -> Result<Vec<Window>> {
         let enc = tokens::encode_documents(self.tok, docs)?;
-        Ok(tokens::make_windows(docs, &enc, &self.labels, self.bos, self.max_seq_len, self.stride))
+        Ok(tokens::make_windows(
+            docs,
+            &enc,
+            &self.labels,
+            self.bos,
+            self.max_seq_len,
+            self.stride,
+        ))
     }
 }
 
@@ -274,8 +314,14 @@ struct SurrogateData<'a> {
 
 impl EpochData for SurrogateData<'_> {
     fn examples(&mut self, epoch: usize) -> Result<Vec<Example>> {
-        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        let docs: Vec<Document> = self.corpus.docs.iter().map(|d| apply_surrogates(d, &mut rng)).collect();
+        let mut rng =
+            StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        let docs: Vec<Document> = self
+            .corpus
+            .docs
+            .iter()
+            .map(|d| apply_surrogates(d, &mut rng))
+            .collect();
         Ok(windows_to_examples(&self.corpus.windows(&docs)?, false))
     }
     fn is_fixed(&self) -> bool {
@@ -342,10 +388,19 @@ pub fn sanitize_in_memory(
     let mut units = BTreeMap::new();
     if cfg.erase_fraction > 0.0 && !layers.is_empty() {
         let probe = Model::load_frozen(ckpt)?;
-        units = erase::select_units(&probe, &examples, &layers, cfg.erase_fraction, cfg.select, cfg.seed, cfg.batch_size)?;
+        units = erase::select_units(
+            &probe,
+            &examples,
+            &layers,
+            cfg.erase_fraction,
+            cfg.select,
+            cfg.seed,
+            cfg.batch_size,
+        )?;
         let base = match (&cfg.reset, &cfg.base_model) {
             (ResetMode::Base, Some(dir)) => Some(
-                Checkpoint::load(dir, &ckpt.device).with_context(|| format!("--base-model {}", dir.display()))?,
+                Checkpoint::load(dir, &ckpt.device)
+                    .with_context(|| format!("--base-model {}", dir.display()))?,
             ),
             _ => None,
         };
@@ -376,14 +431,26 @@ pub fn sanitize_in_memory(
             ..OptimConfig::default()
         };
         epochs = match cfg.repair_target {
-            RepairTarget::Mask => train::train(&model, &mut train::FixedData(examples.clone()), &loop_cfg, &optim, quiet)?,
+            RepairTarget::Mask => train::train(
+                &model,
+                &mut train::FixedData(examples.clone()),
+                &loop_cfg,
+                &optim,
+                quiet,
+            )?,
             RepairTarget::Surrogate => {
-                let mut data = SurrogateData { corpus: &corpus, seed: cfg.seed };
+                let mut data = SurrogateData {
+                    corpus: &corpus,
+                    seed: cfg.seed,
+                };
                 train::train(&model, &mut data, &loop_cfg, &optim, quiet)?
             }
         };
     }
-    let trained: usize = epochs.iter().map(|e: &EpochMetrics| e.trained_tokens + e.sensitive_tokens).sum();
+    let trained: usize = epochs
+        .iter()
+        .map(|e: &EpochMetrics| e.trained_tokens + e.sensitive_tokens)
+        .sum();
     timings.push(PhaseTiming::new("repair", t0, trained));
 
     let mut spans_per_label = BTreeMap::new();
@@ -405,7 +472,10 @@ pub fn sanitize_in_memory(
         spans_per_label,
         masked_tokens_per_label: masked,
         total_tokens,
-        erased_layers: layers.into_iter().filter(|l| units.contains_key(l)).collect(),
+        erased_layers: layers
+            .into_iter()
+            .filter(|l| units.contains_key(l))
+            .collect(),
         erased_units: units.into_iter().map(|(l, u)| (l.to_string(), u)).collect(),
         epochs,
         timings,
@@ -426,9 +496,16 @@ pub fn run(args: &SanitizeArgs) -> Result<()> {
     let mut report = sanitize_in_memory(&ckpt, &tok, &docs, &cfg, args.model.runtime.quiet)?;
     report.command = std::env::args().collect::<Vec<_>>().join(" ");
     report.input_weights_sha256 = input_sha.clone();
-    for (k, p) in [("sensitive", &args.spans.sensitive), ("corpus", &args.spans.corpus), ("terms", &args.spans.terms)] {
+    for (k, p) in [
+        ("sensitive", &args.spans.sensitive),
+        ("corpus", &args.spans.corpus),
+        ("terms", &args.spans.terms),
+    ] {
         if let Some(p) = p {
-            report.sensitive_inputs.insert(k.to_string(), crate::checkpoint::sha256_files(Path::new("."), &[p.display().to_string()])?);
+            report.sensitive_inputs.insert(
+                k.to_string(),
+                crate::checkpoint::sha256_files(Path::new("."), &[p.display().to_string()])?,
+            );
         }
     }
     let mut provenance = BTreeMap::new();
@@ -442,7 +519,10 @@ pub fn run(args: &SanitizeArgs) -> Result<()> {
     report.timings.push(PhaseTiming::new("write", tw, 0));
     report.timings.push(PhaseTiming::new("total", t0, 0));
     report::write_json(&staged.path().join(report::SANITIZE_REPORT_FILE), &report)?;
-    std::fs::write(staged.path().join("sani_config.toml"), toml::to_string(&cfg)?)?;
+    std::fs::write(
+        staged.path().join("sani_config.toml"),
+        toml::to_string(&cfg)?,
+    )?;
     let out = staged.commit()?;
     print_summary(&report, &out);
     Ok(())
@@ -458,7 +538,11 @@ fn print_summary(r: &SanitizeReport, out: &Path) {
         r.masked_tokens_per_label.values().sum::<usize>()
     );
     for (layer, units) in &r.erased_units {
-        println!("  layer {layer}: {} MLP units reset ({:?})", units.len(), r.config.reset);
+        println!(
+            "  layer {layer}: {} MLP units reset ({:?})",
+            units.len(),
+            r.config.reset
+        );
     }
     for e in &r.epochs {
         println!(
@@ -466,5 +550,8 @@ fn print_summary(r: &SanitizeReport, out: &Path) {
             e.epoch, e.loss_trained, e.loss_sensitive, e.tokens_per_s, e.seconds
         );
     }
-    println!("  report: {}", out.join(report::SANITIZE_REPORT_FILE).display());
+    println!(
+        "  report: {}",
+        out.join(report::SANITIZE_REPORT_FILE).display()
+    );
 }

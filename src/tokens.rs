@@ -147,7 +147,17 @@ fn best_span(char_span: &[Option<usize>], s: usize, e: usize) -> Option<usize> {
 }
 
 /// Which BOS token to put at the start of each document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BosPolicy {
     /// The tokenizer's own BOS (if its post-processor prepends one when `add_special_tokens` is

@@ -67,7 +67,11 @@ impl AdamW {
                 Ok((v.clone(), z.clone(), z, v.rank() >= 2))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, state, step: 0 })
+        Ok(AdamW {
+            cfg,
+            state,
+            step: 0,
+        })
     }
 
     /// One update with learning rate `lr` from gradients in `grads` (vars without one are skipped).
@@ -79,7 +83,9 @@ impl AdamW {
         for (var, m, v, decay) in self.state.iter_mut() {
             // Gradients carry the op graph of the step that made them: detach so the moments
             // do not keep every step's graph alive.
-            let Some(g) = grads.get(var).map(Tensor::detach) else { continue };
+            let Some(g) = grads.get(var).map(Tensor::detach) else {
+                continue;
+            };
             let g = &g;
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -95,11 +101,19 @@ impl AdamW {
 }
 
 /// Scales gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &BTreeMap<String, Var>, max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    vars: &BTreeMap<String, Var>,
+    max_norm: f64,
+) -> Result<f64> {
     let mut total = 0f64;
     for v in vars.values() {
         if let Some(g) = grads.get(v) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();
@@ -149,7 +163,14 @@ pub fn scope_predicate(model: &Model, scope: TrainScope) -> impl Fn(&str) -> boo
 }
 
 fn is_final_norm(name: &str) -> bool {
-    matches!(name, "model.norm.weight" | "transformer.ln_f.weight" | "transformer.ln_f.bias" | "ln_f.weight" | "ln_f.bias")
+    matches!(
+        name,
+        "model.norm.weight"
+            | "transformer.ln_f.weight"
+            | "transformer.ln_f.bias"
+            | "ln_f.weight"
+            | "ln_f.bias"
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,7 +245,12 @@ fn make_batch(examples: &[&Example], device: &Device) -> Result<Batch> {
 }
 
 /// Per-batch losses: (sum of NLL over trained targets — differentiable, sum over sensitive — detached).
-fn batch_nll(model: &Model, batch: &Batch, first_block: usize, prefix: Option<&Tensor>) -> Result<(Tensor, f64)> {
+fn batch_nll(
+    model: &Model,
+    batch: &Batch,
+    first_block: usize,
+    prefix: Option<&Tensor>,
+) -> Result<(Tensor, f64)> {
     let (b, t) = batch.ids.dims2()?;
     let ctx = AttnContext::for_training(&batch.valid, model.sliding_window(), &model.device)?;
     let h = match prefix {
@@ -239,12 +265,19 @@ fn batch_nll(model: &Model, batch: &Batch, first_block: usize, prefix: Option<&T
     let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
     let nll = ops::token_nll(&logits.reshape((b * (t - 1), v))?, &targets)?;
     let train_sum = (&nll * &batch.train_w)?.sum_all()?;
-    let sens_sum = (nll.detach() * &batch.sens_w)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let sens_sum = (nll.detach() * &batch.sens_w)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
     Ok((train_sum, sens_sum))
 }
 
 /// Hidden states entering block `first_block`, per example (no gradient), for reuse every epoch.
-fn frozen_prefix(model: &Model, examples: &[Example], first_block: usize, batch_size: usize) -> Result<Vec<Tensor>> {
+fn frozen_prefix(
+    model: &Model,
+    examples: &[Example],
+    first_block: usize,
+    batch_size: usize,
+) -> Result<Vec<Tensor>> {
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         for e in chunk {
@@ -353,7 +386,11 @@ pub fn train(
         }
         let mut order: Vec<usize> = (0..examples.len()).collect();
         order.shuffle(&mut rng);
-        let pb = progress_bar(steps_per_epoch as u64, quiet, &format!("epoch {}", epoch + 1));
+        let pb = progress_bar(
+            steps_per_epoch as u64,
+            quiet,
+            &format!("epoch {}", epoch + 1),
+        );
         let start = Instant::now();
         let mut m = EpochMetrics {
             epoch: epoch + 1,
@@ -361,10 +398,16 @@ pub fn train(
         };
         let (mut train_sum, mut sens_sum, mut tokens) = (0f64, 0f64, 0usize);
         for step_idx in order.chunks(micro * accum) {
-            let micro_batches: Vec<Vec<usize>> = step_idx.chunks(micro).map(<[usize]>::to_vec).collect();
+            let micro_batches: Vec<Vec<usize>> =
+                step_idx.chunks(micro).map(<[usize]>::to_vec).collect();
             let batches = micro_batches
                 .iter()
-                .map(|idx| make_batch(&idx.iter().map(|&i| &examples[i]).collect::<Vec<_>>(), &model.device))
+                .map(|idx| {
+                    make_batch(
+                        &idx.iter().map(|&i| &examples[i]).collect::<Vec<_>>(),
+                        &model.device,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let step_train: usize = batches.iter().map(|b| b.n_train).sum();
             let mut grads: Option<GradStore> = None;

@@ -41,7 +41,11 @@ pub(super) fn is_known_buffer(name: &str) -> bool {
 impl Gpt2 {
     pub(super) fn load(w: &mut WeightLoader, cfg: &Gpt2Config) -> Result<Self> {
         // Original OpenAI checkpoints store names without the `transformer.` prefix.
-        let prefix = if w.has("wte.weight") { "" } else { "transformer." }
+        let prefix = if w.has("wte.weight") {
+            ""
+        } else {
+            "transformer."
+        }
         .to_string();
         let (d, v, inner) = (cfg.n_embd, cfg.vocab_size, cfg.inner_size());
         let p = |s: &str| format!("{prefix}{s}");
@@ -86,9 +90,18 @@ impl Gpt2 {
 
     pub(super) fn block_tensor_names(&self, layer: usize) -> Vec<String> {
         [
-            "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-            "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-            "mlp.c_proj.weight", "mlp.c_proj.bias",
+            "ln_1.weight",
+            "ln_1.bias",
+            "attn.c_attn.weight",
+            "attn.c_attn.bias",
+            "attn.c_proj.weight",
+            "attn.c_proj.bias",
+            "ln_2.weight",
+            "ln_2.bias",
+            "mlp.c_fc.weight",
+            "mlp.c_fc.bias",
+            "mlp.c_proj.weight",
+            "mlp.c_proj.bias",
         ]
         .iter()
         .map(|s| format!("{}h.{layer}.{s}", self.prefix))
@@ -100,7 +113,11 @@ impl Gpt2 {
             name: format!("{}h.{layer}.mlp.{s}", self.prefix),
             axis,
         };
-        vec![n("c_fc.weight", 1), n("c_fc.bias", 0), n("c_proj.weight", 0)]
+        vec![
+            n("c_fc.weight", 1),
+            n("c_fc.bias", 0),
+            n("c_proj.weight", 0),
+        ]
     }
 
     pub(super) fn mlp_down_weight(&self, layer: usize) -> Tensor {
@@ -167,7 +184,12 @@ impl Gpt2 {
     }
 
     pub(super) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.lnf_w, &self.lnf_b, self.cfg.layer_norm_epsilon)?)
+        Ok(ops::layer_norm(
+            x,
+            &self.lnf_w,
+            &self.lnf_b,
+            self.cfg.layer_norm_epsilon,
+        )?)
     }
 
     pub(super) fn lm_head_weight(&self) -> &Tensor {

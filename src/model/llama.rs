@@ -79,7 +79,11 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
 }
 
 impl Llama {
-    pub(super) fn load(w: &mut WeightLoader, cfg: &LlamaConfig, flavor: LlamaFlavor) -> Result<Self> {
+    pub(super) fn load(
+        w: &mut WeightLoader,
+        cfg: &LlamaConfig,
+        flavor: LlamaFlavor,
+    ) -> Result<Self> {
         let (d, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let qkv_bias = cfg.attention_bias || flavor == LlamaFlavor::Qwen2;
@@ -145,20 +149,37 @@ impl Llama {
     pub(super) fn block_tensor_names(&self, layer: usize) -> Vec<String> {
         let blk = &self.blocks[layer];
         let mut names = vec![
-            "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
         ];
         if blk.q_b.is_some() {
-            names.extend(["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]);
+            names.extend([
+                "self_attn.q_proj.bias",
+                "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias",
+            ]);
         }
         if blk.o_b.is_some() {
             names.push("self_attn.o_proj.bias");
         }
         if blk.gate_b.is_some() {
-            names.extend(["mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"]);
+            names.extend([
+                "mlp.gate_proj.bias",
+                "mlp.up_proj.bias",
+                "mlp.down_proj.bias",
+            ]);
         }
-        names.iter().map(|s| format!("model.layers.{layer}.{s}")).collect()
+        names
+            .iter()
+            .map(|s| format!("model.layers.{layer}.{s}"))
+            .collect()
     }
 
     pub(super) fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice> {
@@ -166,7 +187,11 @@ impl Llama {
             name: format!("model.layers.{layer}.mlp.{s}"),
             axis,
         };
-        let mut v = vec![n("gate_proj.weight", 0), n("up_proj.weight", 0), n("down_proj.weight", 1)];
+        let mut v = vec![
+            n("gate_proj.weight", 0),
+            n("up_proj.weight", 0),
+            n("down_proj.weight", 1),
+        ];
         if self.blocks[layer].gate_b.is_some() {
             v.extend([n("gate_proj.bias", 0), n("up_proj.bias", 0)]);
         }
@@ -204,7 +229,11 @@ impl Llama {
         let blk = &self.blocks[layer];
         let eps = self.cfg.rms_norm_eps;
         let (b, t, _) = x.dims3()?;
-        let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let (h, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+        );
         let a = ops::rms_norm(x, &blk.in_norm, eps)?;
         let heads = |w: &Tensor, bias: &Option<Tensor>, n: usize| -> candle_core::Result<Tensor> {
             ops::linear(&a, w, bias.as_ref())?
@@ -218,7 +247,13 @@ impl Llama {
         if let Some(cache) = cache {
             (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
         }
-        let attn = ops::attention(&q, &k, &v, ctx.mask_for(blk.window), 1.0 / (hd as f64).sqrt())?;
+        let attn = ops::attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask_for(blk.window),
+            1.0 / (hd as f64).sqrt(),
+        )?;
         let x = (x + ops::linear(&attn, &blk.o, blk.o_b.as_ref())?)?;
         let m = ops::rms_norm(&x, &blk.post_norm, eps)?;
         let gate = ops::silu(&ops::linear(&m, &blk.gate, blk.gate_b.as_ref())?)?;

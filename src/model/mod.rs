@@ -42,7 +42,12 @@ impl KvCache {
         self.len() == 0
     }
     /// Appends new keys/values of `layer` and returns the full ones.
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (k, v) = match self.layers[layer].take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -82,7 +87,13 @@ impl AttnContext {
         };
         let mask = ops::attention_mask(key_valid, q_len, past, None, device)?;
         let window_mask = match window {
-            Some(w) => Some(ops::attention_mask(key_valid, q_len, past, Some(w), device)?),
+            Some(w) => Some(ops::attention_mask(
+                key_valid,
+                q_len,
+                past,
+                Some(w),
+                device,
+            )?),
             None => None,
         };
         Ok(AttnContext {
@@ -93,7 +104,11 @@ impl AttnContext {
     }
 
     /// Full-sequence training context: right-padded rows, positions 0..t.
-    pub fn for_training(key_valid: &[Vec<bool>], window: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn for_training(
+        key_valid: &[Vec<bool>],
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         let t = key_valid.first().map_or(0, Vec::len);
         Self::new(key_valid, t, 0, window, false, device)
     }
@@ -113,6 +128,7 @@ pub struct UnitSlice {
     pub axis: usize,
 }
 
+#[allow(clippy::large_enum_variant)] // one per loaded model
 enum Arch {
     Gpt2(Gpt2),
     Llama(Llama),
@@ -282,13 +298,24 @@ impl Model {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for layer in from..self.num_layers() {
-            h = self.block(layer, &h, ctx, cache.as_deref_mut(), mlp_trace.as_deref_mut())?;
+            h = self.block(
+                layer,
+                &h,
+                ctx,
+                cache.as_deref_mut(),
+                mlp_trace.as_deref_mut(),
+            )?;
         }
         Ok(h)
     }
 
     /// Logits at every position: ids [b, t] -> [b, t, vocab].
-    pub fn forward(&self, ids: &Tensor, ctx: &AttnContext, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        ctx: &AttnContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let x = self.embed(ids, ctx)?;
         let h = self.run_blocks(0, &x, ctx, cache, None)?;
         self.logits(&h)
