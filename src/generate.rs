@@ -88,8 +88,10 @@ pub fn generate(
                 done[row] = true;
             }
         }
-        for v in valid.iter_mut() {
-            v.push(true);
+        // A finished row keeps being fed (the batch moves together) but as padding, so its
+        // positions never run past the context.
+        for (v, &finished) in valid.iter_mut().zip(&done) {
+            v.push(!finished);
         }
         input = Tensor::from_vec(next, (b, 1), dev)?;
     }
