@@ -31,30 +31,56 @@ fn config(name: &str) -> serde_json::Value {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let mut which = "all".to_string();
     let mut steps = 5usize;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--steps" => { steps = args[i + 1].parse()?; i += 1; }
-            "--threads" => { std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]); i += 1; }
+            "--steps" => {
+                steps = args[i + 1].parse()?;
+                i += 1;
+            }
+            "--threads" => {
+                std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]);
+                i += 1;
+            }
             s => which = s.to_string(),
         }
         i += 1;
     }
-    let names: Vec<&str> = if which == "all" { vec!["gpt2-8k", "gpt2-50k", "llama-32k"] } else { vec![which.as_str()] };
+    let names: Vec<&str> = if which == "all" {
+        vec!["gpt2-8k", "gpt2-50k", "llama-32k"]
+    } else {
+        vec![which.as_str()]
+    };
     let (b, t) = (8usize, if which == "demo" { 256 } else { 128 });
     println!("threads {}", candle_core::utils::get_num_threads());
-    println!("{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}", "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms"
+    );
     for name in names {
         let cfg = ModelConfig::from_json(&config(name).to_string())?;
         let vocab = cfg.vocab_size();
         let ckpt = Checkpoint::init(cfg, &Device::Cpu, 0)?;
         let model = Model::load(&ckpt, &|_| true)?;
-        let mut opt = AdamW::new(model.trainable_vars(), OptimConfig { lr: 1e-4, weight_decay: 0.01, max_grad_norm: 0.0, ..Default::default() })?;
+        let mut opt = AdamW::new(
+            model.trainable_vars(),
+            OptimConfig {
+                lr: 1e-4,
+                weight_decay: 0.01,
+                max_grad_norm: 0.0,
+                ..Default::default()
+            },
+        )?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let ids: Vec<u32> = (0..b * t)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
         let valid = vec![vec![true; t]; b];
         let weights = Tensor::ones(b * (t - 1), candle_core::DType::F32, &Device::Cpu)?;
@@ -82,7 +108,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let n = steps as f64;
-        println!("{:<10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}", name, total / n * 1e3, (b * t) as f64 * n / total, fwd / n * 1e3, bwd / n * 1e3, optm / n * 1e3);
+        println!(
+            "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            name,
+            total / n * 1e3,
+            (b * t) as f64 * n / total,
+            fwd / n * 1e3,
+            bwd / n * 1e3,
+            optm / n * 1e3
+        );
     }
     Ok(())
 }

@@ -5,6 +5,10 @@
 //! 2. trains a byte-level BPE tokenizer and a small GPT-2 from scratch until it memorizes them;
 //! 3. measures regurgitation before; 4. sanitizes with the default and the paper configuration;
 //! 5. measures after and compares.
+//!
+//! The evaluation prompts with the whole document text before each span (`--prefix-tokens 256`,
+//! the notes are shorter than that): the model was trained on whole notes, so this is the
+//! strongest prompt an attacker holding the rest of a note could use.
 
 use crate::output::StagedDir;
 use crate::synth::{generate_notes, notes_to_jsonl, SynthConfig};

@@ -11,7 +11,14 @@ use sani::model::Model;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-const FIXTURES: &[&str] = &["gpt2_f32", "gpt2_legacy", "llama_gqa", "llama3_sharded", "qwen2_bf16", "mistral_f32"];
+const FIXTURES: &[&str] = &[
+    "gpt2_f32",
+    "gpt2_legacy",
+    "llama_gqa",
+    "llama3_sharded",
+    "qwen2_bf16",
+    "mistral_f32",
+];
 
 fn provenance() -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -28,7 +35,10 @@ fn files_in(dir: &Path) -> BTreeSet<String> {
 }
 
 fn shard_files(dir: &Path) -> Vec<String> {
-    files_in(dir).into_iter().filter(|n| n.ends_with(".safetensors")).collect()
+    files_in(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect()
 }
 
 /// A writable copy of a fixture directory.
@@ -58,7 +68,10 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
 }
 
 /// Rewrites a safetensors file after `edit` changes its (name, dtype, shape, bytes) list.
-fn rewrite_safetensors(path: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite_safetensors(
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
@@ -90,7 +103,9 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
         let b_bytes = std::fs::read(out.join(shard)).unwrap();
         let a = SafeTensors::deserialize(&a_bytes).unwrap();
         let b = SafeTensors::deserialize(&b_bytes).unwrap();
-        let names = |s: &SafeTensors| -> BTreeSet<String> { s.names().into_iter().map(String::from).collect() };
+        let names = |s: &SafeTensors| -> BTreeSet<String> {
+            s.names().into_iter().map(String::from).collect()
+        };
         assert_eq!(names(&a), names(&b), "{shard}: tensor names");
         for name in names(&a) {
             let (x, y) = (a.tensor(&name).unwrap(), b.tensor(&name).unwrap());
@@ -101,7 +116,11 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
         }
         let (_, meta) = SafeTensors::read_metadata(&b_bytes).unwrap();
         let meta = meta.metadata().clone().expect("metadata written");
-        assert_eq!(meta.get("format").map(String::as_str), Some("pt"), "{shard}: format");
+        assert_eq!(
+            meta.get("format").map(String::as_str),
+            Some("pt"),
+            "{shard}: format"
+        );
         for (k, v) in provenance() {
             assert_eq!(meta.get(&k), Some(&v), "{shard}: provenance key {k}");
         }
@@ -110,7 +129,11 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
     if src.join(index).exists() {
         let (a, b) = (read_json(&src.join(index)), read_json(&out.join(index)));
         assert_eq!(a["weight_map"], b["weight_map"], "weight_map");
-        assert_eq!(b["metadata"]["total_size"].as_u64(), Some(total as u64), "total_size");
+        assert_eq!(
+            b["metadata"]["total_size"].as_u64(),
+            Some(total as u64),
+            "total_size"
+        );
         // Other index metadata (total_parameters) is carried over.
         for (k, v) in a["metadata"].as_object().unwrap() {
             if k != "total_size" {
@@ -120,8 +143,14 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
     } else {
         assert!(!out.join(index).exists());
     }
-    for f in files_in(src).iter().filter(|f| !f.ends_with(".safetensors") && f.as_str() != index) {
-        let (a, b) = (std::fs::read(src.join(f)).unwrap(), std::fs::read(out.join(f)));
+    for f in files_in(src)
+        .iter()
+        .filter(|f| !f.ends_with(".safetensors") && f.as_str() != index)
+    {
+        let (a, b) = (
+            std::fs::read(src.join(f)).unwrap(),
+            std::fs::read(out.join(f)),
+        );
         assert_eq!(Some(a), b.ok(), "{f} copied unchanged");
     }
 }
@@ -133,7 +162,12 @@ fn every_fixture_round_trips_byte_identically() {
         let out = tempfile::tempdir().unwrap();
         ckpt.write_to(out.path(), &provenance()).unwrap();
         assert_same_checkpoint(&fixture(name), out.path());
-        for side in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        for side in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out.path().join(side).is_file(), "{name}: {side} copied");
         }
         // And the written directory loads into the same model.
@@ -141,7 +175,11 @@ fn every_fixture_round_trips_byte_identically() {
         assert_eq!(again.shards, ckpt.shards);
         assert_eq!(again.sharded, ckpt.sharded);
         Model::load(&again, &|_| true).unwrap();
-        eprintln!("{name}: {} tensors in {} shard(s) round-trip", ckpt.entries.len(), ckpt.shards.len());
+        eprintln!(
+            "{name}: {} tensors in {} shard(s) round-trip",
+            ckpt.entries.len(),
+            ckpt.shards.len()
+        );
     }
 }
 
@@ -183,28 +221,56 @@ fn modified_var_round_trips(name: &str, embed: &str, dtype: Dtype) {
     let entry = ckpt.entry(embed).unwrap();
     let bytes = std::fs::read(out.path().join(&entry.shard)).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor(embed).unwrap().dtype(), dtype, "{name}: stored dtype kept");
+    assert_eq!(
+        st.tensor(embed).unwrap().dtype(),
+        dtype,
+        "{name}: stored dtype kept"
+    );
 
     let again = load(out.path()).unwrap();
     let before = ckpt.vars();
     let after = again.vars();
-    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
     for (k, v) in &before {
-        let a = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = after[k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = after[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(a == b, "{name}: {k} differs after reload");
     }
-    let row3 = after[embed].as_tensor().get(3).unwrap().to_vec1::<f32>().unwrap();
+    let row3 = after[embed]
+        .as_tensor()
+        .get(3)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(row3.iter().all(|&x| x == 0.0));
     let row5 = after[embed].as_tensor().get(5).unwrap();
     let want5 = (t.get(5).unwrap() * 2.0).unwrap();
-    assert_eq!(row5.to_vec1::<f32>().unwrap(), want5.to_vec1::<f32>().unwrap());
+    assert_eq!(
+        row5.to_vec1::<f32>().unwrap(),
+        want5.to_vec1::<f32>().unwrap()
+    );
     // Untouched tensors are still byte-identical to the input.
     let src_bytes = std::fs::read(fixture(name).join(&entry.shard)).unwrap();
     let src = SafeTensors::deserialize(&src_bytes).unwrap();
     for n in src.names() {
         if n != embed {
-            assert!(src.tensor(n).unwrap().data() == st.tensor(n).unwrap().data(), "{name}: {n} changed");
+            assert!(
+                src.tensor(n).unwrap().data() == st.tensor(n).unwrap().data(),
+                "{name}: {n} changed"
+            );
         }
     }
     assert!(src.tensor(embed).unwrap().data() != st.tensor(embed).unwrap().data());
@@ -224,7 +290,13 @@ fn missing_config() {
     let dir = copy_fixture("llama_gqa");
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&dir.path().join("config.json").display().to_string(), "cannot read"]);
+    assert_mentions(
+        &msg,
+        &[
+            &dir.path().join("config.json").display().to_string(),
+            "cannot read",
+        ],
+    );
 }
 
 #[test]
@@ -251,7 +323,10 @@ fn unknown_architecture() {
     cfg.as_object_mut().unwrap().remove("architectures");
     std::fs::write(&path, cfg.to_string()).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&path.display().to_string(), "falcon", "LlamaForCausalLM"]);
+    assert_mentions(
+        &msg,
+        &[&path.display().to_string(), "falcon", "LlamaForCausalLM"],
+    );
 }
 
 #[test]
@@ -267,10 +342,19 @@ fn invalid_json_config() {
 fn missing_tensor() {
     let dir = copy_fixture("llama_gqa");
     let path = dir.path().join("model.safetensors");
-    rewrite_safetensors(&path, |t| t.retain(|(n, ..)| n != "model.layers.1.mlp.up_proj.weight"));
+    rewrite_safetensors(&path, |t| {
+        t.retain(|(n, ..)| n != "model.layers.1.mlp.up_proj.weight")
+    });
     let ckpt = load(dir.path()).unwrap();
     let msg = err_of(Model::load(&ckpt, &|_| true));
-    assert_mentions(&msg, &[&path.display().to_string(), "missing tensor", "model.layers.1.mlp.up_proj.weight"]);
+    assert_mentions(
+        &msg,
+        &[
+            &path.display().to_string(),
+            "missing tensor",
+            "model.layers.1.mlp.up_proj.weight",
+        ],
+    );
 }
 
 #[test]
@@ -278,13 +362,23 @@ fn extra_tensor() {
     let dir = copy_fixture("qwen2_bf16");
     let path = dir.path().join("model.safetensors");
     rewrite_safetensors(&path, |t| {
-        t.push(("model.layers.0.self_attn.extra.weight".into(), Dtype::BF16, vec![2, 2], vec![0u8; 8]))
+        t.push((
+            "model.layers.0.self_attn.extra.weight".into(),
+            Dtype::BF16,
+            vec![2, 2],
+            vec![0u8; 8],
+        ))
     });
     let ckpt = load(dir.path()).unwrap();
     let msg = err_of(Model::load(&ckpt, &|_| true));
     assert_mentions(
         &msg,
-        &[&path.display().to_string(), "unexpected tensor", "model.layers.0.self_attn.extra.weight", "Qwen2ForCausalLM"],
+        &[
+            &path.display().to_string(),
+            "unexpected tensor",
+            "model.layers.0.self_attn.extra.weight",
+            "Qwen2ForCausalLM",
+        ],
     );
 }
 
@@ -301,7 +395,15 @@ fn shape_mismatch() {
     });
     let ckpt = load(dir.path()).unwrap();
     let msg = err_of(Model::load(&ckpt, &|_| true));
-    assert_mentions(&msg, &[&path.display().to_string(), name, "has shape", "config.json implies"]);
+    assert_mentions(
+        &msg,
+        &[
+            &path.display().to_string(),
+            name,
+            "has shape",
+            "config.json implies",
+        ],
+    );
 }
 
 #[test]
@@ -374,11 +476,19 @@ fn only_pytorch_bin() {
     let msg = err_of(load(dir.path()));
     assert_mentions(
         &msg,
-        &[&dir.path().display().to_string(), "model.safetensors", "pytorch_model.bin is not supported", "convert"],
+        &[
+            &dir.path().display().to_string(),
+            "model.safetensors",
+            "pytorch_model.bin is not supported",
+            "convert",
+        ],
     );
     std::fs::remove_file(dir.path().join("pytorch_model.bin")).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&dir.path().display().to_string(), "no model.safetensors"]);
+    assert_mentions(
+        &msg,
+        &[&dir.path().display().to_string(), "no model.safetensors"],
+    );
 }
 
 #[test]
@@ -388,7 +498,10 @@ fn index_problems() {
     let shard = dir.path().join("model-00002-of-00003.safetensors");
     std::fs::remove_file(&shard).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&shard.display().to_string(), "cannot read weight file"]);
+    assert_mentions(
+        &msg,
+        &[&shard.display().to_string(), "cannot read weight file"],
+    );
 
     // The index points a tensor at a file that is not there.
     let dir = copy_fixture("llama3_sharded");
@@ -397,20 +510,39 @@ fn index_problems() {
     json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00004-of-00003.safetensors");
     std::fs::write(&index, json.to_string()).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &["model-00004-of-00003.safetensors", "cannot read weight file"]);
+    assert_mentions(
+        &msg,
+        &[
+            "model-00004-of-00003.safetensors",
+            "cannot read weight file",
+        ],
+    );
 
     // The index names the wrong shard for a tensor (and no longer lists the shard holding it).
     json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00001-of-00003.safetensors");
     std::fs::write(&index, json.to_string()).unwrap();
     let msg = err_of(load(dir.path()));
-    assert_mentions(&msg, &[&index.display().to_string(), "lm_head.weight", "not stored in model-00001-of-00003"]);
+    assert_mentions(
+        &msg,
+        &[
+            &index.display().to_string(),
+            "lm_head.weight",
+            "not stored in model-00001-of-00003",
+        ],
+    );
     json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00003-of-00003.safetensors");
-    json["weight_map"]["model.embed_tokens.weight"] = serde_json::json!("model-00002-of-00003.safetensors");
+    json["weight_map"]["model.embed_tokens.weight"] =
+        serde_json::json!("model-00002-of-00003.safetensors");
     std::fs::write(&index, json.to_string()).unwrap();
     let msg = err_of(load(dir.path()));
     assert_mentions(
         &msg,
-        &[&index.display().to_string(), "model.embed_tokens.weight", "model-00002-of-00003", "stored in model-00001-of-00003"],
+        &[
+            &index.display().to_string(),
+            "model.embed_tokens.weight",
+            "model-00002-of-00003",
+            "stored in model-00001-of-00003",
+        ],
     );
 
     // Invalid index JSON.
@@ -426,7 +558,13 @@ fn index_problems() {
 
 /// Lays `fixture` out as huggingface_hub does: blobs, snapshots/<hash>/<file> links to them, and
 /// refs/main holding the hash. Returns the snapshot directory.
-fn cache_repo(cache: &Path, repo_id: &str, fixture_name: &str, hash: &str, ref_text: &str) -> PathBuf {
+fn cache_repo(
+    cache: &Path,
+    repo_id: &str,
+    fixture_name: &str,
+    hash: &str,
+    ref_text: &str,
+) -> PathBuf {
     let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
     let snap = repo.join("snapshots").join(hash);
     std::fs::create_dir_all(&snap).unwrap();
@@ -437,7 +575,11 @@ fn cache_repo(cache: &Path, repo_id: &str, fixture_name: &str, hash: &str, ref_t
         let blob = repo.join("blobs").join(format!("{hash}{i:04}"));
         std::fs::copy(fixture(fixture_name).join(f), &blob).unwrap();
         #[cfg(unix)]
-        std::os::unix::fs::symlink(Path::new("../../blobs").join(blob.file_name().unwrap()), snap.join(f)).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(blob.file_name().unwrap()),
+            snap.join(f),
+        )
+        .unwrap();
         #[cfg(not(unix))]
         std::fs::copy(&blob, snap.join(f)).unwrap();
     }
@@ -452,7 +594,13 @@ fn hub_cache_offline() {
     let hash = "0123456789abcdef0123456789abcdef01234567";
     let snap = cache_repo(cache.path(), "org/tiny-qwen", "qwen2_bf16", hash, hash);
     let hash2 = "89abcdef0123456789abcdef0123456789abcdef";
-    let snap2 = cache_repo(cache.path(), "org/tiny-sharded", "llama3_sharded", hash2, &format!("{hash2}\n"));
+    let snap2 = cache_repo(
+        cache.path(),
+        "org/tiny-sharded",
+        "llama3_sharded",
+        hash2,
+        &format!("{hash2}\n"),
+    );
     let hash3 = "fedcba9876543210fedcba9876543210fedcba98";
     let snap3 = cache_repo(cache.path(), "org/broken", "llama3_sharded", hash3, hash3);
     // An interrupted download: the link is there, its blob is not.
@@ -461,8 +609,10 @@ fn hub_cache_offline() {
     let _ = std::fs::remove_file(snap3.join(&blob));
     let _ = std::fs::remove_file(snap3.join(missing_shard));
 
-    let saved: Vec<(&str, Option<String>)> =
-        ["HF_HUB_CACHE", "HF_HOME"].iter().map(|k| (*k, std::env::var(k).ok())).collect();
+    let saved: Vec<(&str, Option<String>)> = ["HF_HUB_CACHE", "HF_HOME"]
+        .iter()
+        .map(|k| (*k, std::env::var(k).ok()))
+        .collect();
     std::env::set_var("HF_HUB_CACHE", cache.path());
     std::env::remove_var("HF_HOME");
 
@@ -474,7 +624,10 @@ fn hub_cache_offline() {
         // Writing from a snapshot of links copies real files.
         let out = tempfile::tempdir().unwrap();
         ckpt.write_to(out.path(), &provenance()).unwrap();
-        assert!(!std::fs::symlink_metadata(out.path().join("config.json")).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(out.path().join("config.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_same_checkpoint(&fixture("qwen2_bf16"), out.path());
 
         // A ref with a trailing newline, sharded snapshot.
@@ -483,19 +636,38 @@ fn hub_cache_offline() {
         Model::load(&load(&dir).unwrap(), &|_| true).unwrap();
 
         let msg = err_of(resolve_model_dir("org/absent"));
-        assert_mentions(&msg, &["org/absent", &cache.path().display().to_string(), "never downloads"]);
+        assert_mentions(
+            &msg,
+            &[
+                "org/absent",
+                &cache.path().display().to_string(),
+                "never downloads",
+            ],
+        );
 
         let msg = err_of(resolve_model_dir("org/broken"));
-        assert_mentions(&msg, &["org/broken", &snap3.display().to_string(), missing_shard]);
+        assert_mentions(
+            &msg,
+            &["org/broken", &snap3.display().to_string(), missing_shard],
+        );
 
         // A local directory wins over the cache; a path that is neither is reported as such.
-        assert_eq!(resolve_model_dir(fixture("gpt2_f32").to_str().unwrap()).unwrap(), fixture("gpt2_f32"));
+        assert_eq!(
+            resolve_model_dir(fixture("gpt2_f32").to_str().unwrap()).unwrap(),
+            fixture("gpt2_f32")
+        );
         let msg = err_of(resolve_model_dir("./no/such/dir"));
         assert_mentions(&msg, &["./no/such/dir", "no such model directory"]);
 
         // HF_HOME/hub when HF_HUB_CACHE is unset.
         let home = tempfile::tempdir().unwrap();
-        let snap4 = cache_repo(&home.path().join("hub"), "org/tiny-qwen", "qwen2_bf16", hash, hash);
+        let snap4 = cache_repo(
+            &home.path().join("hub"),
+            "org/tiny-qwen",
+            "qwen2_bf16",
+            hash,
+            hash,
+        );
         std::env::remove_var("HF_HUB_CACHE");
         std::env::set_var("HF_HOME", home.path());
         assert_eq!(resolve_model_dir("org/tiny-qwen").unwrap(), snap4);

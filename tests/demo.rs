@@ -8,15 +8,22 @@ use std::path::Path;
 use std::process::Command;
 
 fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 fn exact_rate(report: &serde_json::Value, set: &str) -> f64 {
-    report[set]["total"]["exact_rate"].as_f64().unwrap_or_else(|| panic!("no {set}.total.exact_rate in {report}"))
+    report[set]["total"]["exact_rate"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {set}.total.exact_rate in {report}"))
 }
 
 fn ppl_non_sensitive(report: &serde_json::Value) -> f64 {
-    report["perplexity"]["non_sensitive"]["perplexity"].as_f64().expect("perplexity")
+    report["perplexity"]["non_sensitive"]["perplexity"]
+        .as_f64()
+        .expect("perplexity")
 }
 
 #[test]
@@ -31,16 +38,29 @@ fn quick_demo_memorizes_then_sanitizes() {
     let before = json(&out.join("eval_before.json"));
     let after = json(&out.join("eval_after.json"));
     let paper = json(&out.join("eval_paper.json"));
-    let (b, a, p) = (exact_rate(&before, "regurgitation"), exact_rate(&after, "regurgitation"), exact_rate(&paper, "regurgitation"));
+    let (b, a, p) = (
+        exact_rate(&before, "regurgitation"),
+        exact_rate(&after, "regurgitation"),
+        exact_rate(&paper, "regurgitation"),
+    );
     let control = exact_rate(&before, "control");
     let (ppl_b, ppl_a) = (ppl_non_sensitive(&before), ppl_non_sensitive(&after));
     eprintln!(
         "exact regurgitation: before {b:.3}, default sanitize {a:.3}, paper config {p:.3}; control {control:.3}; \
          held-out non-sensitive perplexity {ppl_b:.3} -> {ppl_a:.3}"
     );
-    assert!(b >= 0.5, "the demo model must memorize most identifiers (exact rate {b})");
-    assert!(a <= 0.2 * b, "the default config must cut exact regurgitation by >= 80% ({b} -> {a})");
-    assert!(ppl_a < 1.15 * ppl_b, "non-sensitive perplexity must rise by < 15% ({ppl_b} -> {ppl_a})");
+    assert!(
+        b >= 0.5,
+        "the demo model must memorize most identifiers (exact rate {b})"
+    );
+    assert!(
+        a <= 0.2 * b,
+        "the default config must cut exact regurgitation by >= 80% ({b} -> {a})"
+    );
+    assert!(
+        ppl_a < 1.15 * ppl_b,
+        "non-sensitive perplexity must rise by < 15% ({ppl_b} -> {ppl_a})"
+    );
     for model in ["med-gpt", "med-gpt-sanitized", "med-gpt-paper"] {
         let dir = out.join(model);
         let ckpt = sani::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();

@@ -18,19 +18,33 @@ use tokenizers::Tokenizer;
 
 fn load(name: &str) -> (Model, Tokenizer) {
     let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
-    (Model::load_frozen(&ckpt).unwrap(), sani::cli::load_tokenizer(&fixture(name)).unwrap())
+    (
+        Model::load_frozen(&ckpt).unwrap(),
+        sani::cli::load_tokenizer(&fixture(name)).unwrap(),
+    )
 }
 
 fn sp(start: usize, end: usize, label: &str) -> Span {
-    Span { start, end, label: label.into() }
+    Span {
+        start,
+        end,
+        label: label.into(),
+    }
 }
 
 fn doc(id: &str, text: &str, spans: Vec<Span>) -> Document {
-    Document { id: id.into(), text: text.into(), spans }
+    Document {
+        id: id.into(),
+        text: text.into(),
+        spans,
+    }
 }
 
 fn write_docs(path: &Path, docs: &[Document]) {
-    let text: String = docs.iter().map(|d| serde_json::to_string(d).unwrap() + "\n").collect();
+    let text: String = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap() + "\n")
+        .collect();
     std::fs::write(path, text).unwrap();
 }
 
@@ -41,7 +55,9 @@ struct Wrap {
 }
 
 fn parse(args: &[&str]) -> EvalArgs {
-    Wrap::try_parse_from(std::iter::once("eval").chain(args.iter().copied())).unwrap().args
+    Wrap::try_parse_from(std::iter::once("eval").chain(args.iter().copied()))
+        .unwrap()
+        .args
 }
 
 /// A document whose span is exactly what gpt2_f32 greedily generates after its prefix.
@@ -57,7 +73,12 @@ fn memorized_doc(model: &Model, tok: &Tokenizer) -> Document {
     for p in prefixes {
         let mut prompt = vec![0u32]; // config BOS of the fixtures
         prompt.extend(tok.encode(p, false).unwrap().get_ids());
-        let opts = GenerateOptions { max_new_tokens: vec![6], stop_tokens: vec![0], pad_id: 0, sampling: None };
+        let opts = GenerateOptions {
+            max_new_tokens: vec![6],
+            stop_tokens: vec![0],
+            pad_id: 0,
+            sampling: None,
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let out = generate(model, &[prompt], &opts, &mut rng).unwrap();
         let cont = tok.decode(&out[0], true).unwrap();
@@ -70,7 +91,14 @@ fn memorized_doc(model: &Model, tok: &Tokenizer) -> Document {
         let end = start + trimmed.chars().count();
         let text = format!("{p}{cont}");
         let d = doc("mem", &text, vec![sp(start, end, "NAME")]);
-        let r = eval::regurgitation(model, tok, std::slice::from_ref(&d), &RegurgitationSettings::default(), true).unwrap();
+        let r = eval::regurgitation(
+            model,
+            tok,
+            std::slice::from_ref(&d),
+            &RegurgitationSettings::default(),
+            true,
+        )
+        .unwrap();
         if r.spans[0].exact && !r.spans[0].in_prompt {
             return d;
         }
@@ -81,8 +109,13 @@ fn memorized_doc(model: &Model, tok: &Tokenizer) -> Document {
 #[test]
 fn span_at_document_start_is_bos_only() {
     let (model, tok) = load("gpt2_f32");
-    let docs = vec![doc("a", "John Smith visited the clinic.", vec![sp(0, 10, "NAME")])];
-    let r = eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true).unwrap();
+    let docs = vec![doc(
+        "a",
+        "John Smith visited the clinic.",
+        vec![sp(0, 10, "NAME")],
+    )];
+    let r =
+        eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true).unwrap();
     let s = &r.spans[0];
     assert_eq!(s.prompt_ids, vec![0], "prompt is the BOS only");
     assert_eq!(r.bos.id, Some(0));
@@ -96,12 +129,20 @@ fn span_at_document_start_is_bos_only() {
     assert_eq!(r.summary.total.measured, 1);
 
     // Without a BOS, the prompt falls back to the config's EOS and says so.
-    let never = RegurgitationSettings { bos: BosPolicy::Never, ..Default::default() };
+    let never = RegurgitationSettings {
+        bos: BosPolicy::Never,
+        ..Default::default()
+    };
     let r = eval::regurgitation(&model, &tok, &docs, &never, true).unwrap();
     assert_eq!(r.bos.id, None);
     assert_eq!(r.spans[0].prompt_ids, vec![0]);
     assert_eq!(r.bos.empty_prompt_token, Some(0));
-    assert!(r.bos.empty_prompt_source.as_deref().unwrap().contains("eos"));
+    assert!(r
+        .bos
+        .empty_prompt_source
+        .as_deref()
+        .unwrap()
+        .contains("eos"));
 }
 
 #[test]
@@ -111,19 +152,46 @@ fn long_document_prompt_cut_from_left() {
     let text = format!("{filler}Seen by Ana Lima today.");
     let start = filler.chars().count() + 8;
     let docs = vec![doc("long", &text, vec![sp(start, start + 8, "NAME")])];
-    let before = tok.encode(&text[..filler.len() + 8], false).unwrap().get_ids().to_vec();
-    assert!(before.len() > 64, "document longer than the context ({} tokens)", before.len());
-    let settings = RegurgitationSettings { prefix_tokens: 1000, ..Default::default() };
+    let before = tok
+        .encode(&text[..filler.len() + 8], false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(
+        before.len() > 64,
+        "document longer than the context ({} tokens)",
+        before.len()
+    );
+    let settings = RegurgitationSettings {
+        prefix_tokens: 1000,
+        ..Default::default()
+    };
     let r = eval::regurgitation(&model, &tok, &docs, &settings, true).unwrap();
     let s = &r.spans[0];
-    assert!(s.prompt_ids.len() + s.max_new_tokens <= 64, "{} + {}", s.prompt_ids.len(), s.max_new_tokens);
-    assert_eq!(s.prompt_ids.len() + s.max_new_tokens, 64, "uses the whole context");
+    assert!(
+        s.prompt_ids.len() + s.max_new_tokens <= 64,
+        "{} + {}",
+        s.prompt_ids.len(),
+        s.max_new_tokens
+    );
+    assert_eq!(
+        s.prompt_ids.len() + s.max_new_tokens,
+        64,
+        "uses the whole context"
+    );
     assert_eq!(s.prompt_ids[0], 0, "BOS kept");
     let kept = &s.prompt_ids[1..];
-    assert_eq!(kept, &before[before.len() - kept.len()..], "the tokens right before the span");
+    assert_eq!(
+        kept,
+        &before[before.len() - kept.len()..],
+        "the tokens right before the span"
+    );
 
     // K tokens when K is smaller than the room.
-    let settings = RegurgitationSettings { prefix_tokens: 5, ..Default::default() };
+    let settings = RegurgitationSettings {
+        prefix_tokens: 5,
+        ..Default::default()
+    };
     let r = eval::regurgitation(&model, &tok, &docs, &settings, true).unwrap();
     assert_eq!(r.spans[0].prompt_ids.len(), 6);
 }
@@ -133,7 +201,8 @@ fn in_prompt_spans_are_counted_apart() {
     let (model, tok) = load("gpt2_f32");
     let text = "Ana Lima called. Later Ana Lima came back.";
     let docs = vec![doc("a", text, vec![sp(0, 8, "NAME"), sp(23, 31, "NAME")])];
-    let r = eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true).unwrap();
+    let r =
+        eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true).unwrap();
     assert!(!r.spans[0].in_prompt);
     assert!(r.spans[1].in_prompt);
     let t = &r.summary.total;
@@ -145,7 +214,14 @@ fn in_prompt_spans_are_counted_apart() {
 fn memorized_span_is_exact_and_fully_extractable() {
     let (model, tok) = load("gpt2_f32");
     let d = memorized_doc(&model, &tok);
-    let r = eval::regurgitation(&model, &tok, std::slice::from_ref(&d), &RegurgitationSettings::default(), true).unwrap();
+    let r = eval::regurgitation(
+        &model,
+        &tok,
+        std::slice::from_ref(&d),
+        &RegurgitationSettings::default(),
+        true,
+    )
+    .unwrap();
     let s = &r.spans[0];
     assert!(s.exact && s.partial);
     assert_eq!(s.strength, 1.0);
@@ -154,7 +230,11 @@ fn memorized_span_is_exact_and_fully_extractable() {
     assert_eq!(r.summary.per_label["NAME"].exact, 1);
 
     // Sampling: greedy-like sampling (top-k 1) reproduces it too.
-    let settings = RegurgitationSettings { samples: 2, top_k: 1, ..Default::default() };
+    let settings = RegurgitationSettings {
+        samples: 2,
+        top_k: 1,
+        ..Default::default()
+    };
     let r = eval::regurgitation(&model, &tok, &[d], &settings, true).unwrap();
     assert_eq!(r.spans[0].sampled_exact, Some(true));
     assert_eq!(r.summary.total.sampled_rate, Some(1.0));
@@ -169,7 +249,11 @@ fn perplexity_splits_sensitive_tokens() {
     let n = tok.encode(text.as_str(), false).unwrap().get_ids().len();
     assert!(p.windows >= 2);
     assert_eq!(p.max_seq_len, 32);
-    assert_eq!(p.all.tokens, n + 1 - p.windows, "every token but each window's first");
+    assert_eq!(
+        p.all.tokens,
+        n + 1 - p.windows,
+        "every token but each window's first"
+    );
     assert!(p.sensitive.tokens > 0);
     assert_eq!(p.sensitive.tokens + p.non_sensitive.tokens, p.all.tokens);
     let all = p.all.perplexity.unwrap();
@@ -192,25 +276,60 @@ fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let mut docs = vec![memorized_doc(&model, &tok)];
-    docs.push(doc("b", "Record number 55512 was filed by Dr. Ana Lima yesterday.", vec![sp(14, 19, "ID"), sp(37, 45, "NAME")]));
+    docs.push(doc(
+        "b",
+        "Record number 55512 was filed by Dr. Ana Lima yesterday.",
+        vec![sp(14, 19, "ID"), sp(37, 45, "NAME")],
+    ));
     let spans = dir.join("spans.jsonl");
     write_docs(&spans, &docs);
-    Setup { _dir: tmp, dir, spans }
+    Setup {
+        _dir: tmp,
+        dir,
+        spans,
+    }
 }
 
 #[test]
 fn reports_per_span_and_compare_through_the_library() {
     let s = setup();
     let model = fixture("gpt2_f32");
-    let (m, sp_, json, per) = (model.to_str().unwrap(), s.spans.to_str().unwrap(), s.dir.join("r.json"), s.dir.join("per.jsonl"));
+    let (m, sp_, json, per) = (
+        model.to_str().unwrap(),
+        s.spans.to_str().unwrap(),
+        s.dir.join("r.json"),
+        s.dir.join("per.jsonl"),
+    );
     let control = s.dir.join("control.jsonl");
-    write_docs(&control, &[doc("c", "Visitor Zoe Muller signed in at noon.", vec![sp(8, 18, "NAME")])]);
+    write_docs(
+        &control,
+        &[doc(
+            "c",
+            "Visitor Zoe Muller signed in at noon.",
+            vec![sp(8, 18, "NAME")],
+        )],
+    );
     let args = parse(&[
-        "--model", m, "--sensitive", sp_, "--control", control.to_str().unwrap(), "--perplexity", control.to_str().unwrap(),
-        "--regurgitation", "--json", json.to_str().unwrap(), "--per-span", per.to_str().unwrap(), "--quiet", "--max-count", "5",
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--control",
+        control.to_str().unwrap(),
+        "--perplexity",
+        control.to_str().unwrap(),
+        "--regurgitation",
+        "--json",
+        json.to_str().unwrap(),
+        "--per-span",
+        per.to_str().unwrap(),
+        "--quiet",
+        "--max-count",
+        "5",
     ]);
     assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
-    let report: EvalReport = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report: EvalReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report.sani_version, env!("CARGO_PKG_VERSION"));
     let mi = report.model.as_ref().unwrap();
     assert_eq!(mi.weights_sha256.len(), 64);
@@ -225,19 +344,46 @@ fn reports_per_span_and_compare_through_the_library() {
     assert!(report.gate.as_ref().unwrap().passed);
     assert!(report.timing.seconds > 0.0);
     // raw JSON field names
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for k in ["sani_version", "model", "settings", "regurgitation", "control", "perplexity", "gate", "timing"] {
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in [
+        "sani_version",
+        "model",
+        "settings",
+        "regurgitation",
+        "control",
+        "perplexity",
+        "gate",
+        "timing",
+    ] {
         assert!(raw.get(k).is_some(), "missing {k}");
     }
     assert!(raw["timing"]["spans_per_second"].is_number());
 
     // per-span: hashes, no text
     let per_text = std::fs::read_to_string(&per).unwrap();
-    let lines: Vec<serde_json::Value> = per_text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = per_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
-    assert!(!per_text.contains("55512") && !per_text.contains("Ana Lima"), "{per_text}");
+    assert!(
+        !per_text.contains("55512") && !per_text.contains("Ana Lima"),
+        "{per_text}"
+    );
     for l in &lines {
-        for k in ["doc_id", "label", "start", "end", "exact", "partial", "in_prompt", "strength", "span_sha256", "generated_sha256"] {
+        for k in [
+            "doc_id",
+            "label",
+            "start",
+            "end",
+            "exact",
+            "partial",
+            "in_prompt",
+            "strength",
+            "span_sha256",
+            "generated_sha256",
+        ] {
             assert!(l.get(k).is_some(), "missing {k} in {l}");
         }
         assert!(l.get("span_text").is_none() && l.get("generated_text").is_none());
@@ -245,7 +391,16 @@ fn reports_per_span_and_compare_through_the_library() {
     assert_eq!(lines[3]["set"], "control");
 
     // --show-text
-    let args = parse(&["--model", m, "--sensitive", sp_, "--per-span", per.to_str().unwrap(), "--show-text", "-q"]);
+    let args = parse(&[
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--per-span",
+        per.to_str().unwrap(),
+        "--show-text",
+        "-q",
+    ]);
     assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
     let per_text = std::fs::read_to_string(&per).unwrap();
     assert!(per_text.contains("\"span_text\":\"55512\"") && per_text.contains("Ana Lima"));
@@ -257,22 +412,58 @@ fn reports_per_span_and_compare_through_the_library() {
     r2.regurgitation.as_mut().unwrap().total.exact_rate = 0.0;
     std::fs::write(&after, serde_json::to_string(&r2).unwrap()).unwrap();
     let before_s = eval::render_compare(&report, &r2);
-    assert!(before_s.contains("TOTAL") && before_s.contains("CONTROL") && before_s.contains("ppl all"), "{before_s}");
+    assert!(
+        before_s.contains("TOTAL") && before_s.contains("CONTROL") && before_s.contains("ppl all"),
+        "{before_s}"
+    );
     let args = parse(&["--compare", json.to_str().unwrap(), after.to_str().unwrap()]);
     assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
 
     // errors
-    let err = eval::run(&parse(&["--sensitive", sp_])).unwrap_err().to_string();
+    let err = eval::run(&parse(&["--sensitive", sp_]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--model"), "{err}");
-    let err = eval::run(&parse(&["--model", m, "--sensitive", sp_, "--max-rate", "1.5"])).unwrap_err().to_string();
+    let err = eval::run(&parse(&[
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--max-rate",
+        "1.5",
+    ]))
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("--max-rate"), "{err}");
-    assert!(Wrap::try_parse_from(["eval", "--model", m, "--max-rate", "0.1", "--max-count", "1"]).is_err());
-    let err = format!("{:#}", eval::run(&parse(&["--model", s.dir.to_str().unwrap(), "--sensitive", sp_])).unwrap_err());
+    assert!(Wrap::try_parse_from([
+        "eval",
+        "--model",
+        m,
+        "--max-rate",
+        "0.1",
+        "--max-count",
+        "1"
+    ])
+    .is_err());
+    let err = format!(
+        "{:#}",
+        eval::run(&parse(&[
+            "--model",
+            s.dir.to_str().unwrap(),
+            "--sensitive",
+            sp_
+        ]))
+        .unwrap_err()
+    );
     assert!(!err.is_empty());
 }
 
 fn sani(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sani")).arg("eval").args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sani"))
+        .arg("eval")
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -292,7 +483,17 @@ fn cli_exit_codes() {
     assert!(out.contains("TOTAL"), "{out}");
 
     let json = s.dir.join("r.json");
-    let (code, out, err) = sani(&["--model", m, "--sensitive", sp_, "--max-count", "0", "-q", "--json", json.to_str().unwrap()]);
+    let (code, out, err) = sani(&[
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--max-count",
+        "0",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(out.contains("gate: FAIL"), "{out}");
 
@@ -306,24 +507,49 @@ fn cli_exit_codes() {
 
     // bad spans file: exit 2 with file:line
     let bad = s.dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"abc\"}\n{\"id\": \"b\", \"text\": \n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"id\": \"a\", \"text\": \"abc\"}\n{\"id\": \"b\", \"text\": \n",
+    )
+    .unwrap();
     let (code, _, err) = sani(&["--model", m, "--sensitive", bad.to_str().unwrap(), "-q"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("bad.jsonl:2:"), "{err}");
 
     // unreadable model, missing tokenizer, bad --max-rate, conflicting gates
-    let (code, _, err) = sani(&["--model", s.dir.join("nope").to_str().unwrap(), "--sensitive", sp_, "-q"]);
+    let (code, _, err) = sani(&[
+        "--model",
+        s.dir.join("nope").to_str().unwrap(),
+        "--sensitive",
+        sp_,
+        "-q",
+    ]);
     assert_eq!(code, 2, "{err}");
     let no_tok = s.dir.join("no_tok");
     std::fs::create_dir(&no_tok).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(model.join(f), no_tok.join(f)).unwrap();
     }
-    let (code, _, err) = sani(&["--model", no_tok.to_str().unwrap(), "--sensitive", sp_, "-q"]);
+    let (code, _, err) = sani(&[
+        "--model",
+        no_tok.to_str().unwrap(),
+        "--sensitive",
+        sp_,
+        "-q",
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tokenizer.json"), "{err}");
     let (code, _, err) = sani(&["--model", m, "--sensitive", sp_, "--max-rate=-0.1", "-q"]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, _) = sani(&["--model", m, "--sensitive", sp_, "--max-rate", "0.5", "--max-count", "1"]);
+    let (code, _, _) = sani(&[
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--max-rate",
+        "0.5",
+        "--max-count",
+        "1",
+    ]);
     assert_eq!(code, 2, "clap error");
 }

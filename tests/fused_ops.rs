@@ -13,7 +13,9 @@ fn rng(seed: u64) -> rand::rngs::StdRng {
 
 fn randn(r: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
     // Sum of uniforms: close enough to normal for test data.
-    (0..n).map(|_| (0..4).map(|_| r.random_range(-1.0f32..1.0)).sum::<f32>() * std * 0.87).collect()
+    (0..n)
+        .map(|_| (0..4).map(|_| r.random_range(-1.0f32..1.0)).sum::<f32>() * std * 0.87)
+        .collect()
 }
 
 fn tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
@@ -26,11 +28,18 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    flat(a).iter().zip(flat(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    flat(a)
+        .iter()
+        .zip(flat(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn assert_finite(what: &str, t: &Tensor) {
-    assert!(flat(t).iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    assert!(
+        flat(t).iter().all(|v| v.is_finite()),
+        "{what}: non-finite values"
+    );
 }
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
@@ -47,11 +56,22 @@ fn weighted_sum(y: &Tensor, r: &Tensor) -> Tensor {
 
 /// The same in f64 on the host, for finite differences.
 fn weighted_sum_f64(y: &Tensor, r: &[f32]) -> f64 {
-    flat(y).iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum()
+    flat(y)
+        .iter()
+        .zip(r)
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum()
 }
 
 /// Central differences of `f` at a few flat indices of `x` against the analytic gradient `g`.
-fn finite_diff(what: &str, x: &[f32], shape: &[usize], g: &Tensor, eps: f32, f: &dyn Fn(&Tensor) -> f64) {
+fn finite_diff(
+    what: &str,
+    x: &[f32],
+    shape: &[usize],
+    g: &Tensor,
+    eps: f32,
+    f: &dyn Fn(&Tensor) -> f64,
+) {
     let g = flat(g);
     let mut r = rng(99);
     let picks: Vec<usize> = (0..12).map(|_| r.random_range(0..x.len())).collect();
@@ -63,7 +83,10 @@ fn finite_diff(what: &str, x: &[f32], shape: &[usize], g: &Tensor, eps: f32, f: 
         let fd = (f(&tensor(xp, shape)) - f(&tensor(xm, shape))) / (2.0 * eps as f64);
         let an = g[i] as f64;
         let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-1);
-        assert!(rel < 1e-2, "{what}[{i}]: finite difference {fd:e} vs analytic {an:e} (rel {rel:e})");
+        assert!(
+            rel < 1e-2,
+            "{what}[{i}]: finite difference {fd:e} vs analytic {an:e} (rel {rel:e})"
+        );
     }
 }
 
@@ -75,7 +98,11 @@ fn mask(r: &mut rand::rngs::StdRng, mb: usize, t: usize, s: usize, full_row: boo
     for bi in 0..mb {
         for i in 0..t {
             for j in 0..s {
-                let hidden = if bi == 0 { j > i + s.saturating_sub(t) } else { r.random_bool(0.3) };
+                let hidden = if bi == 0 {
+                    j > i + s.saturating_sub(t)
+                } else {
+                    r.random_bool(0.3)
+                };
                 if hidden {
                     m[(bi * t + i) * s + j] = f32::MIN;
                 }
@@ -117,7 +144,11 @@ fn softmax_matches_composed() {
         let gf = weighted_sum(&pf, &w).backward().unwrap();
         let gc = weighted_sum(&pc, &w).backward().unwrap();
         assert!(gf.get(&m).is_none());
-        assert_close(&format!("softmax grad {shape:?}"), gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert_close(
+            &format!("softmax grad {shape:?}"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
     }
 }
 
@@ -134,9 +165,20 @@ fn softmax_gradient_matches_finite_differences() {
         let ws = randn(&mut r, n, 1.0);
         let x = Var::from_tensor(&tensor(xs.clone(), &shape)).unwrap();
         let p = fused::scaled_masked_softmax(x.as_tensor(), &m, scale).unwrap();
-        let g = weighted_sum(&p, &tensor(ws.clone(), &shape)).backward().unwrap();
-        let f = |xt: &Tensor| weighted_sum_f64(&fused::scaled_masked_softmax(xt, &m, scale).unwrap(), &ws);
-        finite_diff(&format!("softmax {shape:?}"), &xs, &shape, g.get(&x).unwrap(), 1e-2, &f);
+        let g = weighted_sum(&p, &tensor(ws.clone(), &shape))
+            .backward()
+            .unwrap();
+        let f = |xt: &Tensor| {
+            weighted_sum_f64(&fused::scaled_masked_softmax(xt, &m, scale).unwrap(), &ws)
+        };
+        finite_diff(
+            &format!("softmax {shape:?}"),
+            &xs,
+            &shape,
+            g.get(&x).unwrap(),
+            1e-2,
+            &f,
+        );
     }
 }
 
@@ -148,7 +190,11 @@ fn norms_match_composed() {
     for &shape in NORM_SHAPES {
         let d = *shape.last().unwrap();
         let n: usize = shape.iter().product();
-        let x = Var::from_tensor(&tensor(randn(&mut r, n, 2.0).iter().map(|v| v + 0.5).collect(), shape)).unwrap();
+        let x = Var::from_tensor(&tensor(
+            randn(&mut r, n, 2.0).iter().map(|v| v + 0.5).collect(),
+            shape,
+        ))
+        .unwrap();
         let w = Var::from_tensor(&tensor(randn(&mut r, d, 1.0), &[d])).unwrap();
         let b = Var::from_tensor(&tensor(randn(&mut r, d, 1.0), &[d])).unwrap();
         let rw = tensor(randn(&mut r, n, 1.0), shape);
@@ -156,21 +202,37 @@ fn norms_match_composed() {
         let yf = fused::layer_norm(&x, &w, &b, 1e-5).unwrap();
         let yc = ops::layer_norm_composed(&x, &w, &b, 1e-5).unwrap();
         assert_close(&format!("layer_norm fwd {shape:?}"), &yf, &yc);
-        assert_close(&format!("layer_norm dispatch {shape:?}"), &ops::layer_norm(&x, &w, &b, 1e-5).unwrap(), &yc);
+        assert_close(
+            &format!("layer_norm dispatch {shape:?}"),
+            &ops::layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            &yc,
+        );
         let gf = weighted_sum(&yf, &rw).backward().unwrap();
         let gc = weighted_sum(&yc, &rw).backward().unwrap();
         for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-            assert_close(&format!("layer_norm d{name} {shape:?}"), gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_close(
+                &format!("layer_norm d{name} {shape:?}"),
+                gf.get(v).unwrap(),
+                gc.get(v).unwrap(),
+            );
         }
 
         let yf = fused::rms_norm(&x, &w, 1e-6).unwrap();
         let yc = ops::rms_norm_composed(&x, &w, 1e-6).unwrap();
         assert_close(&format!("rms_norm fwd {shape:?}"), &yf, &yc);
-        assert_close(&format!("rms_norm dispatch {shape:?}"), &ops::rms_norm(&x, &w, 1e-6).unwrap(), &yc);
+        assert_close(
+            &format!("rms_norm dispatch {shape:?}"),
+            &ops::rms_norm(&x, &w, 1e-6).unwrap(),
+            &yc,
+        );
         let gf = weighted_sum(&yf, &rw).backward().unwrap();
         let gc = weighted_sum(&yc, &rw).backward().unwrap();
         for (name, v) in [("x", &x), ("w", &w)] {
-            assert_close(&format!("rms_norm d{name} {shape:?}"), gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_close(
+                &format!("rms_norm d{name} {shape:?}"),
+                gf.get(v).unwrap(),
+                gc.get(v).unwrap(),
+            );
         }
         assert!(gf.get(&b).is_none());
     }
@@ -186,34 +248,84 @@ fn norm_gradients_match_finite_differences() {
         let ws = randn(&mut r, d, 1.0);
         let bs = randn(&mut r, d, 1.0);
         let rs = randn(&mut r, n, 1.0);
-        let (xt, wt, bt) = (tensor(xs.clone(), shape), tensor(ws.clone(), &[d]), tensor(bs.clone(), &[d]));
+        let (xt, wt, bt) = (
+            tensor(xs.clone(), shape),
+            tensor(ws.clone(), &[d]),
+            tensor(bs.clone(), &[d]),
+        );
         let x = Var::from_tensor(&xt).unwrap();
         let w = Var::from_tensor(&wt).unwrap();
         let b = Var::from_tensor(&bt).unwrap();
         let rw = tensor(rs.clone(), shape);
 
-        let g = weighted_sum(&fused::layer_norm(&x, &w, &b, 1e-5).unwrap(), &rw).backward().unwrap();
+        let g = weighted_sum(&fused::layer_norm(&x, &w, &b, 1e-5).unwrap(), &rw)
+            .backward()
+            .unwrap();
         let what = format!("layer_norm {shape:?}");
         let f = |t: &Tensor| weighted_sum_f64(&fused::layer_norm(t, &wt, &bt, 1e-5).unwrap(), &rs);
-        finite_diff(&format!("{what} dx"), &xs, shape, g.get(&x).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("{what} dx"),
+            &xs,
+            shape,
+            g.get(&x).unwrap(),
+            1e-2,
+            &f,
+        );
         let f = |t: &Tensor| weighted_sum_f64(&fused::layer_norm(&xt, t, &bt, 1e-5).unwrap(), &rs);
-        finite_diff(&format!("{what} dw"), &ws, &[d], g.get(&w).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("{what} dw"),
+            &ws,
+            &[d],
+            g.get(&w).unwrap(),
+            1e-2,
+            &f,
+        );
         let f = |t: &Tensor| weighted_sum_f64(&fused::layer_norm(&xt, &wt, t, 1e-5).unwrap(), &rs);
-        finite_diff(&format!("{what} db"), &bs, &[d], g.get(&b).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("{what} db"),
+            &bs,
+            &[d],
+            g.get(&b).unwrap(),
+            1e-2,
+            &f,
+        );
 
-        let g = weighted_sum(&fused::rms_norm(&x, &w, 1e-6).unwrap(), &rw).backward().unwrap();
+        let g = weighted_sum(&fused::rms_norm(&x, &w, 1e-6).unwrap(), &rw)
+            .backward()
+            .unwrap();
         let what = format!("rms_norm {shape:?}");
         let f = |t: &Tensor| weighted_sum_f64(&fused::rms_norm(t, &wt, 1e-6).unwrap(), &rs);
-        finite_diff(&format!("{what} dx"), &xs, shape, g.get(&x).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("{what} dx"),
+            &xs,
+            shape,
+            g.get(&x).unwrap(),
+            1e-2,
+            &f,
+        );
         let f = |t: &Tensor| weighted_sum_f64(&fused::rms_norm(&xt, t, 1e-6).unwrap(), &rs);
-        finite_diff(&format!("{what} dw"), &ws, &[d], g.get(&w).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("{what} dw"),
+            &ws,
+            &[d],
+            g.get(&w).unwrap(),
+            1e-2,
+            &f,
+        );
     }
 }
 
 const NLL_SHAPES: &[(usize, usize)] = &[(5, 11), (7, 600), (3, 1000), (1, 9), (13, 8192)];
 
 fn targets(r: &mut rand::rngs::StdRng, n: usize, v: usize) -> Tensor {
-    Tensor::from_vec((0..n).map(|_| r.random_range(0..v as u32)).collect::<Vec<u32>>(), n, &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        (0..n)
+            .map(|_| r.random_range(0..v as u32))
+            .collect::<Vec<u32>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -228,10 +340,18 @@ fn token_nll_matches_composed() {
         let yf = fused::token_nll(&x, &tg).unwrap();
         let yc = ops::token_nll_composed(&x, &tg).unwrap();
         assert_close(&format!("token_nll fwd {n}x{v}"), &yf, &yc);
-        assert_close(&format!("token_nll dispatch {n}x{v}"), &ops::token_nll(&x, &tg).unwrap(), &yc);
+        assert_close(
+            &format!("token_nll dispatch {n}x{v}"),
+            &ops::token_nll(&x, &tg).unwrap(),
+            &yc,
+        );
         let gf = weighted_sum(&yf, &rw).backward().unwrap();
         let gc = weighted_sum(&yc, &rw).backward().unwrap();
-        assert_close(&format!("token_nll grad {n}x{v}"), gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert_close(
+            &format!("token_nll grad {n}x{v}"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
 
         // masked_cross_entropy uses the fused op: same loss and gradient as the composed one.
         let weights: Vec<f32> = (0..n).map(|i| (i % 3 != 1) as u8 as f32).collect();
@@ -242,7 +362,11 @@ fn token_nll_matches_composed() {
         assert_close(&format!("masked_cross_entropy {n}x{v}"), &lf, &lc);
         let gf = lf.backward().unwrap();
         let gc = lc.backward().unwrap();
-        assert_close(&format!("masked_cross_entropy grad {n}x{v}"), gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert_close(
+            &format!("masked_cross_entropy grad {n}x{v}"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
     }
 }
 
@@ -254,7 +378,12 @@ fn token_nll_gradient_matches_finite_differences() {
         let tg = targets(&mut r, n, v);
         let rs = randn(&mut r, n, 1.0);
         let x = Var::from_tensor(&tensor(xs.clone(), &[n, v])).unwrap();
-        let g = weighted_sum(&fused::token_nll(&x, &tg).unwrap(), &tensor(rs.clone(), &[n])).backward().unwrap();
+        let g = weighted_sum(
+            &fused::token_nll(&x, &tg).unwrap(),
+            &tensor(rs.clone(), &[n]),
+        )
+        .backward()
+        .unwrap();
         let f = |t: &Tensor| weighted_sum_f64(&fused::token_nll(t, &tg).unwrap(), &rs);
         // Include each row's target logit, where the gradient is largest.
         let grad = g.get(&x).unwrap();
@@ -269,7 +398,11 @@ fn token_nll_gradient_matches_finite_differences() {
             xm[k] -= 1e-2;
             let fd = (f(&tensor(xp, &[n, v])) - f(&tensor(xm, &[n, v]))) / 2e-2;
             let rel = (fd - gv[k] as f64).abs() / fd.abs().max(gv[k].abs() as f64).max(1e-1);
-            assert!(rel < 1e-2, "token_nll target logit {i}: {fd:e} vs {:e}", gv[k]);
+            assert!(
+                rel < 1e-2,
+                "token_nll target logit {i}: {fd:e} vs {:e}",
+                gv[k]
+            );
         }
     }
 }
@@ -286,7 +419,10 @@ fn fused_ops_reject_bad_input_and_fall_back_for_f64() {
     assert_eq!(y.dtype(), DType::F64);
     let w64 = Tensor::ones(3, DType::F64, &Device::Cpu).unwrap();
     let b64 = Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap();
-    assert_eq!(ops::layer_norm(&x64, &w64, &b64, 1e-5).unwrap().dtype(), DType::F64);
+    assert_eq!(
+        ops::layer_norm(&x64, &w64, &b64, 1e-5).unwrap().dtype(),
+        DType::F64
+    );
     assert_eq!(ops::rms_norm(&x64, &w64, 1e-5).unwrap().dtype(), DType::F64);
 }
 
@@ -304,12 +440,27 @@ fn gelu_new_matches_composed_and_finite_differences() {
         let yf = fused::gelu_new(&x).unwrap();
         let yc = x.gelu().unwrap();
         assert_close(&format!("gelu_new fwd {shape:?}"), &yf, &yc);
-        assert_close(&format!("gelu_new dispatch {shape:?}"), &ops::gelu_new(&x).unwrap(), &yc);
+        assert_close(
+            &format!("gelu_new dispatch {shape:?}"),
+            &ops::gelu_new(&x).unwrap(),
+            &yc,
+        );
         let gf = weighted_sum(&yf, &rw).backward().unwrap();
         let gc = weighted_sum(&yc, &rw).backward().unwrap();
-        assert_close(&format!("gelu_new grad {shape:?}"), gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert_close(
+            &format!("gelu_new grad {shape:?}"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
         let f = |t: &Tensor| weighted_sum_f64(&fused::gelu_new(t).unwrap(), &rs);
-        finite_diff(&format!("gelu_new {shape:?}"), &xs, shape, gf.get(&x).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("gelu_new {shape:?}"),
+            &xs,
+            shape,
+            gf.get(&x).unwrap(),
+            1e-2,
+            &f,
+        );
     }
 }
 
@@ -327,11 +478,26 @@ fn silu_matches_composed_and_finite_differences() {
         let yf = fused::silu(&x).unwrap();
         let yc = x.silu().unwrap();
         assert_close(&format!("silu fwd {shape:?}"), &yf, &yc);
-        assert_close(&format!("silu dispatch {shape:?}"), &ops::silu(&x).unwrap(), &yc);
+        assert_close(
+            &format!("silu dispatch {shape:?}"),
+            &ops::silu(&x).unwrap(),
+            &yc,
+        );
         let gf = weighted_sum(&yf, &rw).backward().unwrap();
         let gc = weighted_sum(&yc, &rw).backward().unwrap();
-        assert_close(&format!("silu grad {shape:?}"), gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert_close(
+            &format!("silu grad {shape:?}"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
         let f = |t: &Tensor| weighted_sum_f64(&fused::silu(t).unwrap(), &rs);
-        finite_diff(&format!("silu {shape:?}"), &xs, shape, gf.get(&x).unwrap(), 1e-2, &f);
+        finite_diff(
+            &format!("silu {shape:?}"),
+            &xs,
+            shape,
+            gf.get(&x).unwrap(),
+            1e-2,
+            &f,
+        );
     }
 }

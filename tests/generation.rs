@@ -11,7 +11,14 @@ use sani::model::Model;
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    for name in ["gpt2_f32", "gpt2_legacy", "llama_gqa", "llama3_sharded", "qwen2_bf16", "mistral_f32"] {
+    for name in [
+        "gpt2_f32",
+        "gpt2_legacy",
+        "llama_gqa",
+        "llama3_sharded",
+        "qwen2_bf16",
+        "mistral_f32",
+    ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let model = Model::load_frozen(&ckpt).unwrap();
         let r = reference(name);
@@ -40,9 +47,13 @@ fn greedy_generation_matches_transformers() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0);
             let batched = generate(&model, &prompts, &opts, &mut rng).unwrap();
             for (i, got) in batched.iter().enumerate() {
-                let expected: Vec<u32> = want[i][ids[i].len()..].iter().map(|&t| t as u32).collect();
+                let expected: Vec<u32> =
+                    want[i][ids[i].len()..].iter().map(|&t| t as u32).collect();
                 assert_eq!(got, &expected, "{name} {prefix} row {i} (batched)");
-                let single_opts = GenerateOptions { max_new_tokens: vec![new_tokens], ..opts.clone() };
+                let single_opts = GenerateOptions {
+                    max_new_tokens: vec![new_tokens],
+                    ..opts.clone()
+                };
                 let alone = generate(&model, &prompts[i..=i], &single_opts, &mut rng).unwrap();
                 assert_eq!(alone[0], expected, "{name} {prefix} row {i} (alone)");
             }

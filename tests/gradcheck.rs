@@ -24,8 +24,14 @@ struct Batch {
 fn loss(model: &Model, batch: &Batch) -> Tensor {
     let logits = model.forward(&batch.ids, &batch.ctx, None).unwrap();
     let (b, t, v) = logits.dims3().unwrap();
-    let inputs = logits.narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), v)).unwrap();
-    ops::masked_cross_entropy(&inputs, &batch.targets, &batch.weights).unwrap().0
+    let inputs = logits
+        .narrow(1, 0, t - 1)
+        .unwrap()
+        .reshape((b * (t - 1), v))
+        .unwrap();
+    ops::masked_cross_entropy(&inputs, &batch.targets, &batch.weights)
+        .unwrap()
+        .0
 }
 
 fn loss_value(model: &Model, batch: &Batch) -> f64 {
@@ -35,15 +41,24 @@ fn loss_value(model: &Model, batch: &Batch) -> f64 {
 /// Sets element `i` (flat index) of `var` to `value`.
 fn set_element(var: &Var, i: usize, value: f32) {
     let shape = var.shape().clone();
-    let mut data = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut data = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     data[i] = value;
-    var.set(&Tensor::from_vec(data, shape, var.device()).unwrap()).unwrap();
+    var.set(&Tensor::from_vec(data, shape, var.device()).unwrap())
+        .unwrap();
 }
 
 fn check(name: &str, tensors: &[&str]) {
     let dev = Device::Cpu;
     let ckpt = Checkpoint::load(&fixture(name), &dev).unwrap();
-    let model = Model::load(&ckpt, &|n: &str| !n.contains(".attn.bias") && !n.contains("masked_bias")).unwrap();
+    let model = Model::load(&ckpt, &|n: &str| {
+        !n.contains(".attn.bias") && !n.contains("masked_bias")
+    })
+    .unwrap();
     let r = reference(name);
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let valid: Vec<Vec<bool>> = rows_i64(&r["attention_mask"])
@@ -53,9 +68,17 @@ fn check(name: &str, tensors: &[&str]) {
     let t = ids.dim(1).unwrap();
     let ctx = AttnContext::for_training(&valid, model.sliding_window(), &dev).unwrap();
     let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let weights: Vec<f32> = valid.iter().flat_map(|row| row[1..].iter().map(|&x| x as u8 as f32)).collect();
+    let weights: Vec<f32> = valid
+        .iter()
+        .flat_map(|row| row[1..].iter().map(|&x| x as u8 as f32))
+        .collect();
     let weights = Tensor::new(weights, &dev).unwrap();
-    let batch = Batch { ids, ctx, targets, weights };
+    let batch = Batch {
+        ids,
+        ctx,
+        targets,
+        weights,
+    };
 
     let base = loss(&model, &batch);
     let base_v = base.to_scalar::<f32>().unwrap();
@@ -66,7 +89,9 @@ fn check(name: &str, tensors: &[&str]) {
             .trainable_vars()
             .get(*tensor)
             .unwrap_or_else(|| panic!("{name}: no trainable var {tensor}"));
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
         let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // The largest-gradient element of this tensor.
         let (i, &analytic) = g
@@ -74,8 +99,16 @@ fn check(name: &str, tensors: &[&str]) {
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap();
-        assert!(analytic.abs() > 1e-3, "{name}: {tensor}: largest |grad| is only {analytic:e}");
-        let w = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[i];
+        assert!(
+            analytic.abs() > 1e-3,
+            "{name}: {tensor}: largest |grad| is only {analytic:e}"
+        );
+        let w = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[i];
         let (plus, minus) = (w + EPS, w - EPS);
         set_element(var, i, plus);
         let l_plus = loss_value(&model, &batch);
@@ -86,12 +119,22 @@ fn check(name: &str, tensors: &[&str]) {
         let analytic = analytic as f64;
         let rel = (fd - analytic).abs() / analytic.abs().max(fd.abs());
         eprintln!("{name}: {tensor}[{i}]: analytic {analytic:+.6e} fd {fd:+.6e} rel err {rel:.2e}");
-        assert!(rel < MAX_REL_ERR, "{name}: {tensor}[{i}]: analytic {analytic} vs finite difference {fd}");
+        assert!(
+            rel < MAX_REL_ERR,
+            "{name}: {tensor}[{i}]: analytic {analytic} vs finite difference {fd}"
+        );
         worst = worst.max(rel);
     }
     // The weights are restored exactly.
-    assert_eq!(loss(&model, &batch).to_scalar::<f32>().unwrap(), base_v, "{name}: weights restored");
-    eprintln!("{name}: worst relative error {worst:.2e} over {} weights", tensors.len());
+    assert_eq!(
+        loss(&model, &batch).to_scalar::<f32>().unwrap(),
+        base_v,
+        "{name}: weights restored"
+    );
+    eprintln!(
+        "{name}: worst relative error {worst:.2e} over {} weights",
+        tensors.len()
+    );
 }
 
 #[test]

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn sani(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sani")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_sani"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -31,7 +34,11 @@ fn workspace(name: &str, notes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) 
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    let docs = generate_notes(&SynthConfig { n_notes: notes, seed: 3, id_prefix: "n".into() });
+    let docs = generate_notes(&SynthConfig {
+        n_notes: notes,
+        seed: 3,
+        id_prefix: "n".into(),
+    });
     let spans = tmp.path().join("notes.jsonl");
     std::fs::write(&spans, notes_to_jsonl(&docs)).unwrap();
     (tmp, model, spans)
@@ -41,7 +48,16 @@ fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     let ckpt = Checkpoint::load(dir, &Device::Cpu).unwrap();
     ckpt.vars()
         .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(k, v)| {
+            (
+                k,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -67,13 +83,19 @@ fn erasure_changes_exactly_the_reported_units() {
         let before = tensors(&fixture(name));
         let model = Model::load_frozen(&ckpt).unwrap();
         let layers = erase::last_layers(model.num_layers(), 1);
-        let units = erase::select_units(&model, &[], &layers, 0.25, Selection::Random, 1, 4).unwrap();
+        let units =
+            erase::select_units(&model, &[], &layers, 0.25, Selection::Random, 1, 4).unwrap();
         let width = ckpt.config.mlp_width();
         assert_eq!(units[&layers[0]].len(), width / 4);
         erase::reset_units(&ckpt, &model, &units, ResetMode::Zero, None, 1).unwrap();
         let slices = model.mlp_unit_slices(layers[0]);
         for (tensor, after) in ckpt.vars() {
-            let after = after.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let after = after
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let old = &before[&tensor];
             let slice = slices.iter().find(|s| s.name == tensor);
             let dims = ckpt.entry(&tensor).unwrap().shape.clone();
@@ -84,9 +106,16 @@ fn erasure_changes_exactly_the_reported_units() {
                     units[&layers[0]].contains(&j)
                 });
                 if in_unit {
-                    assert_eq!(*b, 0.0, "{name}: {tensor}[{i}] in an erased unit must be zero");
+                    assert_eq!(
+                        *b, 0.0,
+                        "{name}: {tensor}[{i}] in an erased unit must be zero"
+                    );
                 } else {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{name}: {tensor}[{i}] outside the erased units changed");
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{name}: {tensor}[{i}] outside the erased units changed"
+                    );
                 }
             }
         }
@@ -97,7 +126,11 @@ fn erasure_changes_exactly_the_reported_units() {
 fn activation_and_attribution_selection_are_deterministic_and_differ_from_random() {
     let ckpt = Checkpoint::load(&fixture("gpt2_f32"), &Device::Cpu).unwrap();
     let tok = sani::cli::load_tokenizer(&fixture("gpt2_f32")).unwrap();
-    let docs = generate_notes(&SynthConfig { n_notes: 4, seed: 1, id_prefix: "n".into() });
+    let docs = generate_notes(&SynthConfig {
+        n_notes: 4,
+        seed: 1,
+        id_prefix: "n".into(),
+    });
     let labels = sani::spans::label_names(&docs);
     let enc = sani::tokens::encode_documents(&tok, &docs).unwrap();
     let windows = sani::tokens::make_windows(&docs, &enc, &labels, Some(0), 64, None);
@@ -118,9 +151,26 @@ fn repair_keeps_frozen_tensors_bit_identical_and_is_deterministic() {
     let run = |out: &str| {
         let out = tmp.path().join(out);
         let o = sani(&[
-            "sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
-            out.to_str().unwrap(), "--erase-layers", "1", "--erase-fraction", "0.5", "--epochs", "1", "--train-scope",
-            "last:1", "--max-seq-len", "64", "--batch-size", "4", "--quiet",
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--erase-layers",
+            "1",
+            "--erase-fraction",
+            "0.5",
+            "--epochs",
+            "1",
+            "--train-scope",
+            "last:1",
+            "--max-seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--quiet",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         out
@@ -142,11 +192,17 @@ fn repair_keeps_frozen_tensors_bit_identical_and_is_deterministic() {
             "frozen tensor {name} changed"
         );
     }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("sani_report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("sani_report.json")).unwrap())
+            .unwrap();
     assert_eq!(report["erased_units"]["1"].as_array().unwrap().len(), 64);
     assert_eq!(report["config"]["train-scope"], "last:1");
     assert!(report["masked_tokens_per_label"]["NAME"].as_u64().unwrap() > 0);
-    assert!(a.join("sani_config.toml").is_file() && a.join("tokenizer.json").is_file() && a.join("config.json").is_file());
+    assert!(
+        a.join("sani_config.toml").is_file()
+            && a.join("tokenizer.json").is_file()
+            && a.join("config.json").is_file()
+    );
     // The output is itself a loadable model.
     Model::load_frozen(&Checkpoint::load(&a, &Device::Cpu).unwrap()).unwrap();
 }
@@ -155,11 +211,27 @@ fn repair_keeps_frozen_tensors_bit_identical_and_is_deterministic() {
 fn config_file_then_command_line() {
     let (tmp, model, spans) = workspace("llama_gqa", 3);
     let cfg = tmp.path().join("my.toml");
-    std::fs::write(&cfg, "erase-fraction = 0.25\nepochs = 1\nlr = 1e-3\nmax-seq-len = 48\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "erase-fraction = 0.25\nepochs = 1\nlr = 1e-3\nmax-seq-len = 48\n",
+    )
+    .unwrap();
     let out = tmp.path().join("out");
     let o = sani(&[
-        "sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
-        out.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--lr", "2e-4", "--repair-target", "mask", "--quiet",
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--lr",
+        "2e-4",
+        "--repair-target",
+        "mask",
+        "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let resolved = std::fs::read_to_string(out.join("sani_config.toml")).unwrap();
@@ -168,10 +240,23 @@ fn config_file_then_command_line() {
     assert!(resolved.contains("repair-target = \"mask\""), "{resolved}");
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "erase-fractoin = 0.5\n").unwrap();
-    let o = sani(&["sanitize", "--model", model.to_str().unwrap(), "--sensitive", spans.to_str().unwrap(), "--out",
-        tmp.path().join("x").to_str().unwrap(), "--config", bad.to_str().unwrap()]);
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("bad.toml") && stderr(&o).contains("erase-fractoin"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bad.toml") && stderr(&o).contains("erase-fractoin"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -184,10 +269,32 @@ fn bad_input_exits_2_and_writes_nothing() {
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"Ana Lopez\", \"spans\": [{\"start\": 0, \"end\": 3, \"label\": \"NAME\"}]}\n{\"id\": \"b\", \"text\": \"x\", \"spans\": [{\"start\": 0, \"end\": 9, \"label\": \"NAME\"}]}\n").unwrap();
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        (vec!["--sensitive", bad.to_str().unwrap()], vec!["bad.jsonl:2", "end"]),
-        (vec!["--sensitive", "/nonexistent/spans.jsonl"], vec!["/nonexistent/spans.jsonl"]),
-        (vec!["--sensitive", spans.to_str().unwrap(), "--erase-fraction", "1.5"], vec!["--erase-fraction"]),
-        (vec!["--sensitive", spans.to_str().unwrap(), "--train-scope", "top"], vec!["--train-scope"]),
+        (
+            vec!["--sensitive", bad.to_str().unwrap()],
+            vec!["bad.jsonl:2", "end"],
+        ),
+        (
+            vec!["--sensitive", "/nonexistent/spans.jsonl"],
+            vec!["/nonexistent/spans.jsonl"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--erase-fraction",
+                "1.5",
+            ],
+            vec!["--erase-fraction"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--train-scope",
+                "top",
+            ],
+            vec!["--train-scope"],
+        ),
     ];
     for (extra, wanted) in cases {
         let mut args = vec!["sanitize", "--model", m, "--out", o_s];
@@ -195,25 +302,66 @@ fn bad_input_exits_2_and_writes_nothing() {
         let o = sani(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         for w in wanted {
-            assert!(stderr(&o).contains(w), "{args:?}: `{w}` not in {}", stderr(&o));
+            assert!(
+                stderr(&o).contains(w),
+                "{args:?}: `{w}` not in {}",
+                stderr(&o)
+            );
         }
         assert!(!out.exists(), "nothing written on error");
     }
     // Writing into the input model is refused, and so is an existing output without --force.
     let inside = model.join("sub");
-    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", inside.to_str().unwrap()]);
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        m,
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        inside.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("input model"), "{}", stderr(&o));
     std::fs::create_dir(&out).unwrap();
-    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", o_s, "--epochs", "0"]);
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        m,
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        o_s,
+        "--epochs",
+        "0",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
-    let o = sani(&["sanitize", "--model", m, "--sensitive", spans.to_str().unwrap(), "--out", o_s, "--epochs", "0", "--force", "--quiet"]);
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        m,
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        o_s,
+        "--epochs",
+        "0",
+        "--force",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(raw_tensors(&model), before, "the input model is never modified");
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| {
-        let n = e.unwrap().file_name().to_string_lossy().to_string();
-        n.contains("sani-tmp").then_some(n)
-    }).collect();
+    assert_eq!(
+        raw_tensors(&model),
+        before,
+        "the input model is never modified"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.contains("sani-tmp").then_some(n)
+        })
+        .collect();
     assert!(leftovers.is_empty(), "temporary dirs left: {leftovers:?}");
 }

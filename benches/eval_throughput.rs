@@ -1,0 +1,174 @@
+//! Benchmark (not a test): throughput of `sani::eval::regurgitation` (greedy, default settings)
+//! on a fixed, deterministic workload, the same as scripts/bench_hf_generate.py.
+//!
+//! cargo bench --bench eval_throughput -- [--out DIR] [--threads N] [--repeats N]
+//!
+//! The workload: 40 synthetic notes (seed 1), a byte-level BPE tokenizer trained on them (vocab
+//! 1024), a randomly initialized GPT-2 (n_embd 128, 4 layers, 4 heads, n_positions 256, seed 0).
+//! Written to DIR (default target/bench-eval): the model directory DIR/model (weights,
+//! config.json, tokenizer.json, generation_config.json), DIR/notes.jsonl, and DIR/prompts.jsonl
+//! with, for every span, the prompt token ids, max_new_tokens and generated ids sani used, so the
+//! HF script runs (and with --check verifies) the identical workload.
+//!
+//! Note: sani's regurgitation also runs one teacher-forced forward pass per batch (extraction
+//! strength) besides greedy generation; HF's timing is generation only.
+
+use candle_core::Device;
+use sani::checkpoint::Checkpoint;
+use sani::config::ModelConfig;
+use sani::eval::{regurgitation, RegurgitationResult, RegurgitationSettings};
+use sani::model::Model;
+use sani::synth::{generate_notes, notes_to_jsonl, SynthConfig};
+use sani::tokens::train_byte_level_bpe;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mut out = PathBuf::from("target/bench-eval");
+    let mut repeats = 2usize;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" => {
+                out = PathBuf::from(&args[i + 1]);
+                i += 1;
+            }
+            // Must be set before the first candle op (candle reads it once).
+            "--threads" => {
+                std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]);
+                i += 1;
+            }
+            "--repeats" => {
+                repeats = args[i + 1].parse()?;
+                i += 1;
+            }
+            s => anyhow::bail!(
+                "unknown argument {s}; usage: [--out DIR] [--threads N] [--repeats N]"
+            ),
+        }
+        i += 1;
+    }
+    let repeats = repeats.max(1);
+
+    // Workload.
+    let docs = generate_notes(&SynthConfig {
+        n_notes: 40,
+        seed: 1,
+        id_prefix: "note-".into(),
+    });
+    let tok = train_byte_level_bpe(
+        docs.iter().map(|d| d.text.as_str()),
+        1024,
+        &["<|endoftext|>"],
+    )?;
+    let vocab = tok.get_vocab_size(true);
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": vocab, "n_positions": 256, "n_embd": 128, "n_layer": 4, "n_head": 4,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": true,
+    });
+    let cfg = ModelConfig::from_json(&config.to_string())?;
+    let ckpt = Checkpoint::init(cfg, &Device::Cpu, 0)?;
+    let model = Model::load_frozen(&ckpt)?;
+
+    let model_dir = out.join("model");
+    if model_dir.exists() {
+        std::fs::remove_dir_all(&model_dir)?;
+    }
+    std::fs::create_dir_all(&model_dir)?;
+    let mut provenance = BTreeMap::new();
+    provenance.insert(
+        "sani_operation".to_string(),
+        "bench_eval_throughput".to_string(),
+    );
+    ckpt.write_to(&model_dir, &provenance)?;
+    std::fs::write(
+        model_dir.join("config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
+    tok.save(model_dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("cannot save tokenizer: {e}"))?;
+    std::fs::write(
+        model_dir.join("generation_config.json"),
+        serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}).to_string() + "\n",
+    )?;
+    std::fs::write(out.join("notes.jsonl"), notes_to_jsonl(&docs))?;
+
+    println!("threads {}", candle_core::utils::get_num_threads());
+    println!(
+        "workload: {} notes, {} spans, vocab {vocab}, GPT-2 n_embd 128 x 4 layers; model in {}",
+        docs.len(),
+        docs.iter().map(|d| d.spans.len()).sum::<usize>(),
+        model_dir.display()
+    );
+    println!(
+        "{:<6} {:>4} {:>8} {:>8} {:>10} {:>12} {:>8}",
+        "batch", "run", "spans", "seconds", "spans/s", "gen_tok/s", "exact"
+    );
+    let mut kept: Option<RegurgitationResult> = None;
+    for batch in [16usize, 1] {
+        let settings = RegurgitationSettings {
+            batch_size: batch,
+            ..Default::default()
+        };
+        // One untimed warm-up on a few docs, then `repeats` timed runs on all.
+        regurgitation(&model, &tok, &docs[..2], &settings, true)?;
+        let mut best = f64::INFINITY;
+        for run in 0..repeats {
+            let t0 = Instant::now();
+            let res = regurgitation(&model, &tok, &docs, &settings, true)?;
+            let secs = t0.elapsed().as_secs_f64();
+            best = best.min(secs);
+            let n = res.spans.len();
+            let gen: usize = res.spans.iter().map(|s| s.generated_ids.len()).sum();
+            println!(
+                "{:<6} {:>4} {:>8} {:>8.2} {:>10.1} {:>12.1} {:>8}",
+                batch,
+                run,
+                n,
+                secs,
+                n as f64 / secs,
+                gen as f64 / secs,
+                res.summary.total.exact
+            );
+            if batch == 16 && kept.is_none() {
+                kept = Some(res);
+            }
+        }
+        println!("{:<6} best {:.2}s", batch, best);
+    }
+
+    // prompts.jsonl: the batch-16 run's exact per-span workload and sani's greedy output.
+    let res = kept.expect("batch 16 ran");
+    let path = out.join("prompts.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    for s in &res.spans {
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({
+                "doc_id": s.doc_id, "span_index": s.span_index, "label": s.label,
+                "prompt_ids": s.prompt_ids, "max_new_tokens": s.max_new_tokens,
+                "generated_ids": s.generated_ids,
+            })
+        )?;
+    }
+    f.flush()?;
+    println!(
+        "wrote {} ({} spans; bos {:?}, stop/pad token 0)",
+        path.display(),
+        res.spans.len(),
+        res.bos.id
+    );
+    Ok(())
+}
