@@ -57,7 +57,7 @@ struct Plan {
 fn plan(args: &DemoArgs) -> Plan {
     let mut p = if args.quick {
         Plan {
-            notes: 48,
+            notes: 40,
             heldout: 16,
             vocab: 600,
             n_embd: 96,
@@ -67,13 +67,13 @@ fn plan(args: &DemoArgs) -> Plan {
         }
     } else {
         Plan {
-            notes: 200,
-            heldout: 50,
-            vocab: 1024,
-            n_embd: 128,
+            notes: 64,
+            heldout: 24,
+            vocab: 800,
+            n_embd: 96,
             n_layer: 4,
             finetune_epochs: 40,
-            finetune_lr: 2e-3,
+            finetune_lr: 3e-3,
         }
     };
     if let Some(n) = args.notes {
@@ -205,6 +205,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             s("heldout.jsonl"),
             s("--perplexity"),
             s("heldout.jsonl"),
+            s("--prefix-tokens"),
+            s("256"),
             s("--json"),
             s(json),
         ];
