@@ -68,6 +68,6 @@ fn quick_demo_memorizes_then_sanitizes() {
         assert!(dir.join("tokenizer.json").is_file());
     }
     let report = json(&out.join("med-gpt-sanitized/sani_report.json"));
-    assert!(report["epochs"].as_array().unwrap().len() > 0);
+    assert!(!report["epochs"].as_array().unwrap().is_empty());
     assert!(out.join("notes.jsonl").is_file() && out.join("heldout.jsonl").is_file());
 }
