@@ -1,5 +1,5 @@
 //! The `sani` command line. Exit codes: 0 success (gate passed), 1 the eval gate failed,
-//! 2 error (bad input, unreadable model, interrupted).
+//! 2 error (bad input, unreadable model), 130 interrupted by Ctrl-C (no output left behind).
 
 use clap::{Parser, Subcommand};
 
@@ -12,7 +12,7 @@ use std::process::ExitCode;
     name = "sani",
     version,
     about = "Sanitize fine-tuned causal LMs so they stop regurgitating sensitive data (SANI, arXiv 2510.21322)",
-    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error."
+    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error, 130 interrupted."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -365,3 +365,50 @@ fn bad_input_exits_2_and_writes_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "temporary dirs left: {leftovers:?}");
 }
+
+#[test]
+fn ctrl_c_leaves_no_partial_output() {
+    let (tmp, model, spans) = workspace("gpt2_f32", 8);
+    let out = tmp.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sani"))
+        .args([
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "10000",
+            "--max-seq-len",
+            "64",
+            "--quiet",
+        ])
+        .spawn()
+        .unwrap();
+    // Wait until the run has created its temporary directory, then interrupt it.
+    let started = std::time::Instant::now();
+    let staged = || {
+        std::fs::read_dir(tmp.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("sani-tmp")
+        })
+    };
+    while !staged() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(staged(), "sanitize never started writing");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130), "interrupted runs exit 130");
+    assert!(!out.exists(), "no output after Ctrl-C");
+    assert!(!staged(), "temporary directory removed after Ctrl-C");
+}
