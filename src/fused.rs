@@ -796,3 +796,177 @@ impl CustomOp2 for SiluBwd {
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Silu)
 }
+
+// ------------------------------------------------------------------------------------------
+// x @ W (+ b) over any leading dims, as one graph node
+
+/// `x @ w + b` with `w` stored (in, out) (GPT-2 `Conv1D`), or `x @ w^T + b` with `w` stored
+/// (out, in) (`transposed`, PyTorch `Linear`). One node instead of reshape / matmul /
+/// broadcast_add / reshape, so the backward pass accumulates three gradients instead of eight.
+struct FusedLinear {
+    transposed: bool,
+}
+
+impl FusedLinear {
+    fn dims(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let (n, k) = last_dim(x)?;
+        let &[w0, w1] = w.dims() else {
+            bail!("fused linear: weight must be 2-d")
+        };
+        let (wk, out) = if self.transposed { (w1, w0) } else { (w0, w1) };
+        if wk != k {
+            bail!("fused linear: input dim {k} vs weight {:?}", w.dims())
+        }
+        Ok((n, k, out))
+    }
+
+    fn fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (n, k, out) = self.dims(xl, wl)?;
+        if !xl.is_contiguous() {
+            bail!("fused linear: expected a contiguous input")
+        }
+        let x2 = Layout::contiguous_with_offset((n, k), xl.start_offset());
+        let w2 = if self.transposed {
+            wl.transpose(0, 1)?
+        } else {
+            wl.clone()
+        };
+        let y = xs.matmul(ws, (1, n, out, k), &x2, &w2)?;
+        let mut y = match y {
+            CpuStorage::F32(v) => v,
+            _ => bail!("fused linear: f32 only"),
+        };
+        if let Some(b) = bias {
+            if b.len() != out {
+                bail!("fused linear: bias length {} vs {out}", b.len())
+            }
+            y.par_chunks_mut(out * rows_per_task(out)).for_each(|rows| {
+                for row in rows.chunks_exact_mut(out) {
+                    for (v, &bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+            });
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// (dx, dw) for `grad` of the output.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (x, w) = (x.detach(), w.detach());
+        let k = x.dim(candle_core::D::Minus1)?;
+        let out = grad.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count() / k.max(1);
+        let g2 = grad.reshape((n, out))?;
+        let x2 = x.reshape((n, k))?;
+        let (dx, dw) = if self.transposed {
+            (g2.matmul(&w)?, x2.t()?.matmul(&g2)?.t()?)
+        } else {
+            (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?)
+        };
+        Ok((dx.reshape(x.shape())?, dw, g2))
+    }
+}
+
+/// Column sums of a [n, out] tensor (the bias gradient), f32 CPU.
+fn col_sum(g2: &Tensor) -> Result<Tensor> {
+    let g2 = g2.contiguous()?;
+    let (n, out) = g2.dims2()?;
+    let acc = with_f32(&g2, "bias grad", |g| {
+        let mut acc = vec![0f32; out];
+        for row in g.chunks_exact(out).take(n) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        Ok(acc)
+    })?;
+    Tensor::from_vec(acc, out, g2.device())
+}
+
+impl CustomOp2 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "sani-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "sani-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let b = contiguous_f32(s3, l3, "fused linear bias")?;
+        self.fwd(s1, l1, s2, l2, Some(b))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, g2) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(col_sum(&g2)?)))
+    }
+}
+
+/// `x @ w (+ b)`, w stored (in, out); x f32 CPU with any leading dims.
+pub fn conv1d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, w, b, false)
+}
+
+/// `x @ w^T (+ b)`, w stored (out, in); x f32 CPU with any leading dims.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, w, b, true)
+}
+
+fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = FusedLinear { transposed };
+    match b {
+        Some(b) => x.apply_op3(w, b, op),
+        None => x.apply_op2(w, op),
+    }
+}

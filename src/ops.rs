@@ -20,6 +20,24 @@ fn use_fused(ts: &[&Tensor]) -> bool {
 
 /// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if fused_linear_fits(x, w, b) {
+        return fused::linear(x, w, b);
+    }
+    linear_composed(x, w, b)
+}
+
+/// Whether the fused linear / conv1d op applies: f32 CPU, 2-d weight, 1-d bias, rank >= 1 input.
+fn fused_linear_fits(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    x.rank() >= 1
+        && w.rank() == 2
+        && match b {
+            Some(b) => b.rank() == 1 && use_fused(&[x, w, b]),
+            None => use_fused(&[x, w]),
+        }
+}
+
+/// `linear` written with composed candle ops (any dtype or device).
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
@@ -35,6 +53,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// `x @ w + b` for a GPT-2 `Conv1D` weight stored (in, out).
 pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_linear_fits(x, w, Some(b)) {
+        return fused::conv1d(x, w, Some(b));
+    }
+    conv1d_composed(x, w, b)
+}
+
+/// `conv1d` written with composed candle ops (any dtype or device).
+pub fn conv1d_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (in_dim, out_dim) = w.dims2()?;
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
@@ -106,7 +132,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     } else {
         (k.clone(), v.clone())
     };
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // candle's matmul takes the transposed view of a contiguous k as is: no copy of k^T.
+    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     let probs = scaled_masked_softmax(&scores, mask, scale)?;
     let out = probs.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.reshape((b, t, h * d))

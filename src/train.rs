@@ -55,7 +55,58 @@ impl Default for OptimConfig {
 pub struct AdamW {
     cfg: OptimConfig,
     state: Vec<(Var, Tensor, Tensor, bool)>,
+    /// Host copies of the moments (m, v) for vars updated by the fused f32 CPU path.
+    host: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     step: usize,
+}
+
+/// The AdamW update of one f32 CPU parameter, in place, with its gradient as the second input.
+struct AdamWUpdate<'a> {
+    moments: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    b1: f32,
+    b2: f32,
+    rbc1: f32,
+    rbc2: f32,
+    eps: f32,
+    lr: f32,
+    keep: f32,
+}
+
+impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "sani-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: contiguous tensors only")
+        };
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("adamw: f32 only")
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let mut guard = self.moments.lock().expect("adamw moments");
+        let (m, v) = &mut *guard;
+        if p.len() != g.len() || m.len() != p.len() || v.len() != p.len() {
+            candle_core::bail!("adamw: size mismatch")
+        }
+        let (ib1, ib2) = (1.0 - self.b1, 1.0 - self.b2);
+        for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *mi = *mi * self.b1 + gi * ib1;
+            *vi = *vi * self.b2 + gi * gi * ib2;
+            let update = (*mi * self.rbc1) / ((*vi * self.rbc2).sqrt() + self.eps);
+            *pi = *pi * self.keep - update * self.lr;
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -69,6 +120,7 @@ impl AdamW {
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             cfg,
+            host: vec![None; state.len()],
             state,
             step: 0,
         })
@@ -80,17 +132,50 @@ impl AdamW {
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (var, m, v, decay) in self.state.iter_mut() {
+        for (i, (var, m, v, decay)) in self.state.iter_mut().enumerate() {
             // Gradients carry the op graph of the step that made them: detach so the moments
             // do not keep every step's graph alive.
             let Some(g) = grads.get(var).map(Tensor::detach) else {
                 continue;
             };
+            let mut p = var.as_tensor().detach();
+            let host = &mut self.host[i];
+            if g.dtype() == DType::F32
+                && p.dtype() == DType::F32
+                && g.device().is_cpu()
+                && p.device().is_cpu()
+                && p.is_contiguous()
+            {
+                // One fused pass, in place on the host: no per-op temporaries. The moments
+                // live in host vectors from the first such step on.
+                if host.is_none() {
+                    *host = Some((
+                        m.flatten_all()?.to_vec1::<f32>()?,
+                        v.flatten_all()?.to_vec1::<f32>()?,
+                    ));
+                }
+                let (mv, vv) = host.as_mut().expect("set above");
+                let op = AdamWUpdate {
+                    moments: std::sync::Mutex::new((mv, vv)),
+                    b1: c.beta1 as f32,
+                    b2: c.beta2 as f32,
+                    rbc1: (1.0 / bc1) as f32,
+                    rbc2: (1.0 / bc2) as f32,
+                    eps: c.eps as f32,
+                    lr: lr as f32,
+                    keep: if *decay && c.weight_decay > 0.0 {
+                        (1.0 - lr * c.weight_decay) as f32
+                    } else {
+                        1.0
+                    },
+                };
+                var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                continue;
+            }
             let g = &g;
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
-            let mut p = var.as_tensor().detach();
             if *decay && c.weight_decay > 0.0 {
                 p = (&p * (1.0 - lr * c.weight_decay))?;
             }
@@ -98,6 +183,34 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// Sum of squares of an f32 CPU tensor in one pass without temporaries (f64 accumulation);
+/// None for other dtypes or devices.
+fn sum_sq_f32_cpu(g: &Tensor) -> Result<Option<f64>> {
+    if g.dtype() != DType::F32 || !g.device().is_cpu() {
+        return Ok(None);
+    }
+    let g = g.contiguous()?;
+    let (st, l) = g.storage_and_layout();
+    let (candle_core::Storage::Cpu(s), Some((a, b))) = (&*st, l.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let data = &s.as_slice::<f32>()?[a..b];
+    let mut total = 0f64;
+    for chunk in data.chunks(1024) {
+        let mut acc = [0f32; 8];
+        let it = chunk.chunks_exact(8);
+        let rem = it.remainder();
+        for c in it {
+            for i in 0..8 {
+                acc[i] += c[i] * c[i];
+            }
+        }
+        total += acc.iter().map(|&x| x as f64).sum::<f64>()
+            + rem.iter().map(|&x| (x * x) as f64).sum::<f64>();
+    }
+    Ok(Some(total))
 }
 
 /// Scales gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
@@ -109,6 +222,10 @@ pub fn clip_grad_norm(
     let mut total = 0f64;
     for v in vars.values() {
         if let Some(g) = grads.get(v) {
+            if let Some(sq) = sum_sq_f32_cpu(g)? {
+                total += sq;
+                continue;
+            }
             total += g
                 .sqr()?
                 .sum_all()?

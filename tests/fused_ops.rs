@@ -501,3 +501,192 @@ fn silu_matches_composed_and_finite_differences() {
         );
     }
 }
+
+#[test]
+fn linear_and_conv1d_match_composed_and_finite_differences() {
+    let mut r = rng(11);
+    for (xshape, k, out) in [(&[2usize, 5, 7][..], 7usize, 3usize), (&[6, 16], 16, 9)] {
+        for transposed in [false, true] {
+            for with_bias in [true, false] {
+                let what = format!("linear {xshape:?} t={transposed} bias={with_bias}");
+                let nx: usize = xshape.iter().product();
+                let xs = randn(&mut r, nx, 1.0);
+                let wshape = if transposed { [out, k] } else { [k, out] };
+                let ws = randn(&mut r, k * out, 0.5);
+                let bs = randn(&mut r, out, 0.5);
+                let mut yshape = xshape.to_vec();
+                *yshape.last_mut().unwrap() = out;
+                let rs = randn(&mut r, nx / k * out, 1.0);
+                let x = Var::from_tensor(&tensor(xs.clone(), xshape)).unwrap();
+                let w = Var::from_tensor(&tensor(ws.clone(), &wshape)).unwrap();
+                let b = Var::from_tensor(&tensor(bs.clone(), &[out])).unwrap();
+                let rw = tensor(rs.clone(), &yshape);
+                let bias = with_bias.then_some(b.as_tensor());
+                let fwd_fused = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+                    if transposed {
+                        fused::linear(x, w, b).unwrap()
+                    } else {
+                        fused::conv1d(x, w, b).unwrap()
+                    }
+                };
+                let yf = fwd_fused(&x, &w, bias);
+                let yc = if transposed {
+                    ops::linear_composed(&x, &w, bias).unwrap()
+                } else if let Some(b) = bias {
+                    ops::conv1d_composed(&x, &w, b).unwrap()
+                } else {
+                    let n = nx / k;
+                    x.reshape((n, k))
+                        .unwrap()
+                        .matmul(&w)
+                        .unwrap()
+                        .reshape(yshape.as_slice())
+                        .unwrap()
+                };
+                assert_close(&format!("{what} fwd"), &yf, &yc);
+                let yd = match (transposed, bias) {
+                    (true, _) => ops::linear(&x, &w, bias).unwrap(),
+                    (false, Some(b)) => ops::conv1d(&x, &w, b).unwrap(),
+                    (false, None) => yf.clone(),
+                };
+                assert_close(&format!("{what} dispatch"), &yd, &yc);
+                let gf = weighted_sum(&yf, &rw).backward().unwrap();
+                let gc = weighted_sum(&yc, &rw).backward().unwrap();
+                let mut checked = vec![(&x, "x"), (&w, "w")];
+                if with_bias {
+                    checked.push((&b, "b"));
+                }
+                for (v, name) in checked {
+                    assert_close(
+                        &format!("{what} grad {name}"),
+                        gf.get(v).unwrap(),
+                        gc.get(v).unwrap(),
+                    );
+                }
+                let fx = |t: &Tensor| weighted_sum_f64(&fwd_fused(t, &w, bias), &rs);
+                finite_diff(
+                    &format!("{what} dx"),
+                    &xs,
+                    xshape,
+                    gf.get(&x).unwrap(),
+                    1e-2,
+                    &fx,
+                );
+                let fw = |t: &Tensor| weighted_sum_f64(&fwd_fused(&x, t, bias), &rs);
+                finite_diff(
+                    &format!("{what} dw"),
+                    &ws,
+                    &wshape,
+                    gf.get(&w).unwrap(),
+                    1e-2,
+                    &fw,
+                );
+                if with_bias {
+                    let fb = |t: &Tensor| weighted_sum_f64(&fwd_fused(&x, &w, Some(t)), &rs);
+                    finite_diff(
+                        &format!("{what} db"),
+                        &bs,
+                        &[out],
+                        gf.get(&b).unwrap(),
+                        1e-2,
+                        &fb,
+                    );
+                }
+            }
+        }
+    }
+    // f64 falls back to the composed path.
+    let x = Tensor::ones((2, 3), DType::F64, &Device::Cpu).unwrap();
+    let w = Tensor::ones((4, 3), DType::F64, &Device::Cpu).unwrap();
+    let b = Tensor::ones(4, DType::F64, &Device::Cpu).unwrap();
+    let y = ops::linear(&x, &w, Some(&b)).unwrap();
+    assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![4.0; 4]; 2]);
+    let y = ops::conv1d(&x, &w.t().unwrap(), &b).unwrap();
+    assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![4.0; 4]; 2]);
+}
+
+#[test]
+fn adamw_fused_update_matches_reference() {
+    use sani::train::{AdamW, OptimConfig};
+    use std::collections::BTreeMap;
+    let mut r = rng(5);
+    let (ws, rs, bs) = (
+        randn(&mut r, 12, 1.0),
+        randn(&mut r, 12, 1.0),
+        randn(&mut r, 4, 1.0),
+    );
+    let w = Var::from_tensor(&tensor(ws.clone(), &[3, 4])).unwrap();
+    let b = Var::from_tensor(&tensor(bs.clone(), &[4])).unwrap();
+    let vars = BTreeMap::from([("w".to_string(), w.clone()), ("b".to_string(), b.clone())]);
+    let cfg = OptimConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let (b1, b2, eps, lr, wd) = (cfg.beta1, cfg.beta2, cfg.eps, 0.05, cfg.weight_decay);
+    let mut opt = AdamW::new(&vars, cfg).unwrap();
+    // loss = sum(w^2 * r) + sum(b^2): grad 2 w r and 2 b.
+    let (mut pw, mut pb): (Vec<f64>, Vec<f64>) = (
+        ws.iter().map(|&v| v as f64).collect(),
+        bs.iter().map(|&v| v as f64).collect(),
+    );
+    let (mut m, mut v) = (vec![0f64; 16], vec![0f64; 16]);
+    for step in 1..=3 {
+        let rw = tensor(rs.clone(), &[3, 4]);
+        let loss = ((w.sqr().unwrap() * &rw).unwrap().sum_all().unwrap()
+            + b.sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        opt.step(&loss.backward().unwrap(), lr).unwrap();
+        let (bc1, bc2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
+        for i in 0..16 {
+            let (p, decay) = if i < 12 {
+                (&mut pw[i], true)
+            } else {
+                (&mut pb[i - 12], false)
+            };
+            let g = if i < 12 {
+                2.0 * *p * rs[i] as f64
+            } else {
+                2.0 * *p
+            };
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let upd = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
+            if decay {
+                *p *= 1.0 - lr * wd;
+            }
+            *p -= lr * upd;
+        }
+    }
+    for (got, want) in flat(w.as_tensor())
+        .iter()
+        .zip(&pw)
+        .chain(flat(b.as_tensor()).iter().zip(&pb))
+    {
+        assert!((*got as f64 - want).abs() < 1e-5, "adamw: {got} vs {want}");
+    }
+}
+
+#[test]
+fn clip_grad_norm_matches_composed_norm() {
+    use sani::train::clip_grad_norm;
+    use std::collections::BTreeMap;
+    let mut r = rng(8);
+    let xs = randn(&mut r, 3001, 1.0);
+    let x = Var::from_tensor(&tensor(xs.clone(), &[3001])).unwrap();
+    let vars = BTreeMap::from([("x".to_string(), x.clone())]);
+    // loss = sum(x^3): grad 3 x^2.
+    let loss = x.powf(3.0).unwrap().sum_all().unwrap();
+    let mut grads = loss.backward().unwrap();
+    let want = xs
+        .iter()
+        .map(|&v| {
+            let g = 3.0 * (v as f64) * (v as f64);
+            g * g
+        })
+        .sum::<f64>()
+        .sqrt();
+    let norm = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+    assert!((norm - want).abs() / want < 1e-5, "norm {norm} vs {want}");
+    let clipped = clip_grad_norm(&mut grads, &vars, 0.0).unwrap();
+    assert!((clipped - 1.0).abs() < 1e-4, "clipped norm {clipped}");
+}
