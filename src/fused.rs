@@ -637,6 +637,51 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Elementwise `f(x)` over an f32 CPU tensor, in parallel chunks.
+fn map_unary(
+    s: &CpuStorage,
+    l: &Layout,
+    name: &str,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(s, l, name)?;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = f(v);
+            }
+        });
+    Ok((CpuStorage::F32(out), l.shape().clone()))
+}
+
+/// Elementwise `f(x, g)` over two f32 CPU tensors of one shape, in parallel chunks.
+fn map_binary(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    name: &str,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(s1, l1, name)?;
+    let g = contiguous_f32(s2, l2, name)?;
+    if l1.dims() != l2.dims() {
+        bail!("{name}: shape mismatch {:?} vs {:?}", l1.dims(), l2.dims());
+    }
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384))
+        .zip(g.par_chunks(16384))
+        .for_each(|((o, x), g)| {
+            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                *o = f(v, gv);
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 // ------------------------------------------------------------------------------------------
 // gelu_new (the tanh approximation): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 
@@ -657,17 +702,9 @@ impl CustomOp1 for GeluNew {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v));
-                    *o = 0.5 * v * (1.0 + t);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_unary(s, l, self.name(), |v| {
+            0.5 * v * (1.0 + tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v)))
+        })
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -692,29 +729,12 @@ impl CustomOp2 for GeluNewBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        if l1.dims() != l2.dims() {
-            bail!(
-                "{}: shape mismatch {:?} vs {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .zip(g.par_chunks(16384))
-            .for_each(|((o, x), g)| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let v2 = v * v;
-                    let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v2));
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v2);
-                    *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_binary(s1, l1, s2, l2, self.name(), |v, gv| {
+            let v2 = v * v;
+            let t = tanh_via_exp(SQRT_2_OVER_PI * v * (1.0 + GELU_A * v2));
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v2);
+            gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du)
+        })
     }
 }
 
@@ -734,16 +754,7 @@ impl CustomOp1 for Silu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = v / (1.0 + (-v).exp());
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_unary(s, l, self.name(), |v| v / (1.0 + (-v).exp()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -768,27 +779,10 @@ impl CustomOp2 for SiluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        if l1.dims() != l2.dims() {
-            bail!(
-                "{}: shape mismatch {:?} vs {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .zip(g.par_chunks(16384))
-            .for_each(|((o, x), g)| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let s = 1.0 / (1.0 + (-v).exp());
-                    *o = gv * s * (1.0 + v * (1.0 - s));
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_binary(s1, l1, s2, l2, self.name(), |v, gv| {
+            let s = 1.0 / (1.0 + (-v).exp());
+            gv * s * (1.0 + v * (1.0 - s))
+        })
     }
 }
 
