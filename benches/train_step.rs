@@ -12,9 +12,6 @@ use sani::ops;
 use sani::train::{clip_grad_norm, AdamW, OptimConfig};
 use std::time::Instant;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn config(name: &str) -> serde_json::Value {
     match name {
         "gpt2-8k" | "gpt2-50k" => serde_json::json!({
@@ -31,6 +28,7 @@ fn config(name: &str) -> serde_json::Value {
 }
 
 fn main() -> anyhow::Result<()> {
+    sani::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -1,6 +1,7 @@
 //! sani: sanitize fine-tuned causal language models so that they stop regurgitating sensitive
 //! data, following SANI ("Leverage Unlearning to Sanitize LLMs", arXiv 2510.21322).
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

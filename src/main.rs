@@ -3,8 +3,6 @@
 
 use clap::{Parser, Subcommand};
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -34,6 +32,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    sani::alloc::keep_freed_memory();
     let cli = Cli::parse();
     sani::output::install_interrupt_handler();
     let result = match &cli.command {

@@ -125,6 +125,32 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention with an additive mask; `k`/`v` may have fewer (grouped) heads.
 /// q: [b, h, t, d], k/v: [b, kvh, s, d], mask: [b, 1, t, s]. Returns [b, t, h*d].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_fused(&[q, k, v, mask]) {
+        let last_dim_contiguous = |t: &Tensor| -> Result<Tensor> {
+            match t.stride().last() {
+                Some(1) => Ok(t.clone()),
+                _ => t.contiguous(),
+            }
+        };
+        return fused::attention(
+            &last_dim_contiguous(q)?,
+            &last_dim_contiguous(k)?,
+            &last_dim_contiguous(v)?,
+            mask,
+            scale,
+        );
+    }
+    attention_composed(q, k, v, mask, scale)
+}
+
+/// `attention` written with composed candle ops (any dtype or device).
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let (k, v) = if kvh != h {

@@ -690,3 +690,116 @@ fn clip_grad_norm_matches_composed_norm() {
     let clipped = clip_grad_norm(&mut grads, &vars, 0.0).unwrap();
     assert!((clipped - 1.0).abs() < 1e-4, "clipped norm {clipped}");
 }
+
+/// (b, h, kvh, t, s, d, mask shared over the batch). t < s: queries after cached keys. t > 64
+/// spans several query tiles.
+const ATTENTION_SHAPES: &[(usize, usize, usize, usize, usize, usize, bool)] = &[
+    (2, 4, 2, 5, 7, 8, false),
+    (1, 2, 2, 9, 9, 4, false),
+    (3, 6, 3, 8, 16, 5, true),
+    (2, 2, 1, 1, 11, 8, false),
+    (2, 4, 4, 70, 70, 8, false),
+    (1, 3, 1, 130, 131, 6, true),
+];
+
+/// q [b, h, t, d] as a transposed view of [b, t, h, d] (the models' layout), k and v contiguous.
+fn attention_inputs(
+    r: &mut rand::rngs::StdRng,
+    (b, h, kvh, t, s, d): (usize, usize, usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        randn(r, b * t * h * d, 1.0),
+        randn(r, b * kvh * s * d, 1.0),
+        randn(r, b * kvh * s * d, 1.0),
+    )
+}
+
+fn q_view(q: &Tensor, h: usize) -> Tensor {
+    let (b, t, hd) = q.dims3().unwrap();
+    q.reshape((b, t, h, hd / h))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+}
+
+#[test]
+fn attention_matches_composed() {
+    let mut r = rng(11);
+    for &(b, h, kvh, t, s, d, shared) in ATTENTION_SHAPES {
+        let mb = if shared { 1 } else { b };
+        let m = tensor(mask(&mut r, mb, t, s, true), &[mb, 1, t, s]);
+        let (qs, ks, vs) = attention_inputs(&mut r, (b, h, kvh, t, s, d));
+        let q = Var::from_tensor(&tensor(qs, &[b, t, h * d])).unwrap();
+        let k = Var::from_tensor(&tensor(ks, &[b, kvh, s, d])).unwrap();
+        let v = Var::from_tensor(&tensor(vs, &[b, kvh, s, d])).unwrap();
+        let w = tensor(randn(&mut r, b * t * h * d, 1.0), &[b, t, h * d]);
+        let scale = 0.41;
+        let qv = q_view(q.as_tensor(), h);
+        let of = fused::attention(&qv, k.as_tensor(), v.as_tensor(), &m, scale).unwrap();
+        let oc = ops::attention_composed(&qv, k.as_tensor(), v.as_tensor(), &m, scale).unwrap();
+        let od = ops::attention(&qv, k.as_tensor(), v.as_tensor(), &m, scale).unwrap();
+        let what = format!("attention b{b} h{h}/{kvh} t{t} s{s} d{d}");
+        assert_close(&format!("{what} fwd"), &of, &oc);
+        assert_close(&format!("{what} dispatch"), &od, &oc);
+        let gf = weighted_sum(&of, &w).backward().unwrap();
+        let gc = weighted_sum(&oc, &w).backward().unwrap();
+        assert!(gf.get(&m).is_none());
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            assert_close(
+                &format!("{what} grad {name}"),
+                gf.get(var).unwrap(),
+                gc.get(var).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_gradient_matches_finite_differences() {
+    let mut r = rng(12);
+    for &(b, h, kvh, t, s, d, shared) in &ATTENTION_SHAPES[..4] {
+        let mb = if shared { 1 } else { b };
+        let m = tensor(mask(&mut r, mb, t, s, false), &[mb, 1, t, s]);
+        let (qs, ks, vs) = attention_inputs(&mut r, (b, h, kvh, t, s, d));
+        let ws = randn(&mut r, b * t * h * d, 1.0);
+        let (qshape, kshape) = ([b, t, h * d], [b, kvh, s, d]);
+        let q = Var::from_tensor(&tensor(qs.clone(), &qshape)).unwrap();
+        let k = Var::from_tensor(&tensor(ks.clone(), &kshape)).unwrap();
+        let v = Var::from_tensor(&tensor(vs.clone(), &kshape)).unwrap();
+        let scale = 0.5;
+        let run = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            fused::attention(&q_view(q, h), k, v, &m, scale).unwrap()
+        };
+        let o = run(q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let g = weighted_sum(&o, &tensor(ws.clone(), &qshape))
+            .backward()
+            .unwrap();
+        let what = format!("attention b{b} h{h}/{kvh} t{t} s{s}");
+        let (kt, vt) = (k.as_tensor().clone(), v.as_tensor().clone());
+        let qt = q.as_tensor().clone();
+        finite_diff(
+            &format!("{what} q"),
+            &qs,
+            &qshape,
+            g.get(&q).unwrap(),
+            1e-2,
+            &|x| weighted_sum_f64(&run(x, &kt, &vt), &ws),
+        );
+        finite_diff(
+            &format!("{what} k"),
+            &ks,
+            &kshape,
+            g.get(&k).unwrap(),
+            1e-2,
+            &|x| weighted_sum_f64(&run(&qt, x, &vt), &ws),
+        );
+        finite_diff(
+            &format!("{what} v"),
+            &vs,
+            &kshape,
+            g.get(&v).unwrap(),
+            1e-2,
+            &|x| weighted_sum_f64(&run(&qt, &kt, x), &ws),
+        );
+    }
+}

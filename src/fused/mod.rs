@@ -14,6 +14,9 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+mod attention;
+pub use attention::attention;
+
 /// Below this, `exp(x - max)` is zero (or a denormal) in f32: skip the call.
 const EXP_CUTOFF: f32 = -88.0;
 
