@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use crate::cli::{ModelArgs, RuntimeArgs, SpansArgs};
-use crate::generate::{generate, GenerateOptions, Sampling};
+use crate::generate::{generate, generate_greedy_with_drafts, GenerateOptions, Sampling};
 use crate::model::{AttnContext, Model};
 use crate::spans::{char_slice, Document, Span};
 use crate::tokens::{self, BosPolicy};
@@ -458,56 +458,6 @@ fn prepare(
     Ok(out)
 }
 
-/// Teacher-forced argmax check of the span tokens for a batch (right padding).
-fn teacher_forced(model: &Model, batch: &[&Prepared]) -> Result<Vec<Vec<bool>>> {
-    let t = batch
-        .iter()
-        .map(|p| p.prompt.len() + p.span_ids.len())
-        .max()
-        .unwrap_or(0);
-    if t == 0 || batch.iter().all(|p| p.span_ids.is_empty()) {
-        return Ok(batch
-            .iter()
-            .map(|p| vec![false; p.span_ids.len()])
-            .collect());
-    }
-    let mut ids = Vec::with_capacity(batch.len() * t);
-    let mut valid = Vec::with_capacity(batch.len());
-    for p in batch {
-        let n = p.prompt.len() + p.span_ids.len();
-        ids.extend_from_slice(&p.prompt);
-        ids.extend_from_slice(&p.span_ids);
-        ids.extend(std::iter::repeat_n(0u32, t - n));
-        let mut v = vec![true; n];
-        v.extend(std::iter::repeat_n(false, t - n));
-        valid.push(v);
-    }
-    let dev = &model.device;
-    let input = Tensor::from_vec(ids, (batch.len(), t), dev)?;
-    let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
-    let x = model.embed(&input, &ctx)?;
-    let h = model.run_blocks(0, &x, &ctx, None, None)?;
-    // Logits only from the last prompt position on (prompts of a batch have similar lengths).
-    let from = batch.iter().map(|p| p.prompt.len() - 1).min().unwrap_or(0);
-    let logits = model.logits(&h.narrow(1, from, t - from)?)?;
-    let pred = logits
-        .argmax(D::Minus1)?
-        .to_dtype(DType::U32)?
-        .to_vec2::<u32>()?;
-    Ok(batch
-        .iter()
-        .zip(pred)
-        .map(|(p, row)| {
-            let pl = p.prompt.len();
-            p.span_ids
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| row[pl + i - 1 - from] == s)
-                .collect()
-        })
-        .collect())
-}
-
 /// Measures regurgitation of every span of `docs` (see the module doc).
 pub fn regurgitation(
     model: &Model,
@@ -543,8 +493,8 @@ pub fn regurgitation(
             pad_id,
             sampling: None,
         };
-        let greedy = generate(model, &prompts, &opts, &mut rng)?;
-        let correct = teacher_forced(model, &batch)?;
+        let drafts: Vec<Vec<u32>> = batch.iter().map(|p| p.span_ids.clone()).collect();
+        let (greedy, correct) = generate_greedy_with_drafts(model, &prompts, &drafts, &opts)?;
         let mut sampled_hit = vec![false; batch.len()];
         if settings.samples > 0 {
             opts.sampling = Some(Sampling {

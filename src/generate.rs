@@ -7,7 +7,7 @@ use crate::model::{AttnContext, KvCache, Model};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 /// Sampling settings; `None` in [`GenerateOptions`] means greedy decoding.
 #[derive(Debug, Clone, Copy)]
@@ -35,67 +35,193 @@ pub fn generate(
     opts: &GenerateOptions,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<u32>>> {
-    let b = prompts.len();
-    if b == 0 {
+    check_prompts(prompts)?;
+    if prompts.is_empty() {
         return Ok(vec![]);
     }
+    let (ids, valid, max_len) = left_pad(prompts, opts.pad_id);
+    let mut state = Decoder::new(model, valid, opts);
+    let first = Tensor::from_vec(ids, (prompts.len(), max_len), &model.device)?;
+    state.run(model, first, opts, rng)?;
+    Ok(state.out)
+}
+
+/// Greedy decoding that checks a guess of each row's continuation (`drafts`, e.g. the true
+/// secret) in the prompt's forward pass, like speculative decoding with the guess as the draft.
+/// The output is the same as [`generate`]'s greedy output; where a row's greedy tokens follow
+/// its draft, no decoding step is spent on them. Also returns, for every draft token, whether it
+/// is the argmax given the prompt and the draft tokens before it (teacher forcing).
+pub fn generate_greedy_with_drafts(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    drafts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<(Vec<Vec<u32>>, Vec<Vec<bool>>)> {
+    check_prompts(prompts)?;
+    if prompts.len() != drafts.len() || opts.sampling.is_some() {
+        bail!("generate_greedy_with_drafts: one draft per prompt, greedy decoding only");
+    }
+    if prompts.is_empty() {
+        return Ok((vec![], vec![]));
+    }
+    let b = prompts.len();
+    let full: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(drafts)
+        .map(|(p, d)| p.iter().chain(d).copied().collect())
+        .collect();
+    let (ids, valid, max_len) = left_pad(&full, opts.pad_id);
+    let dev = &model.device;
+    let mut state = Decoder::new(model, valid, opts);
+    // Predictions for the positions from the last prompt token of each row to the end.
+    let from = drafts
+        .iter()
+        .map(|d| max_len - d.len() - 1)
+        .min()
+        .unwrap_or(0);
+    let input = Tensor::from_vec(ids, (b, max_len), dev)?;
+    let ctx = AttnContext::new(&state.valid, max_len, 0, state.window, true, dev)?;
+    let x = model.embed(&input, &ctx)?;
+    let h = model.run_blocks(0, &x, &ctx, Some(&mut state.cache), None)?;
+    let logits = model.logits(&h.narrow(1, from, max_len - from)?)?;
+    let preds = logits
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec2::<u32>()?;
+    let mut teacher: Vec<Vec<bool>> = Vec::with_capacity(b);
+    for (row, draft) in drafts.iter().enumerate() {
+        let off = max_len - draft.len() - 1 - from;
+        teacher.push(draft.iter().zip(&preds[row][off..]).map(|(d, p)| d == p).collect());
+    }
+    // Dropping rejected draft tokens leaves holes in the cache; a sliding window counts cache
+    // slots, not tokens, so windowed models that could reach the window decode the plain way.
+    let longest = max_len + opts.max_new_tokens.iter().copied().max().unwrap_or(0);
+    if state.window.is_some_and(|w| w < longest) {
+        let greedy = generate(model, prompts, opts, &mut StdRng::seed_from_u64(0))?;
+        return Ok((greedy, teacher));
+    }
+    let mut next = vec![opts.pad_id; b];
+    for (row, draft) in drafts.iter().enumerate() {
+        // preds[row][off + k]: the argmax after the prompt and draft[..k].
+        let off = max_len - draft.len() - 1 - from;
+        let pred = &preds[row][off..];
+        let mut k = 0;
+        while !state.done[row] {
+            let tok = pred[k];
+            state.push(row, tok, opts);
+            if state.done[row] || k == draft.len() || tok != draft[k] {
+                next[row] = tok;
+                break;
+            }
+            k += 1;
+        }
+        // The context keeps the prompt and the draft tokens the output agrees with.
+        let keep = max_len - draft.len() + k;
+        for v in &mut state.valid[row][keep..] {
+            *v = false;
+        }
+    }
+    state.feed_finished_as_padding();
+    let input = Tensor::from_vec(next, (b, 1), dev)?;
+    state.run(model, input, opts, &mut StdRng::seed_from_u64(0))?;
+    Ok((state.out, teacher))
+}
+
+fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {
     if prompts.iter().any(Vec::is_empty) {
         bail!("generate: every prompt needs at least one token");
     }
-    let dev = &model.device;
-    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-    let mut ids = Vec::with_capacity(b * max_len);
-    for p in prompts {
+    Ok(())
+}
+
+/// Left-padded ids [b * max_len], the per-row validity flags and max_len.
+fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<bool>>, usize) {
+    let max_len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut valid = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len() * max_len);
+    for p in rows {
         let pad = max_len - p.len();
-        ids.extend(std::iter::repeat_n(opts.pad_id, pad));
+        ids.extend(std::iter::repeat_n(pad_id, pad));
         ids.extend_from_slice(p);
         let mut v = vec![false; pad];
         v.extend(std::iter::repeat_n(true, p.len()));
         valid.push(v);
     }
-    let steps = opts.max_new_tokens.iter().copied().max().unwrap_or(0);
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done: Vec<bool> = opts.max_new_tokens.iter().map(|&n| n == 0).collect();
-    let mut cache = KvCache::new(model.num_layers());
-    let window = model.sliding_window();
-    let mut input = Tensor::from_vec(ids, (b, max_len), dev)?;
-    for _ in 0..steps {
-        if done.iter().all(|&d| d) {
-            break;
+    (ids, valid, max_len)
+}
+
+/// The state of a batched decode: cache, key validity, outputs.
+struct Decoder {
+    cache: KvCache,
+    valid: Vec<Vec<bool>>,
+    window: Option<usize>,
+    out: Vec<Vec<u32>>,
+    done: Vec<bool>,
+}
+
+impl Decoder {
+    fn new(model: &Model, valid: Vec<Vec<bool>>, opts: &GenerateOptions) -> Self {
+        Decoder {
+            cache: KvCache::new(model.num_layers()),
+            window: model.sliding_window(),
+            out: vec![Vec::new(); valid.len()],
+            done: opts.max_new_tokens.iter().map(|&n| n == 0).collect(),
+            valid,
         }
-        let q_len = input.dim(1)?;
-        let past = cache.len();
-        let ctx = AttnContext::new(&valid, q_len, past, window, true, dev)?;
-        let x = model.embed(&input, &ctx)?;
-        let h = model.run_blocks(0, &x, &ctx, Some(&mut cache), None)?;
-        let last = h.narrow(1, q_len - 1, 1)?;
-        let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
-        let next = match opts.sampling {
-            None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
-            Some(s) => sample(&logits, s, rng)?,
-        };
-        for (row, &tok) in next.iter().enumerate() {
-            if done[row] {
-                continue;
-            }
-            if opts.stop_tokens.contains(&tok) {
-                done[row] = true;
-                continue;
-            }
-            out[row].push(tok);
-            if out[row].len() >= opts.max_new_tokens[row] {
-                done[row] = true;
-            }
+    }
+
+    /// Appends a generated token to `row` unless it is a stop token; marks the row done.
+    fn push(&mut self, row: usize, tok: u32, opts: &GenerateOptions) {
+        if opts.stop_tokens.contains(&tok) {
+            self.done[row] = true;
+            return;
         }
-        // A finished row keeps being fed (the batch moves together) but as padding, so its
-        // positions never run past the context.
-        for (v, &finished) in valid.iter_mut().zip(&done) {
+        self.out[row].push(tok);
+        if self.out[row].len() >= opts.max_new_tokens[row] {
+            self.done[row] = true;
+        }
+    }
+
+    /// A finished row keeps being fed (the batch moves together) but as padding, so its
+    /// positions never run past the context.
+    fn feed_finished_as_padding(&mut self) {
+        for (v, &finished) in self.valid.iter_mut().zip(&self.done) {
             v.push(!finished);
         }
-        input = Tensor::from_vec(next, (b, 1), dev)?;
     }
-    Ok(out)
+
+    /// Feeds `input` [b, q_len] (its flags already in `valid`) and decodes until every row is done.
+    fn run(
+        &mut self,
+        model: &Model,
+        mut input: Tensor,
+        opts: &GenerateOptions,
+        rng: &mut StdRng,
+    ) -> Result<()> {
+        let dev = &model.device;
+        while !self.done.iter().all(|&d| d) {
+            let q_len = input.dim(1)?;
+            let past = self.cache.len();
+            let ctx = AttnContext::new(&self.valid, q_len, past, self.window, true, dev)?;
+            let x = model.embed(&input, &ctx)?;
+            let h = model.run_blocks(0, &x, &ctx, Some(&mut self.cache), None)?;
+            let last = h.narrow(1, q_len - 1, 1)?;
+            let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
+            let next = match opts.sampling {
+                None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
+                Some(s) => sample(&logits, s, rng)?,
+            };
+            for (row, &tok) in next.iter().enumerate() {
+                if !self.done[row] {
+                    self.push(row, tok, opts);
+                }
+            }
+            self.feed_finished_as_padding();
+            let b = next.len();
+            input = Tensor::from_vec(next, (b, 1), dev)?;
+        }
+        Ok(())
+    }
 }
 
 fn sample(logits: &Tensor, s: Sampling, rng: &mut StdRng) -> Result<Vec<u32>> {
