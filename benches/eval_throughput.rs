@@ -2,16 +2,18 @@
 //! on a fixed, deterministic workload, the same as scripts/bench_hf_generate.py.
 //!
 //! cargo bench --bench eval_throughput -- [--out DIR] [--threads N] [--repeats N]
+//!     [--model MODEL_DIR --notes NOTES.jsonl] [--prefix-tokens N]
 //!
-//! The workload: 40 synthetic notes (seed 1), a byte-level BPE tokenizer trained on them (vocab
-//! 1024), a randomly initialized GPT-2 (n_embd 128, 4 layers, 4 heads, n_positions 256, seed 0).
-//! Written to DIR (default target/bench-eval): the model directory DIR/model (weights,
-//! config.json, tokenizer.json, generation_config.json), DIR/notes.jsonl, and DIR/prompts.jsonl
-//! with, for every span, the prompt token ids, max_new_tokens and generated ids sani used, so the
-//! HF script runs (and with --check verifies) the identical workload.
+//! The default workload: 40 synthetic notes (seed 1), a byte-level BPE tokenizer trained on them
+//! (vocab 1024), a randomly initialized GPT-2 (n_embd 128, 4 layers, 4 heads, n_positions 256,
+//! seed 0), written to DIR/model with DIR/notes.jsonl (DIR defaults to target/bench-eval).
+//! With --model and --notes, an existing model (e.g. the demo's med-gpt) and its notes instead.
+//! Either way DIR/prompts.jsonl gets, for every span, the prompt token ids, max_new_tokens and
+//! the generated ids sani used, so scripts/bench_hf_generate.py runs (and with --check
+//! verifies) the identical workload.
 //!
-//! Note: sani's regurgitation also runs one teacher-forced forward pass per batch (extraction
-//! strength) besides greedy generation; HF's timing is generation only.
+//! sani's timing covers everything `regurgitation` does (greedy decoding plus the
+//! teacher-forced extraction strength); HF's covers `generate` only.
 
 use candle_core::Device;
 use sani::checkpoint::Checkpoint;
@@ -26,37 +28,53 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    sani::alloc::keep_freed_memory();
+    sani::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let mut out = PathBuf::from("target/bench-eval");
-    let mut repeats = 2usize;
+    let mut opts = Options {
+        out: PathBuf::from("target/bench-eval"),
+        repeats: 2,
+        model: None,
+        notes: None,
+        prefix_tokens: None,
+    };
     let mut i = 0;
     while i < args.len() {
+        let value = || {
+            args.get(i + 1)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("{} needs a value", args[i]))
+        };
         match args[i].as_str() {
-            "--out" => {
-                out = PathBuf::from(&args[i + 1]);
-                i += 1;
-            }
+            "--out" => opts.out = PathBuf::from(value()?),
             // Must be set before the first candle op (candle reads it once).
-            "--threads" => {
-                std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]);
-                i += 1;
-            }
-            "--repeats" => {
-                repeats = args[i + 1].parse()?;
-                i += 1;
-            }
+            "--threads" => std::env::set_var("RAYON_NUM_THREADS", value()?),
+            "--repeats" => opts.repeats = value()?.parse::<usize>()?.max(1),
+            "--model" => opts.model = Some(PathBuf::from(value()?)),
+            "--notes" => opts.notes = Some(PathBuf::from(value()?)),
+            "--prefix-tokens" => opts.prefix_tokens = Some(value()?.parse()?),
             s => anyhow::bail!(
-                "unknown argument {s}; usage: [--out DIR] [--threads N] [--repeats N]"
+                "unknown argument {s}; usage: [--out DIR] [--threads N] [--repeats N] \
+                 [--model DIR --notes FILE] [--prefix-tokens N]"
             ),
         }
-        i += 1;
+        i += 2;
     }
-    let repeats = repeats.max(1);
+    sani::runtime::on_worker_pool(move || workload(opts))
+}
 
+struct Options {
+    out: PathBuf,
+    repeats: usize,
+    model: Option<PathBuf>,
+    notes: Option<PathBuf>,
+    prefix_tokens: Option<usize>,
+}
+
+/// The synthetic default workload: notes, tokenizer and a random GPT-2 written to out/model.
+fn synthetic_workload(out: &Path) -> anyhow::Result<(Vec<Document>, Tokenizer, Model, PathBuf)> {
     // Workload.
     let docs = generate_notes(&SynthConfig {
         n_notes: 40,
@@ -101,12 +119,32 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}).to_string() + "\n",
     )?;
     std::fs::write(out.join("notes.jsonl"), notes_to_jsonl(&docs))?;
+    Ok((docs, tok, model, model_dir))
+}
+
+fn workload(opts: Options) -> anyhow::Result<()> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out)?;
+    let (docs, tok, model, model_dir) = match (&opts.model, &opts.notes) {
+        (Some(dir), Some(notes)) => {
+            let ckpt = Checkpoint::load(dir, &Device::Cpu)?;
+            let tok = Tokenizer::from_file(dir.join("tokenizer.json"))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
+            let docs = sani::spans::load_primary(notes)?;
+            (docs, tok, Model::load_frozen(&ckpt)?, dir.clone())
+        }
+        (None, None) => synthetic_workload(out)?,
+        _ => anyhow::bail!("--model and --notes go together"),
+    };
+    let repeats = opts.repeats;
 
     println!("threads {}", candle_core::utils::get_num_threads());
     println!(
-        "workload: {} notes, {} spans, vocab {vocab}, GPT-2 n_embd 128 x 4 layers; model in {}",
+        "workload: {} notes, {} spans, {} layers, vocab {}; model {}",
         docs.len(),
         docs.iter().map(|d| d.spans.len()).sum::<usize>(),
+        model.num_layers(),
+        model.config.vocab_size(),
         model_dir.display()
     );
     println!(
@@ -115,10 +153,13 @@ fn main() -> anyhow::Result<()> {
     );
     let mut kept: Option<RegurgitationResult> = None;
     for batch in [16usize, 1] {
-        let settings = RegurgitationSettings {
+        let mut settings = RegurgitationSettings {
             batch_size: batch,
             ..Default::default()
         };
+        if let Some(n) = opts.prefix_tokens {
+            settings.prefix_tokens = n;
+        }
         // One untimed warm-up on a few docs, then `repeats` timed runs on all.
         regurgitation(&model, &tok, &docs[..2], &settings, true)?;
         let mut best = f64::INFINITY;

@@ -28,7 +28,7 @@ fn config(name: &str) -> serde_json::Value {
 }
 
 fn main() -> anyhow::Result<()> {
-    sani::alloc::keep_freed_memory();
+    sani::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
@@ -50,10 +50,14 @@ fn main() -> anyhow::Result<()> {
         }
         i += 1;
     }
+    sani::runtime::on_worker_pool(move || bench(&which, steps))
+}
+
+fn bench(which: &str, steps: usize) -> anyhow::Result<()> {
     let names: Vec<&str> = if which == "all" {
         vec!["gpt2-8k", "gpt2-50k", "llama-32k"]
     } else {
-        vec![which.as_str()]
+        vec![which]
     };
     let (b, t) = (8usize, if which == "demo" { 256 } else { 128 });
     println!("threads {}", candle_core::utils::get_num_threads());

@@ -59,6 +59,12 @@ impl SpansArgs {
 impl RuntimeArgs {
     /// Sets the thread count (before any kernel runs) and opens the device.
     pub fn setup(&self) -> Result<Device> {
+        self.set_threads()?;
+        parse_device(&self.device)
+    }
+
+    /// Applies `--threads`; it only takes effect before the first kernel runs.
+    pub fn set_threads(&self) -> Result<()> {
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads must be at least 1");
@@ -66,7 +72,7 @@ impl RuntimeArgs {
             // candle's CPU kernels and rayon's pool read this before their first use.
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
-        parse_device(&self.device)
+        Ok(())
     }
 }
 

@@ -494,7 +494,8 @@ pub fn regurgitation(
             sampling: None,
         };
         let drafts: Vec<Vec<u32>> = batch.iter().map(|p| p.span_ids.clone()).collect();
-        let (greedy, correct) = generate_greedy_with_drafts(model, &prompts, &drafts, &opts)?;
+        let decoded = generate_greedy_with_drafts(model, &prompts, &drafts, &opts)?;
+        let (greedy, correct) = (decoded.tokens, decoded.teacher_forced);
         let mut sampled_hit = vec![false; batch.len()];
         if settings.samples > 0 {
             opts.sampling = Some(Sampling {

@@ -46,6 +46,15 @@ pub fn generate(
     Ok(state.out)
 }
 
+/// The result of [`generate_greedy_with_drafts`].
+#[derive(Debug, Default)]
+pub struct DraftedGreedy {
+    /// The greedy output of each row, as [`generate`] gives it.
+    pub tokens: Vec<Vec<u32>>,
+    /// For each draft token: is it the argmax after the prompt and the draft tokens before it?
+    pub teacher_forced: Vec<Vec<bool>>,
+}
+
 /// Greedy decoding that checks a guess of each row's continuation (`drafts`, e.g. the true
 /// secret) in the prompt's forward pass, like speculative decoding with the guess as the draft.
 /// The output is the same as [`generate`]'s greedy output; where a row's greedy tokens follow
@@ -56,13 +65,13 @@ pub fn generate_greedy_with_drafts(
     prompts: &[Vec<u32>],
     drafts: &[Vec<u32>],
     opts: &GenerateOptions,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<bool>>)> {
+) -> Result<DraftedGreedy> {
     check_prompts(prompts)?;
     if prompts.len() != drafts.len() || opts.sampling.is_some() {
         bail!("generate_greedy_with_drafts: one draft per prompt, greedy decoding only");
     }
     if prompts.is_empty() {
-        return Ok((vec![], vec![]));
+        return Ok(DraftedGreedy::default());
     }
     let b = prompts.len();
     let full: Vec<Vec<u32>> = prompts
@@ -91,14 +100,23 @@ pub fn generate_greedy_with_drafts(
     let mut teacher: Vec<Vec<bool>> = Vec::with_capacity(b);
     for (row, draft) in drafts.iter().enumerate() {
         let off = max_len - draft.len() - 1 - from;
-        teacher.push(draft.iter().zip(&preds[row][off..]).map(|(d, p)| d == p).collect());
+        teacher.push(
+            draft
+                .iter()
+                .zip(&preds[row][off..])
+                .map(|(d, p)| d == p)
+                .collect(),
+        );
     }
     // Dropping rejected draft tokens leaves holes in the cache; a sliding window counts cache
     // slots, not tokens, so windowed models that could reach the window decode the plain way.
     let longest = max_len + opts.max_new_tokens.iter().copied().max().unwrap_or(0);
     if state.window.is_some_and(|w| w < longest) {
         let greedy = generate(model, prompts, opts, &mut StdRng::seed_from_u64(0))?;
-        return Ok((greedy, teacher));
+        return Ok(DraftedGreedy {
+            tokens: greedy,
+            teacher_forced: teacher,
+        });
     }
     let mut next = vec![opts.pad_id; b];
     for (row, draft) in drafts.iter().enumerate() {
@@ -124,7 +142,10 @@ pub fn generate_greedy_with_drafts(
     state.feed_finished_as_padding();
     let input = Tensor::from_vec(next, (b, 1), dev)?;
     state.run(model, input, opts, &mut StdRng::seed_from_u64(0))?;
-    Ok((state.out, teacher))
+    Ok(DraftedGreedy {
+        tokens: state.out,
+        teacher_forced: teacher,
+    })
 }
 
 fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {

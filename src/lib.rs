@@ -1,7 +1,6 @@
 //! sani: sanitize fine-tuned causal language models so that they stop regurgitating sensitive
 //! data, following SANI ("Leverage Unlearning to Sanitize LLMs", arXiv 2510.21322).
 
-pub mod alloc;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -16,6 +15,7 @@ pub mod model;
 pub mod ops;
 pub mod output;
 pub mod report;
+pub mod runtime;
 pub mod sanitize;
 pub mod spans;
 pub mod surrogate;

@@ -32,19 +32,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    sani::alloc::keep_freed_memory();
+    sani::runtime::keep_freed_memory();
     let cli = Cli::parse();
     sani::output::install_interrupt_handler();
-    let result = match &cli.command {
-        Command::Sanitize(a) => sani::sanitize::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Eval(a) => sani::eval::run(a).map(|v| match v {
-            sani::eval::Verdict::Pass => ExitCode::SUCCESS,
-            sani::eval::Verdict::Fail => ExitCode::from(1),
-        }),
-        Command::Finetune(a) => sani::finetune::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Inspect(a) => sani::inspect::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Demo(a) => sani::demo::run(a).map(|_| ExitCode::SUCCESS),
+    let runtime = match &cli.command {
+        Command::Sanitize(a) => &a.model.runtime,
+        Command::Eval(a) => &a.runtime,
+        Command::Finetune(a) => &a.runtime,
+        Command::Inspect(a) => &a.model.runtime,
+        Command::Demo(a) => &a.runtime,
     };
+    let result = runtime
+        .set_threads()
+        .and_then(|()| sani::runtime::on_worker_pool(|| run(&cli.command)));
     match result {
         Ok(code) => code,
         Err(err) => {
@@ -52,4 +52,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run(command: &Command) -> anyhow::Result<ExitCode> {
+    Ok(match command {
+        Command::Sanitize(a) => sani::sanitize::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Eval(a) => match sani::eval::run(a)? {
+            sani::eval::Verdict::Pass => ExitCode::SUCCESS,
+            sani::eval::Verdict::Fail => ExitCode::from(1),
+        },
+        Command::Finetune(a) => sani::finetune::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Inspect(a) => sani::inspect::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Demo(a) => sani::demo::run(a).map(|_| ExitCode::SUCCESS)?,
+    })
 }

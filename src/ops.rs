@@ -143,6 +143,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     attention_composed(q, k, v, mask, scale)
 }
 
+/// [`attention`] over a packed q|k|v tensor [b, t, 3 * heads * d] (GPT-2's `c_attn` output),
+/// full self-attention (no cache); mask [b or 1, 1, t, t]. Returns [b, t, heads * d].
+pub fn attention_packed(qkv: &Tensor, heads: usize, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_fused(&[qkv, mask]) && qkv.stride().last() == Some(&1) {
+        return fused::attention_packed(qkv, heads, mask, scale);
+    }
+    let (q, k, v) = split_packed_qkv(qkv, heads)?;
+    attention_composed(&q, &k, &v, mask, scale)
+}
+
+/// q, k, v [b, heads, t, d] views of a packed [b, t, 3 * heads * d] tensor.
+pub fn split_packed_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, w) = qkv.dims3()?;
+    let d = w / 3;
+    let part = |i: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, i * d, d)?
+            .reshape((b, t, heads, d / heads))?
+            .transpose(1, 2)
+    };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
 /// `attention` written with composed candle ops (any dtype or device).
 pub fn attention_composed(
     q: &Tensor,

@@ -803,3 +803,36 @@ fn attention_gradient_matches_finite_differences() {
         );
     }
 }
+
+#[test]
+fn packed_attention_matches_composed_and_finite_differences() {
+    let mut r = rng(13);
+    for &(b, h, t, d) in &[
+        (2usize, 3usize, 7usize, 4usize),
+        (1, 2, 70, 8),
+        (3, 1, 1, 5),
+    ] {
+        let m = tensor(mask(&mut r, b, t, t, false), &[b, 1, t, t]);
+        let shape = [b, t, 3 * h * d];
+        let xs = randn(&mut r, b * t * 3 * h * d, 1.0);
+        let ws = randn(&mut r, b * t * h * d, 1.0);
+        let w = tensor(ws.clone(), &[b, t, h * d]);
+        let qkv = Var::from_tensor(&tensor(xs.clone(), &shape)).unwrap();
+        let scale = 0.45;
+        let of = fused::attention_packed(qkv.as_tensor(), h, &m, scale).unwrap();
+        let (q, k, v) = ops::split_packed_qkv(qkv.as_tensor(), h).unwrap();
+        let oc = ops::attention_composed(&q, &k, &v, &m, scale).unwrap();
+        let what = format!("packed attention b{b} h{h} t{t} d{d}");
+        assert_close(&format!("{what} fwd"), &of, &oc);
+        let gf = weighted_sum(&of, &w).backward().unwrap();
+        let gc = weighted_sum(&oc, &w).backward().unwrap();
+        assert_close(
+            &format!("{what} grad"),
+            gf.get(&qkv).unwrap(),
+            gc.get(&qkv).unwrap(),
+        );
+        finite_diff(&what, &xs, &shape, gf.get(&qkv).unwrap(), 1e-2, &|x| {
+            weighted_sum_f64(&fused::attention_packed(x, h, &m, scale).unwrap(), &ws)
+        });
+    }
+}

@@ -57,7 +57,13 @@ fn greedy_generation_matches_transformers() {
                 let alone = generate(&model, &prompts[i..=i], &single_opts, &mut rng).unwrap();
                 assert_eq!(alone[0], expected, "{name} {prefix} row {i} (alone)");
             }
-            check_drafts(&model, &prompts, &batched, &opts, &format!("{name} {prefix}"));
+            check_drafts(
+                &model,
+                &prompts,
+                &batched,
+                &opts,
+                &format!("{name} {prefix}"),
+            );
         }
     }
 }
@@ -74,9 +80,13 @@ fn check_drafts(
 ) {
     let n = greedy[0].len();
     let vocab = model.config.vocab_size() as u32;
-    let variants: Vec<(&str, Box<dyn Fn(usize, &[u32]) -> Vec<u32>>)> = vec![
+    type MakeDraft = Box<dyn Fn(usize, &[u32]) -> Vec<u32>>;
+    let variants: Vec<(&str, MakeDraft)> = vec![
         ("exact", Box::new(|_, g: &[u32]| g.to_vec())),
-        ("prefix", Box::new(|i, g: &[u32]| g[..(i + 1).min(g.len())].to_vec())),
+        (
+            "prefix",
+            Box::new(|i, g: &[u32]| g[..(i + 1).min(g.len())].to_vec()),
+        ),
         (
             "wrong token",
             Box::new(move |i, g: &[u32]| {
@@ -86,21 +96,36 @@ fn check_drafts(
                 d
             }),
         ),
-        ("wrong", Box::new(move |_, g: &[u32]| g.iter().map(|t| (t + 7) % vocab).collect())),
+        (
+            "wrong",
+            Box::new(move |_, g: &[u32]| g.iter().map(|t| (t + 7) % vocab).collect()),
+        ),
         ("empty", Box::new(|_, _: &[u32]| vec![])),
-        ("longer", Box::new(|_, g: &[u32]| g.iter().chain(g).copied().collect())),
+        (
+            "longer",
+            Box::new(|_, g: &[u32]| g.iter().chain(g).copied().collect()),
+        ),
     ];
     for (kind, make) in &variants {
         let drafts: Vec<Vec<u32>> = greedy.iter().enumerate().map(|(i, g)| make(i, g)).collect();
-        let (got, teacher) = generate_greedy_with_drafts(model, prompts, &drafts, opts).unwrap();
+        let decoded = generate_greedy_with_drafts(model, prompts, &drafts, opts).unwrap();
+        let (got, teacher) = (decoded.tokens, decoded.teacher_forced);
         assert_eq!(got, greedy, "{what}: drafts {kind}");
         for (i, (flags, draft)) in teacher.iter().zip(&drafts).enumerate() {
             assert_eq!(flags.len(), draft.len());
             // Where the draft so far equals the greedy output, the flag says whether it goes on.
-            let agree = draft.iter().zip(&greedy[i]).take_while(|(a, b)| a == b).count();
+            let agree = draft
+                .iter()
+                .zip(&greedy[i])
+                .take_while(|(a, b)| a == b)
+                .count();
             for k in 0..draft.len().min(n) {
                 if k <= agree {
-                    assert_eq!(flags[k], draft[k] == greedy[i][k], "{what}: {kind} row {i} token {k}");
+                    assert_eq!(
+                        flags[k],
+                        draft[k] == greedy[i][k],
+                        "{what}: {kind} row {i} token {k}"
+                    );
                 }
             }
         }

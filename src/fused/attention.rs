@@ -57,6 +57,21 @@ impl View4 {
         })
     }
 
+    /// Head `part` of a packed [b, t, parts * h * d] tensor (GPT-2's fused q|k|v) as [b, h, t, d].
+    fn packed_part(base: &View4, part: usize, h: usize) -> Result<Self> {
+        let [b, t, w, _] = base.dims;
+        let d = w / (3 * h);
+        if w != 3 * h * d {
+            bail!("fused attention: packed width {w} is not 3 x {h} heads");
+        }
+        Ok(View4 {
+            // SAFETY: part * h * d < w, inside every row.
+            ptr: unsafe { base.ptr.add(part * h * d) },
+            dims: [b, h, t, d],
+            strides: [base.strides[0], d, base.strides[1], 1],
+        })
+    }
+
     /// The [rows, cols] matrix (i, j) and its row stride.
     fn mat(&self, i: usize, j: usize) -> *const f32 {
         // SAFETY: in bounds for i < dims[0], j < dims[1] (checked in `new`).
@@ -79,6 +94,45 @@ impl OutPtr {
     // A method, so closures capture the whole (Sync) wrapper rather than the raw field.
     fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+/// Where a gradient goes: a [b, n, rows, d] strided view of an output buffer.
+#[derive(Clone, Copy)]
+struct Dest {
+    ptr: OutPtr,
+    strides: [usize; 3],
+}
+
+impl Dest {
+    fn contiguous(buf: &mut [f32], n: usize, rows: usize, d: usize) -> Self {
+        Dest {
+            ptr: OutPtr(buf.as_mut_ptr()),
+            strides: [n * rows * d, rows * d, d],
+        }
+    }
+
+    /// Like `View4::packed_part`, for a packed [b, t, 3 * h * d] buffer.
+    fn packed_part(buf: &mut [f32], part: usize, (t, h, d): (usize, usize, usize)) -> Self {
+        Dest {
+            // SAFETY: part * h * d is inside the first row.
+            ptr: OutPtr(unsafe { buf.as_mut_ptr().add(part * h * d) }),
+            strides: [t * 3 * h * d, d, 3 * h * d],
+        }
+    }
+
+    /// Row `row` of matrix (i, j).
+    ///
+    /// # Safety
+    /// The indices must be inside the view.
+    unsafe fn row(&self, i: usize, j: usize, row: usize) -> *mut f32 {
+        self.ptr
+            .get()
+            .add(i * self.strides[0] + j * self.strides[1] + row * self.strides[2])
+    }
+
+    fn rs(&self) -> isize {
+        self.strides[2] as isize
     }
 }
 
@@ -244,6 +298,168 @@ fn tiles(extents: &[usize], bi: usize, dims: &Dims) -> Vec<(usize, usize, usize)
         .collect()
 }
 
+/// `out` [b, t, h * d] = attention over the views (see [`attention`]).
+fn forward_into(
+    q: &View4,
+    k: &View4,
+    v: &View4,
+    mask: &[f32],
+    dims: &Dims,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let Dims { b, h, t, d, .. } = *dims;
+    let extents = key_extents(mask, dims);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|task| {
+        let (bi, hi) = (task / h, task % h);
+        let kv = hi / (h / dims.kvh);
+        let mut p = vec![0f32; TILE.min(t) * dims.s];
+        for (i0, i1, ext) in tiles(&extents, bi, dims) {
+            tile_probs(q, k, mask, dims, (bi, hi), (i0, i1), ext, scale, &mut p);
+            // SAFETY: this task alone writes columns hi*d..(hi+1)*d of rows (bi, i0..i1).
+            unsafe {
+                let o = dst.get().add((bi * t + i0) * h * d + hi * d);
+                matmul(
+                    (i1 - i0, d, ext),
+                    o,
+                    (h * d) as isize,
+                    false,
+                    (p.as_ptr(), ext as isize, 1),
+                    (v.mat(bi, kv), v.rs(), 1),
+                    1.0,
+                );
+            }
+        }
+    });
+}
+
+/// Gradients of q, k and v from the output gradient `g` [b, t, h * d] (contiguous), written
+/// through `dq`, `dk`, `dv`; dk and dv must start zeroed (they are accumulated over heads).
+#[allow(clippy::too_many_arguments)]
+fn backward_into(
+    (q, k, v): (&View4, &View4, &View4),
+    g: &[f32],
+    mask: &[f32],
+    dims: &Dims,
+    scale: f32,
+    (dq, dk, dv): (Dest, Dest, Dest),
+) {
+    let Dims {
+        b, h, kvh, t, s, d, ..
+    } = *dims;
+    let rep = h / kvh;
+    let extents = key_extents(mask, dims);
+    (0..b * kvh).into_par_iter().for_each(|task| {
+        let (bi, kv) = (task / kvh, task % kvh);
+        let mut p = vec![0f32; TILE.min(t) * s];
+        let mut dp = vec![0f32; TILE.min(t) * s];
+        let tiles = tiles(&extents, bi, dims);
+        for hi in kv * rep..(kv + 1) * rep {
+            for &(i0, i1, ext) in &tiles {
+                let rows = i1 - i0;
+                tile_probs(q, k, mask, dims, (bi, hi), (i0, i1), ext, scale, &mut p);
+                // SAFETY: g rows (bi, i0..i1) of head hi exist; this task alone writes dq of
+                // heads kv*rep.. (kv+1)*rep and dk, dv of head kv, for batch row bi.
+                unsafe {
+                    let g_tile = g.as_ptr().add((bi * t + i0) * h * d + hi * d);
+                    let g_rs = (h * d) as isize;
+                    // dv += p^T g
+                    matmul(
+                        (ext, d, rows),
+                        dv.row(bi, kv, 0),
+                        dv.rs(),
+                        true,
+                        (p.as_ptr(), 1, ext as isize),
+                        (g_tile, g_rs, 1),
+                        1.0,
+                    );
+                    // dp = g v^T
+                    matmul(
+                        (rows, ext, d),
+                        dp.as_mut_ptr(),
+                        ext as isize,
+                        false,
+                        (g_tile, g_rs, 1),
+                        (v.mat(bi, kv), 1, v.rs()),
+                        1.0,
+                    );
+                }
+                // ds = p * (dp - sum(p * dp)), kept in dp
+                for (pr, dpr) in p[..rows * ext]
+                    .chunks_exact(ext)
+                    .zip(dp[..rows * ext].chunks_exact_mut(ext))
+                {
+                    let c = super::dot(pr, dpr);
+                    for (x, &pv) in dpr.iter_mut().zip(pr) {
+                        *x = pv * (*x - c);
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dq = scale * ds k
+                    matmul(
+                        (rows, d, ext),
+                        dq.row(bi, hi, i0),
+                        dq.rs(),
+                        false,
+                        (dp.as_ptr(), ext as isize, 1),
+                        (k.mat(bi, kv), k.rs(), 1),
+                        scale,
+                    );
+                    // dk += scale * ds^T q
+                    matmul(
+                        (ext, d, rows),
+                        dk.row(bi, kv, 0),
+                        dk.rs(),
+                        true,
+                        (dp.as_ptr(), 1, ext as isize),
+                        (q.mat(bi, hi).offset(i0 as isize * q.rs()), q.rs(), 1),
+                        scale,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Borrows the f32 CPU storage of `t` and runs `f` on its strided 4-D view.
+fn with_view4<R>(t: &Tensor, what: &str, f: impl FnOnce(View4) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else {
+        bail!("{what}: CPU tensors only")
+    };
+    f(View4::new(cs.as_slice::<f32>()?, l, what)?)
+}
+
+/// A packed [b, t, 3 * h * d] q|k|v tensor (from `packed_base`) as q, k and v views.
+fn packed_views(qkv: View4, h: usize) -> Result<(View4, View4, View4)> {
+    Ok((
+        View4::packed_part(&qkv, 0, h)?,
+        View4::packed_part(&qkv, 1, h)?,
+        View4::packed_part(&qkv, 2, h)?,
+    ))
+}
+
+/// A [b, t, w] tensor seen as rank 4 ([b, t, w, 1]), to split into heads with `packed_part`.
+fn packed_base(data: &[f32], l: &Layout, what: &str) -> Result<View4> {
+    let (b, t, w) = l.shape().dims3()?;
+    let st = l.stride();
+    if w > 1 && st[2] != 1 {
+        bail!("{what}: the last dim must be contiguous");
+    }
+    let last = l.start_offset() + (b.max(1) - 1) * st[0] + (t.max(1) - 1) * st[1] + w.max(1) - 1;
+    if b * t * w > 0 && last >= data.len() {
+        bail!("{what}: layout out of bounds");
+    }
+    Ok(View4 {
+        // SAFETY: start_offset is within data (checked above when non-empty).
+        ptr: unsafe { data.as_ptr().add(l.start_offset().min(data.len())) },
+        dims: [b, t, w, 1],
+        strides: [st[0], st[1], 1, 1],
+    })
+}
+
 struct Attention {
     mask: Tensor,
     scale: f32,
@@ -266,48 +482,16 @@ impl CustomOp3 for Attention {
         let q = View4::new(s1.as_slice::<f32>()?, l1, "fused attention q")?;
         let k = View4::new(s2.as_slice::<f32>()?, l2, "fused attention k")?;
         let v = View4::new(s3.as_slice::<f32>()?, l3, "fused attention v")?;
-        let (mask_guard, mask_layout) = self.mask.storage_and_layout();
-        let dims = Dims::check(&q, &k, &v, mask_layout)?;
-        let Dims { b, h, t, d, .. } = dims;
-        drop(mask_guard);
-        let mut out = vec![0f32; b * t * h * d];
+        let dims = Dims::check(&q, &k, &v, self.mask.layout())?;
+        let mut out = vec![0f32; dims.b * dims.t * dims.h * dims.d];
         with_f32(&self.mask, "fused attention mask", |mask| {
-            let extents = key_extents(mask, &dims);
-            let dst = OutPtr(out.as_mut_ptr());
-            (0..b * h).into_par_iter().for_each(|task| {
-                let (bi, hi) = (task / h, task % h);
-                let kv = hi / (h / dims.kvh);
-                let mut p = vec![0f32; TILE.min(t) * dims.s];
-                for (i0, i1, ext) in tiles(&extents, bi, &dims) {
-                    tile_probs(
-                        &q,
-                        &k,
-                        mask,
-                        &dims,
-                        (bi, hi),
-                        (i0, i1),
-                        ext,
-                        self.scale,
-                        &mut p,
-                    );
-                    // SAFETY: this task alone writes columns hi*d..(hi+1)*d of rows (bi, i0..i1).
-                    unsafe {
-                        let o = dst.get().add((bi * t + i0) * h * d + hi * d);
-                        matmul(
-                            (i1 - i0, d, ext),
-                            o,
-                            (h * d) as isize,
-                            false,
-                            (p.as_ptr(), ext as isize, 1),
-                            (v.mat(bi, kv), v.rs(), 1),
-                            1.0,
-                        );
-                    }
-                }
-            });
+            forward_into(&q, &k, &v, mask, &dims, self.scale, &mut out);
             Ok(())
         })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dims.b, dims.t, dims.h * dims.d)),
+        ))
     }
 
     fn bwd(
@@ -350,118 +534,133 @@ impl CustomOp1 for AttentionBwd {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = super::contiguous_f32(s, l, self.name())?;
-        let guards = [&self.q, &self.k, &self.v].map(|t| t.storage_and_layout());
-        let mut views = Vec::with_capacity(3);
-        for ((st, lay), what) in guards.iter().zip(["q", "k", "v"]) {
-            let Storage::Cpu(cs) = &**st else {
-                bail!("fused attention bwd: CPU tensors only ({what})")
-            };
-            views.push(View4::new(cs.as_slice::<f32>()?, lay, what)?);
-        }
-        let (q, k, v) = (views[0], views[1], views[2]);
-        let dims = {
-            let (_g, ml) = self.mask.storage_and_layout();
-            Dims::check(&q, &k, &v, ml)?
+        with_view4(&self.q, "q", |q| {
+            with_view4(&self.k, "k", |k| {
+                with_view4(&self.v, "v", |v| {
+                    let dims = Dims::check(&q, &k, &v, self.mask.layout())?;
+                    let Dims {
+                        b, h, kvh, t, s, d, ..
+                    } = dims;
+                    if g.len() != b * t * h * d {
+                        bail!(
+                            "{}: gradient of {} elements, expected {}",
+                            self.name(),
+                            g.len(),
+                            b * t * h * d
+                        );
+                    }
+                    let (nq, nk) = (b * h * t * d, b * kvh * s * d);
+                    let mut packed = vec![0f32; nq + 2 * nk];
+                    let (dq, rest) = packed.split_at_mut(nq);
+                    let (dk, dv) = rest.split_at_mut(nk);
+                    let dests = (
+                        Dest::contiguous(dq, h, t, d),
+                        Dest::contiguous(dk, kvh, s, d),
+                        Dest::contiguous(dv, kvh, s, d),
+                    );
+                    with_f32(&self.mask, "fused attention mask", |mask| {
+                        backward_into((&q, &k, &v), g, mask, &dims, self.scale, dests);
+                        Ok(())
+                    })?;
+                    Ok((CpuStorage::F32(packed), Shape::from(nq + 2 * nk)))
+                })
+            })
+        })
+    }
+}
+
+/// Attention over GPT-2's packed q|k|v projection [b, t, 3 * h * d], without splitting it
+/// into three tensors (and without the three gradient copies that splitting costs).
+struct PackedAttention {
+    heads: usize,
+    mask: Tensor,
+    scale: f32,
+}
+
+impl PackedAttention {
+    fn dims(&self, qkv: View4) -> Result<(View4, View4, View4, Dims)> {
+        let (q, k, v) = packed_views(qkv, self.heads)?;
+        let dims = Dims::check(&q, &k, &v, self.mask.layout())?;
+        Ok((q, k, v, dims))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "fused-packed-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let base = packed_base(s.as_slice::<f32>()?, l, self.name())?;
+        let (q, k, v, dims) = self.dims(base)?;
+        let mut out = vec![0f32; dims.b * dims.t * dims.h * dims.d];
+        with_f32(&self.mask, "fused attention mask", |mask| {
+            forward_into(&q, &k, &v, mask, &dims, self.scale, &mut out);
+            Ok(())
+        })?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dims.b, dims.t, dims.h * dims.d)),
+        ))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dqkv = grad.contiguous()?.apply_op1_no_bwd(&PackedAttentionBwd {
+            qkv: qkv.clone(),
+            heads: self.heads,
+            mask: self.mask.clone(),
+            scale: self.scale,
+        })?;
+        Ok(Some(dqkv))
+    }
+}
+
+/// The gradient of the packed q|k|v tensor [b, t, 3 * h * d] from the output gradient.
+struct PackedAttentionBwd {
+    qkv: Tensor,
+    heads: usize,
+    mask: Tensor,
+    scale: f32,
+}
+
+impl CustomOp1 for PackedAttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-packed-attention-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = super::contiguous_f32(s, l, self.name())?;
+        let (st, ql) = self.qkv.storage_and_layout();
+        let Storage::Cpu(cs) = &*st else {
+            bail!("{}: CPU tensors only", self.name())
         };
-        let Dims {
-            b, h, kvh, t, s, d, ..
-        } = dims;
+        let base = packed_base(cs.as_slice::<f32>()?, ql, self.name())?;
+        let op = PackedAttention {
+            heads: self.heads,
+            mask: self.mask.clone(),
+            scale: self.scale,
+        };
+        let (q, k, v, dims) = op.dims(base)?;
+        let Dims { b, h, t, d, .. } = dims;
         if g.len() != b * t * h * d {
             bail!(
-                "{}: gradient has {} elements, expected {}",
+                "{}: gradient of {} elements, expected {}",
                 self.name(),
                 g.len(),
                 b * t * h * d
             );
         }
-        let rep = h / kvh;
-        let (nq, nk) = (b * h * t * d, b * kvh * s * d);
-        let mut packed = vec![0f32; nq + 2 * nk];
-        let (dq, rest) = packed.split_at_mut(nq);
-        let (dk, dv) = rest.split_at_mut(nk);
-        let scale = self.scale;
+        let mut dqkv = vec![0f32; b * t * 3 * h * d];
+        let dests = (
+            Dest::packed_part(&mut dqkv, 0, (t, h, d)),
+            Dest::packed_part(&mut dqkv, 1, (t, h, d)),
+            Dest::packed_part(&mut dqkv, 2, (t, h, d)),
+        );
         with_f32(&self.mask, "fused attention mask", |mask| {
-            let extents = key_extents(mask, &dims);
-            dq.par_chunks_mut(rep * t * d)
-                .zip(dk.par_chunks_mut(s * d))
-                .zip(dv.par_chunks_mut(s * d))
-                .enumerate()
-                .for_each(|(task, ((dq, dk), dv))| {
-                    let (bi, kv) = (task / kvh, task % kvh);
-                    let mut p = vec![0f32; TILE.min(t) * s];
-                    let mut dp = vec![0f32; TILE.min(t) * s];
-                    let tiles = tiles(&extents, bi, &dims);
-                    for r in 0..rep {
-                        let hi = kv * rep + r;
-                        for &(i0, i1, ext) in &tiles {
-                            let rows = i1 - i0;
-                            tile_probs(&q, &k, mask, &dims, (bi, hi), (i0, i1), ext, scale, &mut p);
-                            // SAFETY: g rows (bi, i0..i1), head hi; v/k/q as in the forward;
-                            // dk, dv, dq are this task's own chunks.
-                            unsafe {
-                                let g_tile = g.as_ptr().add((bi * t + i0) * h * d + hi * d);
-                                let g_rs = (h * d) as isize;
-                                // dv += p^T g
-                                matmul(
-                                    (ext, d, rows),
-                                    dv.as_mut_ptr(),
-                                    d as isize,
-                                    true,
-                                    (p.as_ptr(), 1, ext as isize),
-                                    (g_tile, g_rs, 1),
-                                    1.0,
-                                );
-                                // dp = g v^T
-                                matmul(
-                                    (rows, ext, d),
-                                    dp.as_mut_ptr(),
-                                    ext as isize,
-                                    false,
-                                    (g_tile, g_rs, 1),
-                                    (v.mat(bi, kv), 1, v.rs()),
-                                    1.0,
-                                );
-                            }
-                            // ds = p * (dp - sum(p * dp)), kept in dp
-                            for (pr, dpr) in p[..rows * ext]
-                                .chunks_exact(ext)
-                                .zip(dp[..rows * ext].chunks_exact_mut(ext))
-                            {
-                                let c = super::dot(pr, dpr);
-                                for (x, &pv) in dpr.iter_mut().zip(pr) {
-                                    *x = pv * (*x - c);
-                                }
-                            }
-                            // SAFETY: as above.
-                            unsafe {
-                                // dq = scale * ds k
-                                matmul(
-                                    (rows, d, ext),
-                                    dq.as_mut_ptr().add((r * t + i0) * d),
-                                    d as isize,
-                                    false,
-                                    (dp.as_ptr(), ext as isize, 1),
-                                    (k.mat(bi, kv), k.rs(), 1),
-                                    scale,
-                                );
-                                // dk += scale * ds^T q
-                                matmul(
-                                    (ext, d, rows),
-                                    dk.as_mut_ptr(),
-                                    d as isize,
-                                    true,
-                                    (dp.as_ptr(), 1, ext as isize),
-                                    (q.mat(bi, hi).offset(i0 as isize * q.rs()), q.rs(), 1),
-                                    scale,
-                                );
-                            }
-                        }
-                    }
-                });
+            backward_into((&q, &k, &v), g, mask, &dims, self.scale, dests);
             Ok(())
         })?;
-        drop(guards);
-        Ok((CpuStorage::F32(packed), Shape::from(nq + 2 * nk)))
+        Ok((CpuStorage::F32(dqkv), Shape::from((b, t, 3 * h * d))))
     }
 }
 
@@ -478,4 +677,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             scale: scale as f32,
         },
     )
+}
+
+/// [`attention`] over a packed q|k|v tensor [b, t, 3 * heads * d] (q, then k, then v, each
+/// heads x d), as GPT-2's `c_attn` produces it; the mask is [b or 1, 1, t, t].
+pub fn attention_packed(qkv: &Tensor, heads: usize, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let mask = mask.contiguous()?;
+    qkv.apply_op1(PackedAttention {
+        heads,
+        mask,
+        scale: scale as f32,
+    })
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 mod attention;
-pub use attention::attention;
+pub use attention::{attention, attention_packed};
 
 /// Below this, `exp(x - max)` is zero (or a denormal) in f32: skip the call.
 const EXP_CUTOFF: f32 = -88.0;

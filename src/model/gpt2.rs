@@ -5,7 +5,7 @@ use super::{AttnContext, KvCache, UnitSlice, WeightLoader};
 use crate::config::Gpt2Config;
 use crate::ops;
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 struct Block {
     ln1_w: Tensor,
@@ -151,20 +151,11 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let blk = &self.blocks[layer];
         let eps = self.cfg.layer_norm_epsilon;
-        let (b, t, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let h = self.cfg.n_head;
         let hd = d / h;
         let a = ops::layer_norm(x, &blk.ln1_w, &blk.ln1_b, eps)?;
         let qkv = ops::conv1d(&a, &blk.attn_w, &blk.attn_b)?;
-        let split = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(D::Minus1, i * d, d)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)
-        };
-        let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
-        if let Some(cache) = cache {
-            (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
-        }
         let mut scale = if self.cfg.scale_attn_weights {
             1.0 / (hd as f64).sqrt()
         } else {
@@ -173,7 +164,15 @@ impl Gpt2 {
         if self.cfg.scale_attn_by_inverse_layer_idx {
             scale /= (layer + 1) as f64;
         }
-        let attn = ops::attention(&q, &k, &v, ctx.mask_for(None), scale)?;
+        let mask = ctx.mask_for(None);
+        let attn = match cache {
+            None => ops::attention_packed(&qkv, h, mask, scale)?,
+            Some(cache) => {
+                let (q, k, v) = ops::split_packed_qkv(&qkv, h)?;
+                let (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
+                ops::attention(&q, &k, &v, mask, scale)?
+            }
+        };
         let x = (x + ops::conv1d(&attn, &blk.attn_proj_w, &blk.attn_proj_b)?)?;
         let m = ops::layer_norm(&x, &blk.ln2_w, &blk.ln2_b, eps)?;
         let hidden = self.act(&ops::conv1d(&m, &blk.fc_w, &blk.fc_b)?)?;
