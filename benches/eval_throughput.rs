@@ -20,12 +20,14 @@ use sani::checkpoint::Checkpoint;
 use sani::config::ModelConfig;
 use sani::eval::{regurgitation, RegurgitationResult, RegurgitationSettings};
 use sani::model::Model;
+use sani::spans::Document;
 use sani::synth::{generate_notes, notes_to_jsonl, SynthConfig};
 use sani::tokens::train_byte_level_bpe;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tokenizers::Tokenizer;
 
 fn main() -> anyhow::Result<()> {
     sani::runtime::keep_freed_memory();
@@ -130,7 +132,7 @@ fn workload(opts: Options) -> anyhow::Result<()> {
             let ckpt = Checkpoint::load(dir, &Device::Cpu)?;
             let tok = Tokenizer::from_file(dir.join("tokenizer.json"))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
-            let docs = sani::spans::load_primary(notes)?;
+            let docs = sani::spans::load_documents(Some(notes), None, None)?;
             (docs, tok, Model::load_frozen(&ckpt)?, dir.clone())
         }
         (None, None) => synthetic_workload(out)?,

@@ -171,9 +171,12 @@ fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<bool>>, usize)
     (ids, valid, max_len)
 }
 
-/// The state of a batched decode: cache, key validity, outputs.
+/// The state of a batched decode: cache, key validity, outputs. Finished rows leave the batch.
 struct Decoder {
     cache: KvCache,
+    /// The original row of each row still in the batch.
+    active: Vec<usize>,
+    /// Key validity of each row still in the batch.
     valid: Vec<Vec<bool>>,
     window: Option<usize>,
     out: Vec<Vec<u32>>,
@@ -184,6 +187,7 @@ impl Decoder {
     fn new(model: &Model, valid: Vec<Vec<bool>>, opts: &GenerateOptions) -> Self {
         Decoder {
             cache: KvCache::new(model.num_layers()),
+            active: (0..valid.len()).collect(),
             window: model.sliding_window(),
             out: vec![Vec::new(); valid.len()],
             done: opts.max_new_tokens.iter().map(|&n| n == 0).collect(),
@@ -203,11 +207,12 @@ impl Decoder {
         }
     }
 
-    /// A finished row keeps being fed (the batch moves together) but as padding, so its
-    /// positions never run past the context.
+    /// Records the validity of the token each row is fed next: padding for a row that just
+    /// finished (it leaves the batch before the next step, or, in the draft check, its token
+    /// is fed once and never read).
     fn feed_finished_as_padding(&mut self) {
-        for (v, &finished) in self.valid.iter_mut().zip(&self.done) {
-            v.push(!finished);
+        for (v, &row) in self.valid.iter_mut().zip(&self.active) {
+            v.push(!self.done[row]);
         }
     }
 
@@ -220,7 +225,24 @@ impl Decoder {
         rng: &mut StdRng,
     ) -> Result<()> {
         let dev = &model.device;
-        while !self.done.iter().all(|&d| d) {
+        loop {
+            if self.active.iter().any(|&row| self.done[row]) {
+                let keep: Vec<u32> = (0..self.active.len() as u32)
+                    .filter(|&i| !self.done[self.active[i as usize]])
+                    .collect();
+                if keep.is_empty() {
+                    break;
+                }
+                let idx = Tensor::new(keep.as_slice(), dev)?;
+                self.cache.select_rows(&idx)?;
+                input = input.index_select(&idx, 0)?;
+                let keep: Vec<usize> = keep.iter().map(|&i| i as usize).collect();
+                self.active = keep.iter().map(|&i| self.active[i]).collect();
+                self.valid = keep
+                    .iter()
+                    .map(|&i| std::mem::take(&mut self.valid[i]))
+                    .collect();
+            }
             let q_len = input.dim(1)?;
             let past = self.cache.len();
             let ctx = AttnContext::new(&self.valid, q_len, past, self.window, true, dev)?;
@@ -232,10 +254,8 @@ impl Decoder {
                 None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
                 Some(s) => sample(&logits, s, rng)?,
             };
-            for (row, &tok) in next.iter().enumerate() {
-                if !self.done[row] {
-                    self.push(row, tok, opts);
-                }
+            for (i, &tok) in next.iter().enumerate() {
+                self.push(self.active[i], tok, opts);
             }
             self.feed_finished_as_padding();
             let b = next.len();

@@ -41,6 +41,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Keeps only the batch rows `rows` (in that order), e.g. to drop finished sequences.
+    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+
     /// Appends new keys/values of `layer` and returns the full ones.
     pub(crate) fn append(
         &mut self,
