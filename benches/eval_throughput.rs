@@ -2,7 +2,7 @@
 //! on a fixed, deterministic workload, the same as scripts/bench_hf_generate.py.
 //!
 //! cargo bench --bench eval_throughput -- [--out DIR] [--threads N] [--repeats N]
-//!     [--model MODEL_DIR --notes NOTES.jsonl] [--prefix-tokens N]
+//!     [--model MODEL_DIR --notes NOTES.jsonl] [--prefix-tokens N] [--json]
 //!
 //! The default workload: 40 synthetic notes (seed 1), a byte-level BPE tokenizer trained on them
 //! (vocab 1024), a randomly initialized GPT-2 (n_embd 128, 4 layers, 4 heads, n_positions 256,
@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         model: None,
         notes: None,
         prefix_tokens: None,
+        json: false,
     };
     let mut i = 0;
     while i < args.len() {
@@ -57,9 +58,14 @@ fn main() -> anyhow::Result<()> {
             "--model" => opts.model = Some(PathBuf::from(value()?)),
             "--notes" => opts.notes = Some(PathBuf::from(value()?)),
             "--prefix-tokens" => opts.prefix_tokens = Some(value()?.parse()?),
+            "--json" => {
+                opts.json = true;
+                i += 1;
+                continue;
+            }
             s => anyhow::bail!(
                 "unknown argument {s}; usage: [--out DIR] [--threads N] [--repeats N] \
-                 [--model DIR --notes FILE] [--prefix-tokens N]"
+                 [--model DIR --notes FILE] [--prefix-tokens N] [--json]"
             ),
         }
         i += 2;
@@ -73,6 +79,8 @@ struct Options {
     model: Option<PathBuf>,
     notes: Option<PathBuf>,
     prefix_tokens: Option<usize>,
+    /// Also print one JSON line per batch size (what scripts/compare.py reads).
+    json: bool,
 }
 
 /// The synthetic default workload: notes, tokenizer and a random GPT-2 written to out/model.
@@ -187,6 +195,14 @@ fn workload(opts: Options) -> anyhow::Result<()> {
             }
         }
         println!("{:<6} best {:.2}s", batch, best);
+        if opts.json {
+            let n: usize = docs.iter().map(|d| d.spans.len()).sum();
+            println!(
+                "{}",
+                serde_json::json!({"batch": batch, "spans": n, "best_seconds": best,
+                                   "spans_per_s": n as f64 / best})
+            );
+        }
     }
 
     // prompts.jsonl: the batch-16 run's exact per-span workload and sani's greedy output.

@@ -2,6 +2,10 @@
 //! GPT-2-like and Llama-like configs, the same as scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|all] [--steps N] [--threads N]
+//!     [--json]
+//!
+//! tokens/s comes from the median step time (this machine's timings are noisy); with --json one
+//! line per config (what scripts/compare.py reads).
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -35,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let mut which = "all".to_string();
     let mut steps = 5usize;
+    let mut json = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -46,25 +51,40 @@ fn main() -> anyhow::Result<()> {
                 std::env::set_var("RAYON_NUM_THREADS", &args[i + 1]);
                 i += 1;
             }
+            "--json" => json = true,
             s => which = s.to_string(),
         }
         i += 1;
     }
-    sani::runtime::on_worker_pool(move || bench(&which, steps))
+    sani::runtime::on_worker_pool(move || bench(&which, steps.max(1), json))
 }
 
-fn bench(which: &str, steps: usize) -> anyhow::Result<()> {
+/// Peak resident memory of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
     let names: Vec<&str> = if which == "all" {
         vec!["gpt2-8k", "gpt2-50k", "llama-32k"]
     } else {
         vec![which]
     };
     let (b, t) = (8usize, if which == "demo" { 256 } else { 128 });
-    println!("threads {}", candle_core::utils::get_num_threads());
-    println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms"
-    );
+    if !json {
+        println!("threads {}", candle_core::utils::get_num_threads());
+        println!(
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms"
+        );
+    }
     for name in names {
         let cfg = ModelConfig::from_json(&config(name).to_string())?;
         let vocab = cfg.vocab_size();
@@ -86,7 +106,8 @@ fn bench(which: &str, steps: usize) -> anyhow::Result<()> {
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
         let valid = vec![vec![true; t]; b];
         let weights = Tensor::ones(b * (t - 1), candle_core::DType::F32, &Device::Cpu)?;
-        let (mut fwd, mut bwd, mut optm, mut total) = (0f64, 0f64, 0f64, 0f64);
+        let (mut fwd, mut bwd, mut optm) = (0f64, 0f64, 0f64);
+        let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {
             let t0 = Instant::now();
             let ctx = AttnContext::for_training(&valid, None, &Device::Cpu)?;
@@ -106,15 +127,29 @@ fn bench(which: &str, steps: usize) -> anyhow::Result<()> {
                 fwd += (t1 - t0).as_secs_f64();
                 bwd += (t2 - t1).as_secs_f64();
                 optm += (t3 - t2).as_secs_f64();
-                total += (t3 - t0).as_secs_f64();
+                totals.push((t3 - t0).as_secs_f64());
             }
         }
         let n = steps as f64;
+        totals.sort_by(f64::total_cmp);
+        let median = totals[totals.len() / 2];
+        let tokens_per_s = (b * t) as f64 / median;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "config": name, "threads": candle_core::utils::get_num_threads(),
+                    "median_step_ms": median * 1e3, "tokens_per_s": tokens_per_s,
+                    "peak_rss_mb": peak_rss_mb(),
+                })
+            );
+            continue;
+        }
         println!(
             "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
             name,
-            total / n * 1e3,
-            (b * t) as f64 * n / total,
+            median * 1e3,
+            tokens_per_s,
             fwd / n * 1e3,
             bwd / n * 1e3,
             optm / n * 1e3

@@ -13,8 +13,9 @@ of --batch-size, left padded with an attention mask (pad id 0), and decoded gree
 continuation equal sani's generated ids (sani stops each row at its own max_new_tokens or at the
 stop token; HF decodes the batch maximum, so only that prefix is comparable).
 
-Timing covers generate() only (sani's regurgitation also runs a teacher-forced forward pass per
-batch for the extraction strength, so sani does slightly more work per span).
+Timing covers generate() only (sani's timing also covers its teacher-forced extraction strength).
+generate() decodes every row of a batch to the batch's largest max_new_tokens; rows whose
+prompt would then run past the model's positions are decoded in a batch of their own.
 """
 import argparse
 import json
@@ -31,6 +32,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (after one warm-up batch)")
     ap.add_argument("--check", action="store_true", help="compare generated ids with sani's")
+    ap.add_argument("--model", help="model directory (default: DIR/model, else DIR)")
+    ap.add_argument("--json", action="store_true", help="also print a JSON summary line")
     a = ap.parse_args()
 
     import torch
@@ -42,7 +45,7 @@ def main():
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.set_num_threads(a.threads)
 
-    model_dir = os.path.join(a.dir, "model") if os.path.isdir(os.path.join(a.dir, "model")) else a.dir
+    model_dir = a.model or (os.path.join(a.dir, "model") if os.path.isdir(os.path.join(a.dir, "model")) else a.dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     rows = [json.loads(l) for l in open(os.path.join(a.dir, "prompts.jsonl"))]
@@ -51,7 +54,22 @@ def main():
     PAD = 0
     eos = model.config.eos_token_id
 
+    n_pos = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+
     def run_batch(idx):
+        # generate() decodes every row to the batch's largest max_new_tokens; where that would
+        # run a long prompt past the model's positions (sani stops each row at its own limit),
+        # the rows that would overflow go to a batch of their own.
+        m = max(rows[i]["max_new_tokens"] for i in idx)
+        fits = [i for i in idx if len(rows[i]["prompt_ids"]) + m <= n_pos]
+        if len(fits) < len(idx):
+            rest = [i for i in idx if i not in set(fits)]
+            out = dict(zip(fits, generate_batch(fits))) if fits else {}
+            out.update(zip(rest, run_batch(rest)))
+            return [out[i] for i in idx]
+        return generate_batch(idx)
+
+    def generate_batch(idx):
         prompts = [rows[i]["prompt_ids"] for i in idx]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts], dtype=torch.long)
@@ -87,6 +105,9 @@ def main():
     print(f"{'run':>4} {'seconds':>8} {'spans/s':>10} {'gen_tok/s':>12}")
     for r, t in enumerate(times):
         print(f"{r:>4} {t:>8.2f} {n / t:>10.1f} {gen_tokens / t:>12.1f}")
+    if a.json:
+        print(json.dumps({"spans": n, "batch": a.batch_size, "best_seconds": min(times),
+                          "spans_per_s": n / min(times), "threads": a.threads}))
     print(f"best {min(times):.2f}s; peak_rss_mb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
           f"(after imports {import_rss:.0f})")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch side of the side-by-side training-step benchmark (CPU, eager mode).
 
-One step = forward + backward (HF loss with labels = input_ids) + AdamW step
+tokens/s from the median step time.  One step = forward + backward (HF loss with labels = input_ids) + AdamW step
 (lr 1e-4, weight_decay 0.01) + zero_grad.  Batch 8 x seq 128, random ids.
 
     python3 scripts/bench_torch_step.py --config all --threads 1 --steps 5 [--json]
@@ -74,13 +74,14 @@ def run_one(name, threads, steps, warmup):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
+    step_s = sorted(times)[len(times) // 2]  # median: this machine's timings are noisy
     nparams = sum(p.numel() for p in model.parameters())
     return {
         "config": name,
         "threads": threads,
         "tokens_per_s": round(BATCH * SEQ / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
+        "median_step_ms": round(step_s * 1e3, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "params": nparams,
         "min_step_ms": round(min(times) * 1e3, 2),
