@@ -96,7 +96,7 @@ def train(threads, steps, rows):
 def eval_quality(model_dir, demo, tag):
     path = os.path.join(tempfile.gettempdir(), f"sani-compare-eval-{tag}.json")
     cmd = [SANI, "eval", "--model", model_dir, "--sensitive", os.path.join(demo, "notes.jsonl"),
-           "--perplexity", os.path.join(demo, "heldout.jsonl"), "--prefix-tokens", "256",
+           "--regurgitation", "--perplexity", os.path.join(demo, "heldout.jsonl"), "--prefix-tokens", "256",
            "--json", path, "--quiet"]
     run_measured(cmd)
     with open(path) as f:
