@@ -165,6 +165,26 @@ pub fn split_packed_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, T
     Ok((part(0)?, part(1)?, part(2)?))
 }
 
+/// Rotary position embedding (HF's non-interleaved layout) of a projection's output
+/// [b, t, heads * d], returned as heads [b, heads, t, d]; cos/sin [b, 1, t, d].
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    if use_fused(&[x, cos, sin]) {
+        return fused::rope_heads(x, cos, sin, heads);
+    }
+    rope_heads_composed(x, cos, sin, heads)
+}
+
+/// `rope_heads` written with composed candle ops (any dtype or device).
+pub fn rope_heads_composed(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, w) = x.dims3()?;
+    let d = w / heads;
+    let x = x.reshape((b, t, heads, d))?.transpose(1, 2)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
 /// `attention` written with composed candle ops (any dtype or device).
 pub fn attention_composed(
     q: &Tensor,

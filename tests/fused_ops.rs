@@ -836,3 +836,32 @@ fn packed_attention_matches_composed_and_finite_differences() {
         });
     }
 }
+
+#[test]
+fn rope_matches_composed_and_finite_differences() {
+    let mut r = rng(14);
+    for &(b, t, n, d) in &[(2usize, 5usize, 3usize, 8usize), (1, 9, 2, 4), (3, 1, 4, 6)] {
+        let shape = [b, t, n * d];
+        let xs = randn(&mut r, b * t * n * d, 1.0);
+        // Arbitrary tables (not only HF's repeated halves), so both halves' terms are checked.
+        let cos = tensor(randn(&mut r, b * t * d, 1.0), &[b, 1, t, d]);
+        let sin = tensor(randn(&mut r, b * t * d, 1.0), &[b, 1, t, d]);
+        let ws = randn(&mut r, b * n * t * d, 1.0);
+        let w = tensor(ws.clone(), &[b, n, t, d]);
+        let x = Var::from_tensor(&tensor(xs.clone(), &shape)).unwrap();
+        let yf = fused::rope_heads(x.as_tensor(), &cos, &sin, n).unwrap();
+        let yc = ops::rope_heads_composed(x.as_tensor(), &cos, &sin, n).unwrap();
+        let what = format!("rope b{b} t{t} n{n} d{d}");
+        assert_close(&format!("{what} fwd"), &yf, &yc);
+        let gf = weighted_sum(&yf, &w).backward().unwrap();
+        let gc = weighted_sum(&yc, &w).backward().unwrap();
+        assert_close(
+            &format!("{what} grad"),
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+        );
+        finite_diff(&what, &xs, &shape, gf.get(&x).unwrap(), 1e-2, &|xt| {
+            weighted_sum_f64(&fused::rope_heads(xt, &cos, &sin, n).unwrap(), &ws)
+        });
+    }
+}

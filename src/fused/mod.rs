@@ -15,7 +15,9 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 mod attention;
+mod rope;
 pub use attention::{attention, attention_packed};
+pub use rope::rope_heads;
 
 /// Below this, `exp(x - max)` is zero (or a denormal) in f32: skip the call.
 const EXP_CUTOFF: f32 = -88.0;

@@ -241,8 +241,9 @@ impl Llama {
                 .transpose(1, 2)
         };
         let (cos, sin) = self.rope_tables(&ctx.positions)?;
-        let q = apply_rope(&heads(&blk.q, &blk.q_b, h)?, &cos, &sin)?;
-        let mut k = apply_rope(&heads(&blk.k, &blk.k_b, kvh)?, &cos, &sin)?;
+        let proj = |w: &Tensor, bias: &Option<Tensor>| ops::linear(&a, w, bias.as_ref());
+        let q = ops::rope_heads(&proj(&blk.q, &blk.q_b)?, &cos, &sin, h)?;
+        let mut k = ops::rope_heads(&proj(&blk.k, &blk.k_b)?, &cos, &sin, kvh)?;
         let mut v = heads(&blk.v, &blk.v_b, kvh)?;
         if let Some(cache) = cache {
             (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
@@ -271,13 +272,4 @@ impl Llama {
     pub(super) fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head
     }
-}
-
-/// `x * cos + rotate_half(x) * sin` on [b, h, t, d] (HF's non-interleaved layout).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
