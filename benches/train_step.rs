@@ -140,6 +140,7 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
                 serde_json::json!({
                     "config": name, "threads": candle_core::utils::get_num_threads(),
                     "median_step_ms": median * 1e3, "tokens_per_s": tokens_per_s,
+                    "min_step_ms": totals[0] * 1e3,
                     "peak_rss_mb": peak_rss_mb(),
                 })
             );

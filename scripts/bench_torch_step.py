@@ -117,7 +117,7 @@ def main():
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results.append(r)
         if a.json:
-            keys = ("config", "threads", "tokens_per_s", "step_ms", "peak_rss_mb")
+            keys = ("config", "threads", "tokens_per_s", "step_ms", "min_step_ms", "peak_rss_mb")
             print(json.dumps({k: r[k] for k in keys}), flush=True)
 
     if not a.json:

@@ -19,7 +19,7 @@ impl Rope {
     fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
         let (b, t, w) = l.shape().dims3()?;
         let d = w / self.heads.max(1);
-        if d * self.heads != w || d % 2 != 0 || self.cos.len() != b * t * d {
+        if d * self.heads != w || !d.is_multiple_of(2) || self.cos.len() != b * t * d {
             bail!(
                 "fused rope: input {:?} with {} heads does not fit cos/sin of {} values",
                 l.dims(),
@@ -84,7 +84,7 @@ impl CustomOp1 for RopeBwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = contiguous_f32(s, l, self.name())?;
         let (b, n, t, d) = l.shape().dims4()?;
-        if n != self.heads || d % 2 != 0 || self.cos.len() != b * t * d {
+        if n != self.heads || !d.is_multiple_of(2) || self.cos.len() != b * t * d {
             bail!("{}: gradient {:?} does not fit", self.name(), l.dims());
         }
         let half = d / 2;
