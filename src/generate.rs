@@ -97,17 +97,17 @@ pub fn generate_greedy_with_drafts(
         .argmax(D::Minus1)?
         .to_dtype(DType::U32)?
         .to_vec2::<u32>()?;
-    let mut teacher: Vec<Vec<bool>> = Vec::with_capacity(b);
-    for (row, draft) in drafts.iter().enumerate() {
-        let off = max_len - draft.len() - 1 - from;
-        teacher.push(
-            draft
-                .iter()
-                .zip(&preds[row][off..])
-                .map(|(d, p)| d == p)
-                .collect(),
-        );
-    }
+    // preds_after[row][k]: the argmax after the prompt and draft[..k], for k in 0..=draft.len().
+    let preds_after: Vec<&[u32]> = preds
+        .iter()
+        .zip(drafts)
+        .map(|(p, d)| &p[max_len - d.len() - 1 - from..])
+        .collect();
+    let teacher: Vec<Vec<bool>> = drafts
+        .iter()
+        .zip(&preds_after)
+        .map(|(d, p)| d.iter().zip(*p).map(|(d, p)| d == p).collect())
+        .collect();
     // Dropping rejected draft tokens leaves holes in the cache; a sliding window counts cache
     // slots, not tokens, so windowed models that could reach the window decode the plain way.
     let longest = max_len + opts.max_new_tokens.iter().copied().max().unwrap_or(0);
@@ -120,9 +120,7 @@ pub fn generate_greedy_with_drafts(
     }
     let mut next = vec![opts.pad_id; b];
     for (row, draft) in drafts.iter().enumerate() {
-        // preds[row][off + k]: the argmax after the prompt and draft[..k].
-        let off = max_len - draft.len() - 1 - from;
-        let pred = &preds[row][off..];
+        let pred = preds_after[row];
         let mut k = 0;
         while !state.done[row] {
             let tok = pred[k];

@@ -39,8 +39,34 @@ impl View4 {
         if dims[3] > 1 && st[3] != 1 {
             bail!("{what}: the last dim must be contiguous");
         }
-        let strides = [st[0], st[1], st[2], 1];
-        let last = l.start_offset()
+        Self::checked(data, l.start_offset(), dims, [st[0], st[1], st[2], 1], what)
+    }
+
+    /// A [b, t, w] tensor seen as rank 4 ([b, t, w, 1]), to split into heads with `packed_part`.
+    fn packed_base(data: &[f32], l: &Layout, what: &str) -> Result<Self> {
+        let (b, t, w) = l.shape().dims3()?;
+        let st = l.stride();
+        if w > 1 && st[2] != 1 {
+            bail!("{what}: the last dim must be contiguous");
+        }
+        Self::checked(
+            data,
+            l.start_offset(),
+            [b, t, w, 1],
+            [st[0], st[1], 1, 1],
+            what,
+        )
+    }
+
+    /// The view at `start` of `data`, after checking that its last element is inside `data`.
+    fn checked(
+        data: &[f32],
+        start: usize,
+        dims: [usize; 4],
+        strides: [usize; 4],
+        what: &str,
+    ) -> Result<Self> {
+        let last = start
             + dims
                 .iter()
                 .zip(strides)
@@ -50,8 +76,8 @@ impl View4 {
             bail!("{what}: layout out of bounds");
         }
         Ok(View4 {
-            // SAFETY: start_offset is within data (checked above when non-empty).
-            ptr: unsafe { data.as_ptr().add(l.start_offset().min(data.len())) },
+            // SAFETY: start is within data (checked above when non-empty).
+            ptr: unsafe { data.as_ptr().add(start.min(data.len())) },
             dims,
             strides,
         })
@@ -298,7 +324,24 @@ fn tiles(extents: &[usize], bi: usize, dims: &Dims) -> Vec<(usize, usize, usize)
         .collect()
 }
 
-/// `out` [b, t, h * d] = attention over the views (see [`attention`]).
+/// Attention over the views (see [`attention`]): the output [b, t, h * d].
+fn forward(
+    (q, k, v): (&View4, &View4, &View4),
+    mask: &Tensor,
+    dims: &Dims,
+    scale: f32,
+) -> Result<(CpuStorage, Shape)> {
+    let mut out = vec![0f32; dims.b * dims.t * dims.h * dims.d];
+    with_f32(mask, "fused attention mask", |mask| {
+        forward_into(q, k, v, mask, dims, scale, &mut out);
+        Ok(())
+    })?;
+    Ok((
+        CpuStorage::F32(out),
+        Shape::from((dims.b, dims.t, dims.h * dims.d)),
+    ))
+}
+
 fn forward_into(
     q: &View4,
     k: &View4,
@@ -332,6 +375,28 @@ fn forward_into(
             }
         }
     });
+}
+
+/// Checks the output gradient `g` [b, t, h * d] and runs [`backward_into`] with the mask's data.
+fn backward(
+    views: (&View4, &View4, &View4),
+    g: &[f32],
+    mask: &Tensor,
+    dims: &Dims,
+    scale: f32,
+    dests: (Dest, Dest, Dest),
+) -> Result<()> {
+    let expected = dims.b * dims.t * dims.h * dims.d;
+    if g.len() != expected {
+        bail!(
+            "fused attention bwd: gradient of {} elements, expected {expected}",
+            g.len()
+        );
+    }
+    with_f32(mask, "fused attention mask", |mask| {
+        backward_into(views, g, mask, dims, scale, dests);
+        Ok(())
+    })
 }
 
 /// Gradients of q, k and v from the output gradient `g` [b, t, h * d] (contiguous), written
@@ -432,32 +497,16 @@ fn with_view4<R>(t: &Tensor, what: &str, f: impl FnOnce(View4) -> Result<R>) -> 
     f(View4::new(cs.as_slice::<f32>()?, l, what)?)
 }
 
-/// A packed [b, t, 3 * h * d] q|k|v tensor (from `packed_base`) as q, k and v views.
-fn packed_views(qkv: View4, h: usize) -> Result<(View4, View4, View4)> {
-    Ok((
-        View4::packed_part(&qkv, 0, h)?,
-        View4::packed_part(&qkv, 1, h)?,
-        View4::packed_part(&qkv, 2, h)?,
-    ))
-}
-
-/// A [b, t, w] tensor seen as rank 4 ([b, t, w, 1]), to split into heads with `packed_part`.
-fn packed_base(data: &[f32], l: &Layout, what: &str) -> Result<View4> {
-    let (b, t, w) = l.shape().dims3()?;
-    let st = l.stride();
-    if w > 1 && st[2] != 1 {
-        bail!("{what}: the last dim must be contiguous");
-    }
-    let last = l.start_offset() + (b.max(1) - 1) * st[0] + (t.max(1) - 1) * st[1] + w.max(1) - 1;
-    if b * t * w > 0 && last >= data.len() {
-        bail!("{what}: layout out of bounds");
-    }
-    Ok(View4 {
-        // SAFETY: start_offset is within data (checked above when non-empty).
-        ptr: unsafe { data.as_ptr().add(l.start_offset().min(data.len())) },
-        dims: [b, t, w, 1],
-        strides: [st[0], st[1], 1, 1],
-    })
+/// q, k and v views of a packed [b, t, 3 * h * d] tensor (from `View4::packed_base`), checked
+/// against the mask.
+fn packed_qkv(qkv: &View4, h: usize, mask: &Tensor) -> Result<(View4, View4, View4, Dims)> {
+    let (q, k, v) = (
+        View4::packed_part(qkv, 0, h)?,
+        View4::packed_part(qkv, 1, h)?,
+        View4::packed_part(qkv, 2, h)?,
+    );
+    let dims = Dims::check(&q, &k, &v, mask.layout())?;
+    Ok((q, k, v, dims))
 }
 
 struct Attention {
@@ -483,15 +532,7 @@ impl CustomOp3 for Attention {
         let k = View4::new(s2.as_slice::<f32>()?, l2, "fused attention k")?;
         let v = View4::new(s3.as_slice::<f32>()?, l3, "fused attention v")?;
         let dims = Dims::check(&q, &k, &v, self.mask.layout())?;
-        let mut out = vec![0f32; dims.b * dims.t * dims.h * dims.d];
-        with_f32(&self.mask, "fused attention mask", |mask| {
-            forward_into(&q, &k, &v, mask, &dims, self.scale, &mut out);
-            Ok(())
-        })?;
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((dims.b, dims.t, dims.h * dims.d)),
-        ))
+        forward((&q, &k, &v), &self.mask, &dims, self.scale)
     }
 
     fn bwd(
@@ -541,14 +582,6 @@ impl CustomOp1 for AttentionBwd {
                     let Dims {
                         b, h, kvh, t, s, d, ..
                     } = dims;
-                    if g.len() != b * t * h * d {
-                        bail!(
-                            "{}: gradient of {} elements, expected {}",
-                            self.name(),
-                            g.len(),
-                            b * t * h * d
-                        );
-                    }
                     let (nq, nk) = (b * h * t * d, b * kvh * s * d);
                     let mut packed = vec![0f32; nq + 2 * nk];
                     let (dq, rest) = packed.split_at_mut(nq);
@@ -558,10 +591,7 @@ impl CustomOp1 for AttentionBwd {
                         Dest::contiguous(dk, kvh, s, d),
                         Dest::contiguous(dv, kvh, s, d),
                     );
-                    with_f32(&self.mask, "fused attention mask", |mask| {
-                        backward_into((&q, &k, &v), g, mask, &dims, self.scale, dests);
-                        Ok(())
-                    })?;
+                    backward((&q, &k, &v), g, &self.mask, &dims, self.scale, dests)?;
                     Ok((CpuStorage::F32(packed), Shape::from(nq + 2 * nk)))
                 })
             })
@@ -577,31 +607,15 @@ struct PackedAttention {
     scale: f32,
 }
 
-impl PackedAttention {
-    fn dims(&self, qkv: View4) -> Result<(View4, View4, View4, Dims)> {
-        let (q, k, v) = packed_views(qkv, self.heads)?;
-        let dims = Dims::check(&q, &k, &v, self.mask.layout())?;
-        Ok((q, k, v, dims))
-    }
-}
-
 impl CustomOp1 for PackedAttention {
     fn name(&self) -> &'static str {
         "fused-packed-attention"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let base = packed_base(s.as_slice::<f32>()?, l, self.name())?;
-        let (q, k, v, dims) = self.dims(base)?;
-        let mut out = vec![0f32; dims.b * dims.t * dims.h * dims.d];
-        with_f32(&self.mask, "fused attention mask", |mask| {
-            forward_into(&q, &k, &v, mask, &dims, self.scale, &mut out);
-            Ok(())
-        })?;
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((dims.b, dims.t, dims.h * dims.d)),
-        ))
+        let base = View4::packed_base(s.as_slice::<f32>()?, l, self.name())?;
+        let (q, k, v, dims) = packed_qkv(&base, self.heads, &self.mask)?;
+        forward((&q, &k, &v), &self.mask, &dims, self.scale)
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -634,32 +648,16 @@ impl CustomOp1 for PackedAttentionBwd {
         let Storage::Cpu(cs) = &*st else {
             bail!("{}: CPU tensors only", self.name())
         };
-        let base = packed_base(cs.as_slice::<f32>()?, ql, self.name())?;
-        let op = PackedAttention {
-            heads: self.heads,
-            mask: self.mask.clone(),
-            scale: self.scale,
-        };
-        let (q, k, v, dims) = op.dims(base)?;
+        let base = View4::packed_base(cs.as_slice::<f32>()?, ql, self.name())?;
+        let (q, k, v, dims) = packed_qkv(&base, self.heads, &self.mask)?;
         let Dims { b, h, t, d, .. } = dims;
-        if g.len() != b * t * h * d {
-            bail!(
-                "{}: gradient of {} elements, expected {}",
-                self.name(),
-                g.len(),
-                b * t * h * d
-            );
-        }
         let mut dqkv = vec![0f32; b * t * 3 * h * d];
         let dests = (
             Dest::packed_part(&mut dqkv, 0, (t, h, d)),
             Dest::packed_part(&mut dqkv, 1, (t, h, d)),
             Dest::packed_part(&mut dqkv, 2, (t, h, d)),
         );
-        with_f32(&self.mask, "fused attention mask", |mask| {
-            backward_into((&q, &k, &v), g, mask, &dims, self.scale, dests);
-            Ok(())
-        })?;
+        backward((&q, &k, &v), g, &self.mask, &dims, self.scale, dests)?;
         Ok((CpuStorage::F32(dqkv), Shape::from((b, t, 3 * h * d))))
     }
 }

@@ -5,14 +5,25 @@
 use super::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// `y = x * cos + rotate_half(x) * sin` per head, with (for j < d/2):
 /// `y[j] = x[j] cos[j] - x[j + d/2] sin[j]`, `y[j + d/2] = x[j + d/2] cos[j + d/2] + x[j] sin[j + d/2]`.
-struct Rope {
+struct Rope(Arc<RopeTables>);
+
+/// The head count and the [b, t, d] cos/sin values (contiguous, no gradient), shared by the
+/// forward op and its backward.
+struct RopeTables {
     heads: usize,
-    /// [b, t, d] each (contiguous), no gradient.
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+impl std::ops::Deref for Rope {
+    type Target = RopeTables;
+    fn deref(&self) -> &RopeTables {
+        &self.0
+    }
 }
 
 impl Rope {
@@ -60,20 +71,19 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = RopeBwd {
-            heads: self.heads,
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-        };
+        let op = RopeBwd(self.0.clone());
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
 /// The gradient [b, t, n * d] of the input from the output gradient [b, n, t, d].
-struct RopeBwd {
-    heads: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+struct RopeBwd(Arc<RopeTables>);
+
+impl std::ops::Deref for RopeBwd {
+    type Target = RopeTables;
+    fn deref(&self) -> &RopeTables {
+        &self.0
+    }
 }
 
 impl CustomOp1 for RopeBwd {
@@ -115,5 +125,6 @@ impl CustomOp1 for RopeBwd {
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
     let cos = cos.flatten_all()?.to_vec1::<f32>()?;
     let sin = sin.flatten_all()?.to_vec1::<f32>()?;
-    x.contiguous()?.apply_op1(Rope { heads, cos, sin })
+    x.contiguous()?
+        .apply_op1(Rope(Arc::new(RopeTables { heads, cos, sin })))
 }
