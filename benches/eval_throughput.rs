@@ -16,13 +16,13 @@
 //! teacher-forced extraction strength); HF's covers `generate` only.
 
 use candle_core::Device;
-use sani::checkpoint::Checkpoint;
-use sani::config::ModelConfig;
+use sani::data::spans::Document;
+use sani::data::synth::{generate_notes, notes_to_jsonl, SynthConfig};
+use sani::data::tokens::train_byte_level_bpe;
 use sani::eval::{regurgitation, RegurgitationResult, RegurgitationSettings};
+use sani::io::checkpoint::Checkpoint;
+use sani::model::config::ModelConfig;
 use sani::model::Model;
-use sani::spans::Document;
-use sani::synth::{generate_notes, notes_to_jsonl, SynthConfig};
-use sani::tokens::train_byte_level_bpe;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -140,7 +140,7 @@ fn workload(opts: Options) -> anyhow::Result<()> {
             let ckpt = Checkpoint::load(dir, &Device::Cpu)?;
             let tok = Tokenizer::from_file(dir.join("tokenizer.json"))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
-            let docs = sani::spans::load_documents(Some(notes), None, None)?;
+            let docs = sani::data::spans::load_documents(Some(notes), None, None)?;
             (docs, tok, Model::load_frozen(&ckpt)?, dir.clone())
         }
         (None, None) => synthetic_workload(out)?,

@@ -9,10 +9,10 @@
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
-use sani::checkpoint::Checkpoint;
-use sani::config::ModelConfig;
+use sani::io::checkpoint::Checkpoint;
+use sani::model::config::ModelConfig;
 use sani::model::{AttnContext, Model};
-use sani::ops;
+use sani::nn::ops;
 use sani::train::{clip_grad_norm, AdamW, OptimConfig};
 use std::time::Instant;
 

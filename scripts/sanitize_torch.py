@@ -77,7 +77,7 @@ def read_docs(path):
 
 
 def mark_sensitive(offsets, spans, n_chars):
-    """sani's rule (src/tokens.rs mark_tokens): a token is sensitive when one of the chars it
+    """sani's rule (src/data/tokens.rs mark_tokens): a token is sensitive when one of the chars it
     encodes is inside a span; chars left out of every token's offsets belong to the next token."""
     covered = [False] * n_chars
     for sp in spans:

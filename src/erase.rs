@@ -5,9 +5,9 @@
 //! by activation contrast on sensitive tokens, or by attribution |activation x gradient| of the
 //! loss on sensitive tokens (in the spirit of DEPN).
 
-use crate::checkpoint::{init_std, normal, Checkpoint};
+use crate::io::checkpoint::{init_std, normal, Checkpoint};
 use crate::model::{AttnContext, Model};
-use crate::ops;
+use crate::nn::ops;
 use crate::train::Example;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};

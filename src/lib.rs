@@ -1,24 +1,22 @@
 //! sani: sanitize fine-tuned causal language models so that they stop regurgitating sensitive
 //! data, following SANI ("Leverage Unlearning to Sanitize LLMs", arXiv 2510.21322).
+//!
+//! Layers, each depending only on the ones listed before it:
+//! - [`nn`]: tensor ops with fused CPU kernels (forward and backward);
+//! - [`io`]: model directories on disk (checkpoints, the hub cache, atomic output, JSON);
+//! - [`model`]: `config.json`, the architectures behind the [`model::CausalLm`] trait, decoding;
+//! - [`data`]: documents with sensitive spans, tokenization into windows, surrogates, synthetic notes;
+//! - [`train`], [`erase`], [`eval`]: the building blocks of sanitizing and measuring;
+//! - [`recipes`]: the workflows (`sanitize`, `finetune`, `eval`, `inspect`, `demo`);
+//! - [`cli`]: the command line, the only place that knows clap flags and exit codes.
 
-pub mod checkpoint;
 pub mod cli;
-pub mod config;
-pub mod demo;
+pub mod data;
 pub mod erase;
 pub mod eval;
-pub mod finetune;
-pub mod fused;
-pub mod generate;
-pub mod inspect;
+pub mod io;
 pub mod model;
-pub mod ops;
-pub mod output;
-pub mod report;
+pub mod nn;
+pub mod recipes;
 pub mod runtime;
-pub mod sanitize;
-pub mod spans;
-pub mod surrogate;
-pub mod synth;
-pub mod tokens;
 pub mod train;

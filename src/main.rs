@@ -20,21 +20,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Erase and repair a fine-tuned model so it stops reproducing sensitive spans
-    Sanitize(Box<sani::sanitize::SanitizeArgs>),
+    Sanitize(Box<sani::recipes::sanitize::SanitizeArgs>),
     /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
     Eval(Box<sani::eval::EvalArgs>),
     /// Plain causal-LM fine-tuning (or training from a fresh config)
-    Finetune(Box<sani::finetune::FinetuneArgs>),
+    Finetune(Box<sani::recipes::finetune::FinetuneArgs>),
     /// Print a model directory's architecture, sizes, dtypes and sharding
-    Inspect(sani::inspect::InspectArgs),
+    Inspect(sani::recipes::inspect::InspectArgs),
     /// Run the whole story on bundled synthetic clinical notes
-    Demo(sani::demo::DemoArgs),
+    Demo(sani::recipes::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     sani::runtime::keep_freed_memory();
     let cli = Cli::parse();
-    sani::output::install_interrupt_handler();
+    sani::io::staged::install_interrupt_handler();
     let runtime = match &cli.command {
         Command::Sanitize(a) => &a.model.runtime,
         Command::Eval(a) => &a.runtime,
@@ -56,13 +56,13 @@ fn main() -> ExitCode {
 
 fn run(command: &Command) -> anyhow::Result<ExitCode> {
     Ok(match command {
-        Command::Sanitize(a) => sani::sanitize::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Sanitize(a) => sani::recipes::sanitize::run(a).map(|_| ExitCode::SUCCESS)?,
         Command::Eval(a) => match sani::eval::run(a)? {
             sani::eval::Verdict::Pass => ExitCode::SUCCESS,
             sani::eval::Verdict::Fail => ExitCode::from(1),
         },
-        Command::Finetune(a) => sani::finetune::run(a).map(|_| ExitCode::SUCCESS)?,
-        Command::Inspect(a) => sani::inspect::run(a).map(|_| ExitCode::SUCCESS)?,
-        Command::Demo(a) => sani::demo::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Finetune(a) => sani::recipes::finetune::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Inspect(a) => sani::recipes::inspect::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Demo(a) => sani::recipes::demo::run(a).map(|_| ExitCode::SUCCESS)?,
     })
 }

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::fixture;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use sani::checkpoint::{resolve_model_dir, Checkpoint};
+use sani::io::checkpoint::{resolve_model_dir, Checkpoint};
 use sani::model::Model;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
             assert_eq!(meta.get(&k), Some(&v), "{shard}: provenance key {k}");
         }
     }
-    let index = sani::checkpoint::INDEX_FILE;
+    let index = sani::io::checkpoint::INDEX_FILE;
     if src.join(index).exists() {
         let (a, b) = (read_json(&src.join(index)), read_json(&out.join(index)));
         assert_eq!(a["weight_map"], b["weight_map"], "weight_map");
@@ -505,7 +505,7 @@ fn index_problems() {
 
     // The index points a tensor at a file that is not there.
     let dir = copy_fixture("llama3_sharded");
-    let index = dir.path().join(sani::checkpoint::INDEX_FILE);
+    let index = dir.path().join(sani::io::checkpoint::INDEX_FILE);
     let mut json = read_json(&index);
     json["weight_map"]["lm_head.weight"] = serde_json::json!("model-00004-of-00003.safetensors");
     std::fs::write(&index, json.to_string()).unwrap();

@@ -63,7 +63,7 @@ fn quick_demo_memorizes_then_sanitizes() {
     );
     for model in ["med-gpt", "med-gpt-sanitized", "med-gpt-paper"] {
         let dir = out.join(model);
-        let ckpt = sani::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
+        let ckpt = sani::io::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
         sani::model::Model::load_frozen(&ckpt).unwrap();
         assert!(dir.join("tokenizer.json").is_file());
     }

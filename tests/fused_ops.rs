@@ -1,9 +1,9 @@
-//! The fused CPU kernels (`sani::fused`) against the composed candle versions (`ops::*_composed`),
+//! The fused CPU kernels (`sani::nn::fused`) against the composed candle versions (`ops::*_composed`),
 //! forward and gradients, plus central finite differences of each fused op's gradient.
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
-use sani::{fused, ops};
+use sani::nn::{fused, ops};
 
 const TOL: f32 = 1e-5;
 

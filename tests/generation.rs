@@ -5,8 +5,8 @@ mod common;
 use candle_core::Device;
 use common::*;
 use rand::SeedableRng;
-use sani::checkpoint::Checkpoint;
-use sani::generate::{generate, generate_greedy_with_drafts, GenerateOptions};
+use sani::io::checkpoint::Checkpoint;
+use sani::model::generate::{generate, generate_greedy_with_drafts, GenerateOptions};
 use sani::model::Model;
 
 #[test]

@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use sani::checkpoint::Checkpoint;
+use sani::io::checkpoint::Checkpoint;
 use sani::model::{AttnContext, Model};
-use sani::ops;
+use sani::nn::ops;
 
 const EPS: f32 = 1e-2;
 const MAX_REL_ERR: f64 = 2e-2;

@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sani::checkpoint::Checkpoint;
+use sani::io::checkpoint::Checkpoint;
 use sani::model::{AttnContext, Model};
-use sani::ops;
+use sani::nn::ops;
 
 const FIXTURES: &[&str] = &[
     "gpt2_f32",

@@ -5,11 +5,11 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use sani::checkpoint::Checkpoint;
+use sani::data::synth::{generate_notes, notes_to_jsonl, SynthConfig};
 use sani::erase::{self, ResetMode, Selection};
+use sani::io::checkpoint::Checkpoint;
 use sani::model::Model;
-use sani::sanitize::windows_to_examples;
-use sani::synth::{generate_notes, notes_to_jsonl, SynthConfig};
+use sani::recipes::sanitize::windows_to_examples;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -131,9 +131,9 @@ fn activation_and_attribution_selection_are_deterministic_and_differ_from_random
         seed: 1,
         id_prefix: "n".into(),
     });
-    let labels = sani::spans::label_names(&docs);
-    let enc = sani::tokens::encode_documents(&tok, &docs).unwrap();
-    let windows = sani::tokens::make_windows(&docs, &enc, &labels, Some(0), 64, None);
+    let labels = sani::data::spans::label_names(&docs);
+    let enc = sani::data::tokens::encode_documents(&tok, &docs).unwrap();
+    let windows = sani::data::tokens::make_windows(&docs, &enc, &labels, Some(0), 64, None);
     let examples = windows_to_examples(&windows, true);
     let model = Model::load_frozen(&ckpt).unwrap();
     let layers = vec![1];

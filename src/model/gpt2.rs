@@ -2,8 +2,8 @@
 //! pre-LayerNorm blocks, tied `lm_head`. Checkpoints with or without the `transformer.` prefix.
 
 use super::{AttnContext, KvCache, UnitSlice, WeightLoader};
-use crate::config::Gpt2Config;
-use crate::ops;
+use crate::model::config::Gpt2Config;
+use crate::nn::ops;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -137,7 +137,7 @@ impl Gpt2 {
             "gelu" => x.gelu_erf(),
             "relu" => x.relu(),
             "silu" => x.silu(),
-            _ => crate::ops::gelu_new(x),
+            _ => crate::nn::ops::gelu_new(x),
         }
     }
 

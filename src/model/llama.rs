@@ -3,8 +3,8 @@
 //! optional qkv bias (Qwen2) and tied embeddings.
 
 use super::{AttnContext, KvCache, UnitSlice, WeightLoader};
-use crate::config::{LlamaConfig, LlamaFlavor};
-use crate::ops;
+use crate::model::config::{LlamaConfig, LlamaFlavor};
+use crate::nn::ops;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 

@@ -5,12 +5,14 @@
 //! Weights come from a [`Checkpoint`] by their HF names. Each tensor is either trainable (the
 //! var itself, so gradients reach it) or frozen (a detached view: no gradient is computed).
 
+pub mod config;
+pub mod generate;
 mod gpt2;
 mod llama;
 
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
-use crate::ops;
+use crate::io::checkpoint::Checkpoint;
+use crate::model::config::ModelConfig;
+use crate::nn::ops;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use std::collections::{BTreeMap, HashSet};

@@ -1,11 +1,13 @@
-//! Reports written beside outputs (`sani_report.json`) and small shared report types.
+//! The workflows behind the subcommands, each a function over the building blocks: `sanitize`
+//! (erase, repair, write), `finetune`, `inspect` and `demo`.
 
-use anyhow::{Context, Result};
+pub mod demo;
+pub mod finetune;
+pub mod inspect;
+pub mod sanitize;
+
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Instant;
-
-pub const SANITIZE_REPORT_FILE: &str = "sani_report.json";
 
 /// Duration and throughput of one phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,10 +32,4 @@ impl PhaseTiming {
             },
         }
     }
-}
-
-/// Pretty JSON with a trailing newline.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)? + "\n";
-    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
 }

@@ -2,15 +2,16 @@
 //! existing model or from a fresh config and tokenizer. The demo uses it to make a model that
 //! memorizes its notes; researchers use it to reproduce the paper's setting on their data.
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::{self, RuntimeArgs};
-use crate::config::ModelConfig;
+use crate::data::spans;
+use crate::data::tokens::{self, BosPolicy};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::json;
+use crate::io::staged::StagedDir;
+use crate::model::config::ModelConfig;
 use crate::model::Model;
-use crate::output::StagedDir;
-use crate::report::{self, PhaseTiming};
-use crate::sanitize::{windows_to_examples, Corpus};
-use crate::spans;
-use crate::tokens::{self, BosPolicy};
+use crate::recipes::sanitize::{windows_to_examples, Corpus};
+use crate::recipes::PhaseTiming;
 use crate::train::{self, EpochMetrics, FixedData, LoopConfig, OptimConfig, TrainScope};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -89,7 +90,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let docs = spans::load_documents(Some(&args.data), None, None)?;
     let (ckpt, tok, source, model_dir) = match (&args.model, &args.init) {
         (Some(m), _) => {
-            let dir = crate::checkpoint::resolve_model_dir(m)?;
+            let dir = crate::io::checkpoint::resolve_model_dir(m)?;
             let ckpt = Checkpoint::load(&dir, &device)?;
             let tok = cli::load_tokenizer(&dir)?;
             (ckpt, tok, dir.display().to_string(), Some(dir))
@@ -138,7 +139,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             "bos_token_id": ckpt.config.bos_token_id(),
             "eos_token_id": ckpt.config.eos_token_ids().first(),
         });
-        report::write_json(&staged.path().join("generation_config.json"), &gen)?;
+        json::write_json(&staged.path().join("generation_config.json"), &gen)?;
     }
     let rep = FinetuneReport {
         sani_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -151,7 +152,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         epochs: metrics.clone(),
         timings: vec![PhaseTiming::new("total", t0, tokens * metrics.len())],
     };
-    report::write_json(&staged.path().join("sani_finetune_report.json"), &rep)?;
+    json::write_json(&staged.path().join("sani_finetune_report.json"), &rep)?;
     let out = staged.commit()?;
     for m in &metrics {
         println!(

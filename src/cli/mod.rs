@@ -1,6 +1,6 @@
 //! Option groups shared by the subcommands, and the device/thread setup they imply.
 
-use crate::checkpoint::{resolve_model_dir, Checkpoint};
+use crate::io::checkpoint::{resolve_model_dir, Checkpoint};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -47,8 +47,8 @@ pub struct SpansArgs {
 }
 
 impl SpansArgs {
-    pub fn load(&self) -> Result<Vec<crate::spans::Document>> {
-        crate::spans::load_documents(
+    pub fn load(&self) -> Result<Vec<crate::data::spans::Document>> {
+        crate::data::spans::load_documents(
             self.sensitive.as_deref(),
             self.corpus.as_deref(),
             self.terms.as_deref(),

@@ -5,7 +5,7 @@
 //! (sensitive tokens carry no loss, or are replaced by surrogates before tokenization).
 
 use crate::model::{AttnContext, Model};
-use crate::ops;
+use crate::nn::ops;
 use anyhow::{bail, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};

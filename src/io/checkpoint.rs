@@ -6,7 +6,7 @@
 //! can reproduce the layout. An untouched tensor round-trips bit-identically (f16/bf16 -> f32 ->
 //! f16/bf16 is exact).
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
@@ -500,7 +500,7 @@ fn is_weight_file(name: &str) -> bool {
     name == INDEX_FILE
         || name.ends_with(".index.json")
         || EXTS.iter().any(|ext| name.ends_with(ext))
-        || name == crate::report::SANITIZE_REPORT_FILE
+        || name == crate::io::json::SANITIZE_REPORT_FILE
 }
 
 /// Copies config, generation config, tokenizer files and any other plain file of `src` to `dst`.

@@ -10,7 +10,7 @@
 //! Labels: direct identifiers `NAME`, `DATE`, `MRN`, `PHONE`, `EMAIL`, `ADDRESS`; indirect ones
 //! `DOCTOR`, `WARD`, `HOSPITAL`, `CITY`, `DIAGNOSIS`.
 
-use crate::spans::{Document, Span};
+use crate::data::spans::{Document, Span};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};

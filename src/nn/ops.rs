@@ -2,10 +2,10 @@
 //!
 //! Everything here carries gradients. candle's own fused softmax, norm and RoPE kernels have no
 //! backward pass, so on the CPU with f32 the hot ops (attention softmax, norms, token NLL) use
-//! our fused kernels in `crate::fused`, which do; elsewhere (other dtypes, CUDA) they fall back
+//! our fused kernels in `crate::nn::fused`, which do; elsewhere (other dtypes, CUDA) they fall back
 //! to the composed `*_composed` versions written with gradient-carrying candle ops.
 
-use crate::fused;
+use crate::nn::fused;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Whether the fused CPU kernels apply: every tensor f32 on the CPU, and not disabled with

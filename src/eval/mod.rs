@@ -26,10 +26,10 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use crate::cli::{ModelArgs, RuntimeArgs, SpansArgs};
-use crate::generate::{generate, generate_greedy_with_drafts, GenerateOptions, Sampling};
+use crate::data::spans::{char_slice, Document, Span};
+use crate::data::tokens::{self, BosPolicy};
+use crate::model::generate::{generate, generate_greedy_with_drafts, GenerateOptions, Sampling};
 use crate::model::{AttnContext, Model};
-use crate::spans::{char_slice, Document, Span};
-use crate::tokens::{self, BosPolicy};
 
 // ----------------------------------------------------------------------------------------------
 // CLI
@@ -707,7 +707,7 @@ pub fn perplexity(
                 let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, p0, len)?)?;
                 let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
                 let tg = Tensor::from_slice(&w.ids[p0 + 1..p0 + 1 + len], len, dev)?;
-                let nll = crate::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
+                let nll = crate::nn::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
                 for (j, &x) in nll.iter().enumerate() {
                     let x = x as f64;
                     sum_all += x;
@@ -1151,11 +1151,11 @@ pub fn run(args: &EvalArgs) -> Result<Verdict> {
         None
     };
     let control_docs = match &args.control {
-        Some(p) => Some(crate::spans::load_documents(Some(p), None, None)?),
+        Some(p) => Some(crate::data::spans::load_documents(Some(p), None, None)?),
         None => None,
     };
     let ppl_docs = match &args.perplexity {
-        Some(p) => Some(crate::spans::load_documents(Some(p), None, None)?),
+        Some(p) => Some(crate::data::spans::load_documents(Some(p), None, None)?),
         None => None,
     };
     let (ckpt, tok) = crate::cli::open_model(&margs, &device)?;
@@ -1309,7 +1309,8 @@ mod tests {
 
     fn fixture() -> (Model, Tokenizer) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_f32");
-        let ckpt = crate::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
+        let ckpt =
+            crate::io::checkpoint::Checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
         (
             Model::load_frozen(&ckpt).unwrap(),
             crate::cli::load_tokenizer(&dir).unwrap(),

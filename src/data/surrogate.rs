@@ -3,12 +3,12 @@
 //! Every epoch, each sensitive span of the repair corpus is replaced by a fresh fake identifier of
 //! the same type, and the model trains on those tokens instead of the real ones. Surrogates come
 //! from built-in generators chosen by label (case-insensitive, common aliases), drawing on name,
-//! city and hospital lists disjoint from the ones used by [`crate::synth`], so a surrogate never
+//! city and hospital lists disjoint from the ones used by [`crate::data::synth`], so a surrogate never
 //! coincides with a synthetic corpus identifier. Unknown labels get a format-preserving
 //! substitution (letters by letters of the same case, digits by digits, the rest kept). A
 //! surrogate always differs from the original when the original holds a letter or digit.
 
-use crate::spans::{Document, Span};
+use crate::data::spans::{Document, Span};
 use rand::seq::IndexedRandom;
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -927,7 +927,7 @@ mod tests {
         };
         assert_eq!(draw(9), draw(9));
         assert_ne!(draw(9), draw(10));
-        let doc = crate::synth::generate_notes(&crate::synth::SynthConfig {
+        let doc = crate::data::synth::generate_notes(&crate::data::synth::SynthConfig {
             n_notes: 3,
             seed: 1,
             id_prefix: "d".into(),
@@ -1007,7 +1007,7 @@ mod tests {
 
     #[test]
     fn apply_surrogates_on_synthetic_notes() {
-        let docs = crate::synth::generate_notes(&crate::synth::SynthConfig {
+        let docs = crate::data::synth::generate_notes(&crate::data::synth::SynthConfig {
             n_notes: 60,
             seed: 21,
             id_prefix: "s".into(),
@@ -1099,7 +1099,7 @@ mod tests {
 
     #[test]
     fn surrogate_lists_disjoint_from_synth() {
-        use crate::synth::{CITIES, DIAGNOSES, FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES};
+        use crate::data::synth::{CITIES, DIAGNOSES, FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES};
         let corpus: BTreeSet<&str> = FIRST_NAMES_F
             .iter()
             .chain(FIRST_NAMES_M)

@@ -10,16 +10,16 @@
 //! the notes are shorter than that): the model was trained on whole notes, so this is the
 //! strongest prompt an attacker holding the rest of a note could use.
 
-use crate::output::StagedDir;
-use crate::synth::{generate_notes, notes_to_jsonl, SynthConfig};
-use crate::tokens::train_byte_level_bpe;
+use crate::data::synth::{generate_notes, notes_to_jsonl, SynthConfig};
+use crate::data::tokens::train_byte_level_bpe;
+use crate::io::staged::StagedDir;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-pub const PAPER_CONFIG: &str = include_str!("../configs/paper.toml");
+pub const PAPER_CONFIG: &str = include_str!("../../configs/paper.toml");
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -166,7 +166,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
         "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": true,
     });
-    crate::report::write_json(&dir.join("init/config.json"), &config)?;
+    crate::io::json::write_json(&dir.join("init/config.json"), &config)?;
     println!(
         "trained a byte-level BPE tokenizer ({vocab} tokens); GPT-2 config: {} layers, d={}",
         p.n_layer, p.n_embd

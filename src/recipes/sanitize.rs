@@ -5,15 +5,16 @@
 //! Options come from the built-in `configs/default.toml`, then `--config FILE`, then the
 //! command line (each layer overrides the one before).
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::{self, ModelArgs, SpansArgs};
+use crate::data::spans::{self, Document};
+use crate::data::surrogate::apply_surrogates;
+use crate::data::tokens::{self, BosPolicy, Window};
 use crate::erase::{self, ResetMode, Selection};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::json;
+use crate::io::staged::StagedDir;
 use crate::model::Model;
-use crate::output::StagedDir;
-use crate::report::{self, PhaseTiming};
-use crate::spans::{self, Document};
-use crate::surrogate::apply_surrogates;
-use crate::tokens::{self, BosPolicy, Window};
+use crate::recipes::PhaseTiming;
 use crate::train::{self, EpochData, EpochMetrics, Example, LoopConfig, OptimConfig, TrainScope};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
-pub const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.toml");
 
 /// What the repair trains on where the corpus has sensitive spans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -504,7 +505,7 @@ pub fn run(args: &SanitizeArgs) -> Result<()> {
         if let Some(p) = p {
             report.sensitive_inputs.insert(
                 k.to_string(),
-                crate::checkpoint::sha256_files(Path::new("."), &[p.display().to_string()])?,
+                crate::io::checkpoint::sha256_files(Path::new("."), &[p.display().to_string()])?,
             );
         }
     }
@@ -515,10 +516,11 @@ pub fn run(args: &SanitizeArgs) -> Result<()> {
     provenance.insert("sani_config".to_string(), serde_json::to_string(&cfg)?);
     let tw = Instant::now();
     ckpt.write_to(staged.path(), &provenance)?;
-    report.output_weights_sha256 = crate::checkpoint::sha256_files(staged.path(), &ckpt.shards)?;
+    report.output_weights_sha256 =
+        crate::io::checkpoint::sha256_files(staged.path(), &ckpt.shards)?;
     report.timings.push(PhaseTiming::new("write", tw, 0));
     report.timings.push(PhaseTiming::new("total", t0, 0));
-    report::write_json(&staged.path().join(report::SANITIZE_REPORT_FILE), &report)?;
+    json::write_json(&staged.path().join(json::SANITIZE_REPORT_FILE), &report)?;
     std::fs::write(
         staged.path().join("sani_config.toml"),
         toml::to_string(&cfg)?,
@@ -552,6 +554,6 @@ fn print_summary(r: &SanitizeReport, out: &Path) {
     }
     println!(
         "  report: {}",
-        out.join(report::SANITIZE_REPORT_FILE).display()
+        out.join(json::SANITIZE_REPORT_FILE).display()
     );
 }

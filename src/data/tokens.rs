@@ -12,7 +12,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::spans::Document;
+use crate::data::spans::Document;
 
 /// One document tokenized without special tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,7 +363,7 @@ pub fn train_test_tokenizer(texts: &[&str], vocab: usize) -> Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{merge_spans, Span};
+    use crate::data::spans::{merge_spans, Span};
 
     const TRAIN: &[&str] = &[
         "Patient John Smith visited the clinic on Monday.",
@@ -736,7 +736,7 @@ mod tests {
         let tok = tokenizer();
         let docs = tricky_docs();
         let enc = encode_documents(&tok, &docs).unwrap();
-        let labels = crate::spans::label_names(&docs);
+        let labels = crate::data::spans::label_names(&docs);
         let bos = resolve_bos(&tok, None, BosPolicy::Always);
         let w = make_windows(&docs, &enc, &labels, bos, 8, Some(4));
         let total: usize = enc

@@ -1,7 +1,7 @@
 //! Fused CPU kernels with backward passes, applied as candle `CustomOp`s.
 //!
 //! Every kernel here works on f32, contiguous CPU tensors and walks rows of the last dimension
-//! in parallel with rayon. `crate::ops` decides when to use them and falls back to the composed
+//! in parallel with rayon. `crate::nn::ops` decides when to use them and falls back to the composed
 //! candle versions otherwise (other dtypes, other devices).
 //!
 //! Each forward op carries a `bwd`, so gradients flow through `Tensor::backward`; the backward
