@@ -104,7 +104,7 @@ fn synthetic_workload(out: &Path) -> anyhow::Result<(Vec<Document>, Tokenizer, M
         "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": true,
     });
     let cfg = ModelConfig::from_json(&config.to_string())?;
-    let ckpt = Checkpoint::init(cfg, &Device::Cpu, 0)?;
+    let ckpt = sani::io::checkpoint::Checkpoint::fresh(cfg, &Device::Cpu, 0)?;
     let model = Model::load_frozen(&ckpt)?;
 
     let model_dir = out.join("model");

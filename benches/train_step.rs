@@ -1,5 +1,6 @@
-//! Benchmark (not a test): tokens/s of one training step (forward + backward + AdamW) for fixed
-//! GPT-2-like and Llama-like configs, the same as scripts/bench_torch_step.py.
+//! Benchmark (not a test): tokens/s of one training step (`sani::train::TrainStep`: forward +
+//! backward, then clipping + AdamW) for fixed GPT-2-like and Llama-like configs, the same as
+//! scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|all] [--steps N] [--threads N]
 //!     [--json]
@@ -7,13 +8,11 @@
 //! tokens/s comes from the median step time (this machine's timings are noisy); with --json one
 //! line per config (what scripts/compare.py reads).
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::{Rng, SeedableRng};
-use sani::io::checkpoint::Checkpoint;
 use sani::model::config::ModelConfig;
-use sani::model::{AttnContext, Model};
-use sani::nn::ops;
-use sani::train::{clip_grad_norm, AdamW, OptimConfig};
+use sani::model::Model;
+use sani::train::{clip_grad_norm, AdamW, Batch, Example, OptimConfig, TrainStep};
 use std::time::Instant;
 
 fn config(name: &str) -> serde_json::Value {
@@ -81,14 +80,14 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
     if !json {
         println!("threads {}", candle_core::utils::get_num_threads());
         println!(
-            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "config", "step_ms", "tokens/s", "fwd_ms", "bwd_ms", "opt_ms"
+            "{:<10} {:>10} {:>10} {:>12} {:>10}",
+            "config", "step_ms", "tokens/s", "fwd_bwd_ms", "opt_ms"
         );
     }
     for name in names {
         let cfg = ModelConfig::from_json(&config(name).to_string())?;
         let vocab = cfg.vocab_size();
-        let ckpt = Checkpoint::init(cfg, &Device::Cpu, 0)?;
+        let ckpt = sani::io::checkpoint::Checkpoint::fresh(cfg, &Device::Cpu, 0)?;
         let model = Model::load(&ckpt, &|_| true)?;
         let mut opt = AdamW::new(
             model.trainable_vars(),
@@ -100,34 +99,29 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
             },
         )?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let ids: Vec<u32> = (0..b * t)
-            .map(|_| rng.random_range(0..vocab as u32))
+        let examples: Vec<Example> = (0..b)
+            .map(|_| Example {
+                ids: (0..t).map(|_| rng.random_range(0..vocab as u32)).collect(),
+                train: vec![true; t],
+                sensitive: vec![false; t],
+            })
             .collect();
-        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let valid = vec![vec![true; t]; b];
-        let weights = Tensor::ones(b * (t - 1), candle_core::DType::F32, &Device::Cpu)?;
-        let (mut fwd, mut bwd, mut optm) = (0f64, 0f64, 0f64);
+        let batch = Batch::new(&examples.iter().collect::<Vec<_>>(), &Device::Cpu)?;
+        let step_fn = TrainStep::new(&model, 0);
+        let (mut fwd_bwd, mut optm) = (0f64, 0f64);
         let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {
             let t0 = Instant::now();
-            let ctx = AttnContext::for_training(&valid, None, &Device::Cpu)?;
-            let logits = model.forward(&ids, &ctx, None)?;
-            let inputs = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
-            let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-            let nll = ops::token_nll(&inputs, &targets)?;
-            let loss = ((nll * &weights)?.sum_all()? / (b * (t - 1)) as f64)?;
-            let _ = loss.to_scalar::<f32>()?;
+            let out = step_fn.run(&[(&batch, None)])?;
             let t1 = Instant::now();
-            let mut grads = loss.backward()?;
-            let t2 = Instant::now();
+            let mut grads = out.grads.expect("every target trains");
             clip_grad_norm(&mut grads, model.trainable_vars(), 0.0)?;
             opt.step(&grads, 1e-4)?;
-            let t3 = Instant::now();
+            let t2 = Instant::now();
             if step >= 2 {
-                fwd += (t1 - t0).as_secs_f64();
-                bwd += (t2 - t1).as_secs_f64();
-                optm += (t3 - t2).as_secs_f64();
-                totals.push((t3 - t0).as_secs_f64());
+                fwd_bwd += (t1 - t0).as_secs_f64();
+                optm += (t2 - t1).as_secs_f64();
+                totals.push((t2 - t0).as_secs_f64());
             }
         }
         let n = steps as f64;
@@ -147,12 +141,11 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
             continue;
         }
         println!(
-            "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            "{:<10} {:>10.0} {:>10.0} {:>12.0} {:>10.0}",
             name,
             median * 1e3,
             tokens_per_s,
-            fwd / n * 1e3,
-            bwd / n * 1e3,
+            fwd_bwd / n * 1e3,
             optm / n * 1e3
         );
     }

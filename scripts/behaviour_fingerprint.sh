@@ -4,7 +4,9 @@
 # Runs the full demo, then sanitize (several option sets), finetune and eval on every test
 # fixture, with 2 threads. Prints one "sha256  path" line per output file; JSON reports are
 # hashed with timings and the command line removed (they differ run to run). Two binaries
-# behave the same when their fingerprints are equal (diff them). Needs python3. ~4 min.
+# behave the same when their fingerprints are equal (diff them). Needs python3. ~5 min.
+# safetensors files are hashed as their tensors plus their metadata as a sorted map: the
+# safetensors writer orders metadata keys at random (a HashMap), so their bytes differ run to run.
 set -euo pipefail
 bin=$(realpath "$1")
 out=$2
@@ -31,24 +33,4 @@ for fx in "$root"/tests/fixtures/*/; do
   run eval --model "$fx" --sensitive "$notes" --prefix-tokens 8 --max-new-tokens 3 --bos always \
     --json "$out/$name-eval2.json" --max-count 3
 done
-cd "$out"
-python3 - <<'PY'
-import hashlib, json, os
-DROP = {"timings", "timing", "seconds", "tokens_per_s", "command"}
-def scrub(v):
-    if isinstance(v, dict):
-        return {k: scrub(x) for k, x in v.items() if k not in DROP}
-    if isinstance(v, list):
-        return [scrub(x) for x in v]
-    return v
-for dirpath, dirs, files in sorted(os.walk(".")):
-    dirs.sort()
-    for f in sorted(files):
-        p = os.path.join(dirpath, f)
-        if f.endswith(".log"):
-            continue
-        data = open(p, "rb").read()
-        if f.endswith(".json") and f.startswith(("sani_", "eval")) or p.endswith("-eval.json") or p.endswith("-eval2.json"):
-            data = json.dumps(scrub(json.loads(data)), sort_keys=True).encode()
-        print(hashlib.sha256(data).hexdigest(), p)
-PY
+python3 "$root/scripts/fingerprint_dir.py" "$out"

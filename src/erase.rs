@@ -5,7 +5,8 @@
 //! by activation contrast on sensitive tokens, or by attribution |activation x gradient| of the
 //! loss on sensitive tokens (in the spirit of DEPN).
 
-use crate::io::checkpoint::{init_std, normal, Checkpoint};
+use crate::io::checkpoint::Checkpoint;
+use crate::model::init::{init_std, normal};
 use crate::model::{AttnContext, Model};
 use crate::nn::ops;
 use crate::train::Example;
@@ -114,11 +115,7 @@ fn unit_scores(
             let valid = vec![vec![true; t]];
             let ctx =
                 AttnContext::for_training(&valid, model_in.sliding_window(), &model_in.device)?;
-            let x = model_in.embed(&ids, &ctx)?.detach();
-            let mut h = x;
-            for layer in 0..first {
-                h = model_in.block(layer, &h, &ctx, None, None)?;
-            }
+            let mut h = model_in.hidden_before(first, &ids, &ctx)?;
             // candle keeps gradients of variables only: a zero variable added to the output of
             // each scored block receives dL/d(block output); the MLP activation's gradient is
             // that times the down projection.

@@ -6,9 +6,10 @@ use candle_core::Device;
 use clap::Parser;
 use common::*;
 use rand::SeedableRng;
+use sani::cli::eval::{self as cli_eval, EvalArgs};
 use sani::data::spans::{Document, Span};
 use sani::data::tokens::BosPolicy;
-use sani::eval::{self, EvalArgs, EvalReport, RegurgitationSettings, Verdict};
+use sani::eval::{self, EvalReport, RegurgitationSettings, Verdict};
 use sani::io::checkpoint::Checkpoint;
 use sani::model::generate::{generate, GenerateOptions};
 use sani::model::Model;
@@ -20,7 +21,7 @@ fn load(name: &str) -> (Model, Tokenizer) {
     let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
     (
         Model::load_frozen(&ckpt).unwrap(),
-        sani::cli::load_tokenizer(&fixture(name)).unwrap(),
+        sani::io::load_tokenizer(&fixture(name)).unwrap(),
     )
 }
 
@@ -327,7 +328,7 @@ fn reports_per_span_and_compare_through_the_library() {
         "--max-count",
         "5",
     ]);
-    assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
+    assert_eq!(cli_eval::run(&args).unwrap(), Verdict::Pass);
     let report: EvalReport =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report.sani_version, env!("CARGO_PKG_VERSION"));
@@ -401,7 +402,7 @@ fn reports_per_span_and_compare_through_the_library() {
         "--show-text",
         "-q",
     ]);
-    assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
+    assert_eq!(cli_eval::run(&args).unwrap(), Verdict::Pass);
     let per_text = std::fs::read_to_string(&per).unwrap();
     assert!(per_text.contains("\"span_text\":\"55512\"") && per_text.contains("Ana Lima"));
     assert!(!per_text.contains("span_sha256"));
@@ -411,20 +412,20 @@ fn reports_per_span_and_compare_through_the_library() {
     let mut r2 = report.clone();
     r2.regurgitation.as_mut().unwrap().total.exact_rate = 0.0;
     std::fs::write(&after, serde_json::to_string(&r2).unwrap()).unwrap();
-    let before_s = eval::render_compare(&report, &r2);
+    let before_s = eval::report::render_compare(&report, &r2);
     assert!(
         before_s.contains("TOTAL") && before_s.contains("CONTROL") && before_s.contains("ppl all"),
         "{before_s}"
     );
     let args = parse(&["--compare", json.to_str().unwrap(), after.to_str().unwrap()]);
-    assert_eq!(eval::run(&args).unwrap(), Verdict::Pass);
+    assert_eq!(cli_eval::run(&args).unwrap(), Verdict::Pass);
 
     // errors
-    let err = eval::run(&parse(&["--sensitive", sp_]))
+    let err = cli_eval::run(&parse(&["--sensitive", sp_]))
         .unwrap_err()
         .to_string();
     assert!(err.contains("--model"), "{err}");
-    let err = eval::run(&parse(&[
+    let err = cli_eval::run(&parse(&[
         "--model",
         m,
         "--sensitive",
@@ -447,7 +448,7 @@ fn reports_per_span_and_compare_through_the_library() {
     .is_err());
     let err = format!(
         "{:#}",
-        eval::run(&parse(&[
+        cli_eval::run(&parse(&[
             "--model",
             s.dir.to_str().unwrap(),
             "--sensitive",

@@ -9,7 +9,7 @@ use sani::data::synth::{generate_notes, notes_to_jsonl, SynthConfig};
 use sani::erase::{self, ResetMode, Selection};
 use sani::io::checkpoint::Checkpoint;
 use sani::model::Model;
-use sani::recipes::sanitize::windows_to_examples;
+use sani::train::windows_to_examples;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -125,7 +125,7 @@ fn erasure_changes_exactly_the_reported_units() {
 #[test]
 fn activation_and_attribution_selection_are_deterministic_and_differ_from_random() {
     let ckpt = Checkpoint::load(&fixture("gpt2_f32"), &Device::Cpu).unwrap();
-    let tok = sani::cli::load_tokenizer(&fixture("gpt2_f32")).unwrap();
+    let tok = sani::io::load_tokenizer(&fixture("gpt2_f32")).unwrap();
     let docs = generate_notes(&SynthConfig {
         n_notes: 4,
         seed: 1,

@@ -1,10 +1,19 @@
-//! Option groups shared by the subcommands, and the device/thread setup they imply.
+//! The command line, the only place that knows clap: the subcommands, option groups shared by
+//! them, the device/thread setup they imply, and one module per subcommand whose flags need
+//! resolving into a job.
+//!
+//! Exit codes: 0 success (gate passed), 1 the eval gate failed, 2 error (bad input, unreadable
+//! model), 130 interrupted by Ctrl-C (no output left behind).
 
-use crate::io::checkpoint::{resolve_model_dir, Checkpoint};
+pub mod eval;
+pub mod sanitize;
+
+use crate::io::checkpoint::Checkpoint;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::Args;
-use std::path::{Path, PathBuf};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use tokenizers::Tokenizer;
 
 /// Which model to read and where to run it.
@@ -47,12 +56,15 @@ pub struct SpansArgs {
 }
 
 impl SpansArgs {
+    pub fn sources(&self) -> crate::data::spans::SpanSources {
+        crate::data::spans::SpanSources {
+            sensitive: self.sensitive.clone(),
+            corpus: self.corpus.clone(),
+            terms: self.terms.clone(),
+        }
+    }
     pub fn load(&self) -> Result<Vec<crate::data::spans::Document>> {
-        crate::data::spans::load_documents(
-            self.sensitive.as_deref(),
-            self.corpus.as_deref(),
-            self.terms.as_deref(),
-        )
+        self.sources().load()
     }
 }
 
@@ -97,23 +109,70 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// The model directory's tokenizer.json.
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    if !path.is_file() {
-        bail!(
-            "{}: missing tokenizer.json (sani needs the fast tokenizer file)",
-            path.display()
-        );
-    }
-    Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
-}
-
 /// Resolves and loads a model and its tokenizer.
 pub fn open_model(args: &ModelArgs, device: &Device) -> Result<(Checkpoint, Tokenizer)> {
-    let dir = resolve_model_dir(&args.model)?;
-    let ckpt = Checkpoint::load(&dir, device)?;
-    let tok = load_tokenizer(&dir)?;
-    Ok((ckpt, tok))
+    crate::io::open_model(&args.model, device)
+}
+
+#[derive(Parser)]
+#[command(
+    name = "sani",
+    version,
+    about = "Sanitize fine-tuned causal LMs so they stop regurgitating sensitive data (SANI, arXiv 2510.21322)",
+    after_help = "Exit codes: 0 success (eval gate passed or no gate), 1 eval gate failed, 2 error, 130 interrupted."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Erase and repair a fine-tuned model so it stops reproducing sensitive spans
+    Sanitize(Box<sanitize::SanitizeArgs>),
+    /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
+    Eval(Box<eval::EvalArgs>),
+    /// Plain causal-LM fine-tuning (or training from a fresh config)
+    Finetune(Box<crate::recipes::finetune::FinetuneArgs>),
+    /// Print a model directory's architecture, sizes, dtypes and sharding
+    Inspect(crate::recipes::inspect::InspectArgs),
+    /// Run the whole story on bundled synthetic clinical notes
+    Demo(crate::recipes::demo::DemoArgs),
+}
+
+/// Parses the command line, runs the command, and maps the outcome to the exit code.
+pub fn main() -> ExitCode {
+    crate::runtime::keep_freed_memory();
+    let cli = Cli::parse();
+    crate::io::staged::install_interrupt_handler();
+    let runtime = match &cli.command {
+        Command::Sanitize(a) => &a.model.runtime,
+        Command::Eval(a) => &a.runtime,
+        Command::Finetune(a) => &a.runtime,
+        Command::Inspect(a) => &a.model.runtime,
+        Command::Demo(a) => &a.runtime,
+    };
+    let result = runtime
+        .set_threads()
+        .and_then(|()| crate::runtime::on_worker_pool(|| run(&cli.command)));
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: &Command) -> anyhow::Result<ExitCode> {
+    Ok(match command {
+        Command::Sanitize(a) => sanitize::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Eval(a) => match eval::run(a)? {
+            crate::eval::Verdict::Pass => ExitCode::SUCCESS,
+            crate::eval::Verdict::Fail => ExitCode::from(1),
+        },
+        Command::Finetune(a) => crate::recipes::finetune::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Inspect(a) => crate::recipes::inspect::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Demo(a) => crate::recipes::demo::run(a).map(|_| ExitCode::SUCCESS)?,
+    })
 }

@@ -15,7 +15,7 @@
 //! document are sorted by start and non-overlapping (overlapping or touching spans are merged).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,24 @@ pub struct Document {
     pub id: String,
     pub text: String,
     pub spans: Vec<Span>,
+}
+
+/// Where the sensitive spans and their corpus come from (see [`load_documents`]).
+#[derive(Debug, Clone, Default)]
+pub struct SpanSources {
+    pub sensitive: Option<PathBuf>,
+    pub corpus: Option<PathBuf>,
+    pub terms: Option<PathBuf>,
+}
+
+impl SpanSources {
+    pub fn load(&self) -> Result<Vec<Document>> {
+        load_documents(
+            self.sensitive.as_deref(),
+            self.corpus.as_deref(),
+            self.terms.as_deref(),
+        )
+    }
 }
 
 /// Label given to spans found from the term list.

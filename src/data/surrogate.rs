@@ -8,8 +8,8 @@
 //! substitution (letters by letters of the same case, digits by digits, the rest kept). A
 //! surrogate always differs from the original when the original holds a letter or digit.
 
+use super::{pick, MONTHS};
 use crate::data::spans::{Document, Span};
-use rand::seq::IndexedRandom;
 use rand::Rng;
 use std::collections::BTreeMap;
 
@@ -216,21 +216,6 @@ const SUR_DIAGNOSES: &[&str] = &[
     "idiopathic pulmonary fibrosis",
 ];
 
-const MONTHS: &[&str] = &[
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-
 const TITLES: &[&str] = &[
     "Dr. ", "Dr ", "Mr. ", "Mr ", "Mrs. ", "Mrs ", "Ms. ", "Ms ", "Miss ", "Prof. ", "Prof ",
 ];
@@ -273,10 +258,6 @@ fn kind_of(label: &str) -> Kind {
         "DIAGNOSIS" | "CONDITION" => Kind::Diagnosis,
         _ => Kind::Generic,
     }
-}
-
-fn pick<R: Rng + ?Sized>(rng: &mut R, list: &[&'static str]) -> &'static str {
-    list.choose(rng).expect("non-empty list")
 }
 
 fn has_alnum(s: &str) -> bool {

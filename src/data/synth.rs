@@ -10,6 +10,7 @@
 //! Labels: direct identifiers `NAME`, `DATE`, `MRN`, `PHONE`, `EMAIL`, `ADDRESS`; indirect ones
 //! `DOCTOR`, `WARD`, `HOSPITAL`, `CITY`, `DIAGNOSIS`.
 
+use super::{pick, MONTHS};
 use crate::data::spans::{Document, Span};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -482,21 +483,6 @@ const EMAIL_DOMAINS: &[&str] = &[
     "letterbox.example",
 ];
 
-const MONTHS: &[&str] = &[
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-
 /// Filler sentences without identifiers: repetitive, learnable context.
 const CLINICAL: &[&str] = &[
     "Vital signs were within normal limits on arrival.",
@@ -724,10 +710,6 @@ struct Identity {
     ward: String,
     hospital: String,
     diagnosis: String,
-}
-
-fn pick<R: Rng + ?Sized>(rng: &mut R, list: &[&'static str]) -> &'static str {
-    list.choose(rng).expect("non-empty list")
 }
 
 fn random_person<R: Rng + ?Sized>(rng: &mut R) -> (bool, String, String) {

@@ -171,6 +171,17 @@ pub enum BosPolicy {
     Never,
 }
 
+impl BosPolicy {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            BosPolicy::Auto => "auto",
+            BosPolicy::Always => "always",
+            BosPolicy::Never => "never",
+        }
+    }
+}
+
 /// Token names tried by [`BosPolicy::Always`] when neither the tokenizer nor the config gives a BOS.
 pub const BOS_CANDIDATES: &[&str] = &[
     "<|begin_of_text|>",
@@ -286,6 +297,23 @@ pub fn make_windows(
         }
     }
     windows
+}
+
+/// Right-pads token rows to the longest with id 0: (ids row-major [b, t], per row which
+/// positions are real tokens, t).
+pub fn right_pad(rows: &[&[u32]]) -> (Vec<u32>, Vec<Vec<bool>>, usize) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    let mut valid = Vec::with_capacity(rows.len());
+    for row in rows {
+        let n = row.len();
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(0u32, t - n));
+        let mut v = vec![true; n];
+        v.resize(t, false);
+        valid.push(v);
+    }
+    (ids, valid, t)
 }
 
 /// Name used by [`masked_token_counts`] for sensitive positions whose label is not in the list.

@@ -7,18 +7,16 @@
 //! f16/bf16 is exact).
 
 use crate::model::config::ModelConfig;
+use crate::model::init::FreshWeights;
+use crate::model::{Model, WeightSource};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -52,49 +50,6 @@ pub struct Checkpoint {
     /// Directory whose config, tokenizer and other side files are copied on write (None for a
     /// freshly initialized model: its writer supplies them).
     pub side_files: Option<PathBuf>,
-    /// While building a fresh model: missing tensors are created with the HF initialization.
-    init_rng: Option<Mutex<StdRng>>,
-}
-
-/// Standard deviation of the HF initialization of tensor `name` (None: ones for norm weights,
-/// zeros for biases).
-pub fn init_std(config: &ModelConfig, name: &str) -> Option<f64> {
-    let base = config.initializer_range();
-    let is_norm = name.contains("ln_") || name.ends_with("norm.weight");
-    if name.ends_with(".bias") || is_norm {
-        return None;
-    }
-    match config {
-        // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
-        ModelConfig::Gpt2(c) if name.ends_with("c_proj.weight") => {
-            Some(base / (2.0 * c.n_layer as f64).sqrt())
-        }
-        _ => Some(base),
-    }
-}
-
-/// A tensor of `shape` drawn as HF initializes `name`.
-pub fn init_tensor(
-    config: &ModelConfig,
-    name: &str,
-    shape: &[usize],
-    rng: &mut StdRng,
-    device: &Device,
-) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = match init_std(config, name) {
-        Some(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
-        None if name.ends_with(".bias") => vec![0.0; n],
-        None => vec![1.0; n],
-    };
-    Ok(Tensor::from_vec(data, shape, device)?)
-}
-
-/// A standard normal draw (Box-Muller).
-pub fn normal(rng: &mut StdRng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -215,39 +170,41 @@ impl Checkpoint {
             index_metadata,
             device: device.clone(),
             side_files: Some(dir.to_path_buf()),
-            init_rng: None,
         })
     }
 
-    /// A freshly initialized f32 model for `config` (HF initialization, deterministic under `seed`),
-    /// stored as a single `model.safetensors`.
-    pub fn init(config: ModelConfig, device: &Device, seed: u64) -> Result<Self> {
-        let mut ckpt = Checkpoint {
-            dir: PathBuf::from("(new model)"),
-            config,
-            entries: Vec::new(),
-            shards: vec![SINGLE_FILE.to_string()],
-            sharded: false,
-            varmap: VarMap::new(),
-            raw: HashMap::new(),
-            index_metadata: serde_json::Map::new(),
-            device: device.clone(),
-            side_files: None,
-            init_rng: Some(Mutex::new(StdRng::seed_from_u64(seed))),
-        };
-        crate::model::Model::load_frozen(&ckpt)?;
-        ckpt.init_rng = None;
-        ckpt.entries = ckpt
-            .vars()
-            .into_iter()
+    /// A freshly initialized f32 model for `config` (HF initialization, deterministic under
+    /// `seed`), stored as a single `model.safetensors`.
+    pub fn fresh(config: ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        let vars = FreshWeights::new(&config, device, seed).draw_all()?;
+        Ok(Self::from_vars(config, vars, device))
+    }
+
+    /// A new single-file f32 checkpoint holding `vars` (a freshly initialized model).
+    pub fn from_vars(config: ModelConfig, vars: BTreeMap<String, Var>, device: &Device) -> Self {
+        let entries = vars
+            .iter()
             .map(|(name, var)| TensorEntry {
-                name,
+                name: name.clone(),
                 dtype: StDtype::F32,
                 shape: var.dims().to_vec(),
                 shard: SINGLE_FILE.to_string(),
             })
             .collect();
-        Ok(ckpt)
+        let varmap = VarMap::new();
+        varmap.data().lock().expect("fresh varmap").extend(vars);
+        Checkpoint {
+            dir: PathBuf::from("(new model)"),
+            config,
+            entries,
+            shards: vec![SINGLE_FILE.to_string()],
+            sharded: false,
+            varmap,
+            raw: HashMap::new(),
+            index_metadata: serde_json::Map::new(),
+            device: device.clone(),
+            side_files: None,
+        }
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
@@ -260,19 +217,6 @@ impl Checkpoint {
 
     /// The var stored under `name`; an error naming the file when it is missing or has the wrong shape.
     pub fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
-        if let Some(rng) = &self.init_rng {
-            let mut vars = self.varmap.data().lock().unwrap();
-            if !vars.contains_key(name) {
-                let t = init_tensor(
-                    &self.config,
-                    name,
-                    shape,
-                    &mut rng.lock().unwrap(),
-                    &self.device,
-                )?;
-                vars.insert(name.to_string(), Var::from_tensor(&t)?);
-            }
-        }
         let var = self
             .varmap
             .data()
@@ -355,7 +299,7 @@ impl Checkpoint {
 
     /// SHA-256 over the weight files, in shard order.
     pub fn weights_sha256(&self) -> Result<String> {
-        sha256_files(&self.dir, &self.shards)
+        crate::io::hash::sha256_files(&self.dir, &self.shards)
     }
 
     /// Writes the weights (same names, shapes, dtypes, shards) and copies every other file of the
@@ -410,6 +354,31 @@ impl Checkpoint {
             Some(src) => copy_side_files(src, dir),
             None => Ok(()),
         }
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        Checkpoint::var(self, name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        Checkpoint::contains(self, name)
+    }
+}
+
+impl Model {
+    /// Builds the model from a checkpoint; `trainable(name)` decides which tensors get gradients.
+    /// Fails on a missing tensor, a shape mismatch, or a tensor the model does not use.
+    pub fn load(ckpt: &Checkpoint, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let model = Self::from_source(ckpt, &ckpt.config, &ckpt.device, trainable)?;
+        let spec = ckpt.config.spec();
+        ckpt.check_no_extra(model.loaded_names(), |n| spec.is_known_buffer(n))?;
+        Ok(model)
+    }
+
+    /// Loads with every tensor frozen (inference).
+    pub fn load_frozen(ckpt: &Checkpoint) -> Result<Self> {
+        Self::load(ckpt, &|_| false)
     }
 }
 
@@ -518,73 +487,4 @@ pub fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
             .with_context(|| format!("{}: cannot copy to {}", path.display(), dst.display()))?;
     }
     Ok(())
-}
-
-pub fn sha256_files(dir: &Path, files: &[String]) -> Result<String> {
-    let mut hasher = Sha256::new();
-    for f in files {
-        let path = dir.join(f);
-        let mut file = std::fs::File::open(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        std::io::copy(&mut file, &mut hasher)?;
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
-/// Resolves `--model`: a local directory, or a hub repo id found in the local Hugging Face cache
-/// (`HF_HOME` / `HF_HUB_CACHE`). `sani` never downloads.
-pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
-    let path = Path::new(model);
-    if path.exists() {
-        if !path.is_dir() {
-            bail!("{model}: --model must be a model directory, not a file");
-        }
-        return Ok(path.to_path_buf());
-    }
-    let looks_like_repo =
-        model.split('/').count() == 2 && !model.starts_with('.') && !model.ends_with('/');
-    if !looks_like_repo {
-        bail!("{model}: no such model directory");
-    }
-    let cache = hub_cache();
-    let not_cached = || {
-        anyhow!(
-            "{model}: not a local directory and not in the Hugging Face cache at {} \
-             (sani never downloads: fetch it with `hf download {model}` where there is network, \
-             or pass a local directory)",
-            cache.path().display()
-        )
-    };
-    // The layout huggingface_hub writes: models--org--name/refs/main holds the commit hash of
-    // models--org--name/snapshots/<hash>/. Read it ourselves so that a trailing newline is fine.
-    let repo_dir = cache
-        .path()
-        .join(format!("models--{}", model.replace('/', "--")));
-    let hash =
-        std::fs::read_to_string(repo_dir.join("refs").join("main")).map_err(|_| not_cached())?;
-    let dir = repo_dir.join("snapshots").join(hash.trim());
-    if !dir.is_dir() {
-        return Err(not_cached());
-    }
-    if !dir.join("config.json").is_file() {
-        bail!(
-            "{model}: cached snapshot {} lacks config.json",
-            dir.display()
-        );
-    }
-    let (shards, _) = weight_files(&dir)
-        .with_context(|| format!("{model}: cached snapshot {} is incomplete", dir.display()))?;
-    for shard in shards {
-        if !dir.join(&shard).is_file() {
-            bail!("{model}: cached snapshot {} lacks {shard}", dir.display());
-        }
-    }
-    Ok(dir)
-}
-
-fn hub_cache() -> hf_hub::Cache {
-    if let Ok(dir) = std::env::var("HF_HUB_CACHE") {
-        return hf_hub::Cache::new(PathBuf::from(dir));
-    }
-    hf_hub::Cache::from_env()
 }

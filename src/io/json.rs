@@ -1,13 +1,13 @@
 //! JSON reports written beside outputs (`sani_report.json`, eval reports).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 
 pub const SANITIZE_REPORT_FILE: &str = "sani_report.json";
 
-/// Pretty JSON with a trailing newline.
+/// Pretty JSON with a trailing newline, written atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
-    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
+    super::staged::write_file_atomic(path, text.as_bytes())
 }

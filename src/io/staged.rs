@@ -241,6 +241,26 @@ impl Drop for StagedDir {
     }
 }
 
+/// Writes `data` to `path` atomically: into a temporary file beside it, synced, then renamed, so
+/// a reader (or a full disk) never sees a partial file at `path`.
+pub fn write_file_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = file_name_of(path)?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = parent_of(path).join(format!(".{name}.sani-tmp-{}-{n}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,147 +1,310 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, fused `c_attn`, Conv1D weights stored (in, out),
 //! pre-LayerNorm blocks, tied `lm_head`. Checkpoints with or without the `transformer.` prefix.
 
-use super::{AttnContext, KvCache, UnitSlice, WeightLoader};
-use crate::model::config::Gpt2Config;
+use super::config::{default_init_range, default_true, ArchConfig, ConfigSummary, SpecialTokenIds};
+use super::{AttnContext, CausalLm, KvCache, UnitSlice, Weights};
 use crate::nn::ops;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
-struct Block {
-    ln1_w: Tensor,
-    ln1_b: Tensor,
-    attn_w: Tensor,
-    attn_b: Tensor,
-    attn_proj_w: Tensor,
-    attn_proj_b: Tensor,
-    ln2_w: Tensor,
-    ln2_b: Tensor,
-    fc_w: Tensor,
-    fc_b: Tensor,
-    proj_w: Tensor,
-    proj_b: Tensor,
+pub(super) const REGISTRATION: super::Architecture = super::Architecture {
+    name: "GPT2LMHeadModel",
+    model_type: "gpt2",
+    parse: Gpt2Config::parse,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "gpt2_act")]
+    pub activation_function: String,
+    #[serde(default = "gpt2_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(flatten)]
+    pub tokens: SpecialTokenIds,
 }
 
-pub struct Gpt2 {
-    cfg: Gpt2Config,
-    prefix: String,
-    wte: Tensor,
-    wpe: Tensor,
-    blocks: Vec<Block>,
-    lnf_w: Tensor,
-    lnf_b: Tensor,
-    lm_head: Tensor,
+fn gpt2_act() -> String {
+    "gelu_new".into()
+}
+fn gpt2_eps() -> f64 {
+    1e-5
 }
 
-/// Buffers some GPT-2 checkpoints store; they are carried through unchanged.
-pub(super) fn is_known_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight"
-}
-
-impl Gpt2 {
-    pub(super) fn load(w: &mut WeightLoader, cfg: &Gpt2Config) -> Result<Self> {
-        // Original OpenAI checkpoints store names without the `transformer.` prefix.
-        let prefix = if w.has("wte.weight") {
-            ""
-        } else {
-            "transformer."
+impl Gpt2Config {
+    fn parse(text: &str) -> Result<Arc<dyn ArchConfig>> {
+        let c: Gpt2Config = serde_json::from_str(text)?;
+        if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
+            bail!(
+                "field `n_embd` ({}) must be a multiple of `n_head` ({})",
+                c.n_embd,
+                c.n_head
+            );
         }
-        .to_string();
-        let (d, v, inner) = (cfg.n_embd, cfg.vocab_size, cfg.inner_size());
-        let p = |s: &str| format!("{prefix}{s}");
-        let wte = w.get(&p("wte.weight"), &[v, d])?;
-        let wpe = w.get(&p("wpe.weight"), &[cfg.n_positions, d])?;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let b = |s: &str| format!("{prefix}h.{i}.{s}");
-            blocks.push(Block {
-                ln1_w: w.get(&b("ln_1.weight"), &[d])?,
-                ln1_b: w.get(&b("ln_1.bias"), &[d])?,
-                attn_w: w.get(&b("attn.c_attn.weight"), &[d, 3 * d])?,
-                attn_b: w.get(&b("attn.c_attn.bias"), &[3 * d])?,
-                attn_proj_w: w.get(&b("attn.c_proj.weight"), &[d, d])?,
-                attn_proj_b: w.get(&b("attn.c_proj.bias"), &[d])?,
-                ln2_w: w.get(&b("ln_2.weight"), &[d])?,
-                ln2_b: w.get(&b("ln_2.bias"), &[d])?,
-                fc_w: w.get(&b("mlp.c_fc.weight"), &[d, inner])?,
-                fc_b: w.get(&b("mlp.c_fc.bias"), &[inner])?,
-                proj_w: w.get(&b("mlp.c_proj.weight"), &[inner, d])?,
-                proj_b: w.get(&b("mlp.c_proj.bias"), &[d])?,
-            });
+        match c.activation_function.as_str() {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu" | "relu" | "silu" => {}
+            other => bail!("field `activation_function`: unsupported `{other}`"),
         }
-        let lnf_w = w.get(&p("ln_f.weight"), &[d])?;
-        let lnf_b = w.get(&p("ln_f.bias"), &[d])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            wte.clone()
+        Ok(Arc::new(c))
+    }
+
+    pub fn inner_size(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+}
+
+impl ArchConfig for Gpt2Config {
+    fn summary(&self) -> ConfigSummary {
+        ConfigSummary {
+            num_layers: self.n_layer,
+            hidden_size: self.n_embd,
+            mlp_width: self.inner_size(),
+            heads: self.n_head,
+            kv_heads: self.n_head,
+            vocab_size: self.vocab_size,
+            tied_embeddings: self.tie_word_embeddings,
+            max_positions: self.n_positions,
+            initializer_range: self.initializer_range,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+        }
+        .with_tokens(&self.tokens)
+    }
+
+    fn init_std(&self, name: &str) -> Option<f64> {
+        let base = super::init::default_init_std(self.initializer_range, name)?;
+        // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        Some(if name.ends_with("c_proj.weight") {
+            base / (2.0 * self.n_layer as f64).sqrt()
         } else {
-            w.get("lm_head.weight", &[v, d])?
-        };
-        Ok(Gpt2 {
-            cfg: cfg.clone(),
-            prefix,
-            wte,
-            wpe,
-            blocks,
-            lnf_w,
-            lnf_b,
-            lm_head,
+            base
         })
     }
 
-    pub(super) fn block_tensor_names(&self, layer: usize) -> Vec<String> {
-        [
-            "ln_1.weight",
-            "ln_1.bias",
-            "attn.c_attn.weight",
-            "attn.c_attn.bias",
-            "attn.c_proj.weight",
-            "attn.c_proj.bias",
-            "ln_2.weight",
-            "ln_2.bias",
-            "mlp.c_fc.weight",
-            "mlp.c_fc.bias",
-            "mlp.c_proj.weight",
-            "mlp.c_proj.bias",
-        ]
-        .iter()
-        .map(|s| format!("{}h.{layer}.{s}", self.prefix))
-        .collect()
+    fn is_known_buffer(&self, name: &str) -> bool {
+        name.ends_with(".attn.bias")
+            || name.ends_with(".attn.masked_bias")
+            || name == "lm_head.weight"
     }
 
-    pub(super) fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice> {
-        let n = |s: &str, axis| UnitSlice {
-            name: format!("{}h.{layer}.mlp.{s}", self.prefix),
-            axis,
+    fn load(&self, w: &mut Weights) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Gpt2::load(w, self)?))
+    }
+}
+
+/// A Conv1D layer: `x @ weight + bias`, weight stored (in, out).
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn load(w: &mut Weights, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Conv1D {
+            weight: w.get("weight", &[d_in, d_out])?,
+            bias: w.get("bias", &[d_out])?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::conv1d(x, &self.weight, &self.bias)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(w: &mut Weights, d: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get("weight", &[d])?,
+            bias: w.get("bias", &[d])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+struct Attention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, cfg: &Gpt2Config, layer: usize) -> Result<Self> {
+        let d = cfg.n_embd;
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / ((d / cfg.n_head) as f64).sqrt()
+        } else {
+            1.0
         };
-        vec![
-            n("c_fc.weight", 1),
-            n("c_fc.bias", 0),
-            n("c_proj.weight", 0),
-        ]
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        Ok(Attention {
+            c_attn: Conv1D::load(&mut w.pp("c_attn"), d, 3 * d)?,
+            c_proj: Conv1D::load(&mut w.pp("c_proj"), d, d)?,
+            heads: cfg.n_head,
+            scale,
+        })
     }
 
-    pub(super) fn mlp_down_weight(&self, layer: usize) -> Tensor {
-        self.blocks[layer].proj_w.clone()
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &AttnContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let qkv = self.c_attn.forward(x)?;
+        let mask = ctx.mask_for(None);
+        let attn = match cache {
+            None => ops::attention_packed(&qkv, self.heads, mask, self.scale)?,
+            Some(cache) => {
+                let (q, k, v) = ops::split_packed_qkv(&qkv, self.heads)?;
+                let (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
+                ops::attention(&q, &k, &v, mask, self.scale)?
+            }
+        };
+        Ok(self.c_proj.forward(&attn)?)
     }
+}
 
-    pub(super) fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let d = self.cfg.n_embd;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
-        Ok((tok + pos)?.reshape((b, t, d))?)
+struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+    activation: String,
+    units: Vec<UnitSlice>,
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, cfg: &Gpt2Config) -> Result<Self> {
+        let (d, inner) = (cfg.n_embd, cfg.inner_size());
+        let units = vec![
+            UnitSlice::new(w.name("c_fc.weight"), 1),
+            UnitSlice::new(w.name("c_fc.bias"), 0),
+            UnitSlice::new(w.name("c_proj.weight"), 0),
+        ];
+        Ok(Mlp {
+            c_fc: Conv1D::load(&mut w.pp("c_fc"), d, inner)?,
+            c_proj: Conv1D::load(&mut w.pp("c_proj"), inner, d)?,
+            activation: cfg.activation_function.clone(),
+            units,
+        })
     }
 
     fn act(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.cfg.activation_function.as_str() {
+        match self.activation.as_str() {
             "gelu" => x.gelu_erf(),
             "relu" => x.relu(),
             "silu" => x.silu(),
-            _ => crate::nn::ops::gelu_new(x),
+            _ => ops::gelu_new(x),
         }
     }
 
-    pub(super) fn block(
+    fn forward(&self, x: &Tensor, trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+        let hidden = self.act(&self.c_fc.forward(x)?)?;
+        if let Some(trace) = trace {
+            trace.push(hidden.clone());
+        }
+        Ok(self.c_proj.forward(&hidden)?)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(w: &mut Weights, cfg: &Gpt2Config, layer: usize) -> Result<Self> {
+        let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+        Ok(Block {
+            ln_1: LayerNorm::load(&mut w.pp("ln_1"), d, eps)?,
+            attn: Attention::load(&mut w.pp("attn"), cfg, layer)?,
+            ln_2: LayerNorm::load(&mut w.pp("ln_2"), d, eps)?,
+            mlp: Mlp::load(&mut w.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+pub struct Gpt2 {
+    n_embd: usize,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+}
+
+impl Gpt2 {
+    fn load(root: &mut Weights, cfg: &Gpt2Config) -> Result<Self> {
+        // Original OpenAI checkpoints store names without the `transformer.` prefix.
+        let prefix = if root.contains("wte.weight") {
+            ""
+        } else {
+            "transformer"
+        };
+        let (d, v) = (cfg.n_embd, cfg.vocab_size);
+        let mut w = root.pp(prefix);
+        let wte = w.get("wte.weight", &[v, d])?;
+        let wpe = w.get("wpe.weight", &[cfg.n_positions, d])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            blocks.push(w.block(i, |w| Block::load(&mut w.pp(format!("h.{i}")), cfg, i))?);
+        }
+        let ln_f =
+            w.final_norm(|w| LayerNorm::load(&mut w.pp("ln_f"), d, cfg.layer_norm_epsilon))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            wte.clone()
+        } else {
+            root.get("lm_head.weight", &[v, d])?
+        };
+        Ok(Gpt2 {
+            n_embd: d,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn embed(&self, ids: &Tensor, ctx: &AttnContext) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&ctx.positions.flatten_all()?, 0)?;
+        Ok((tok + pos)?.reshape((b, t, self.n_embd))?)
+    }
+
+    fn block(
         &self,
         layer: usize,
         x: &Tensor,
@@ -150,48 +313,27 @@ impl Gpt2 {
         mlp_trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let blk = &self.blocks[layer];
-        let eps = self.cfg.layer_norm_epsilon;
-        let d = x.dim(2)?;
-        let h = self.cfg.n_head;
-        let hd = d / h;
-        let a = ops::layer_norm(x, &blk.ln1_w, &blk.ln1_b, eps)?;
-        let qkv = ops::conv1d(&a, &blk.attn_w, &blk.attn_b)?;
-        let mut scale = if self.cfg.scale_attn_weights {
-            1.0 / (hd as f64).sqrt()
-        } else {
-            1.0
-        };
-        if self.cfg.scale_attn_by_inverse_layer_idx {
-            scale /= (layer + 1) as f64;
-        }
-        let mask = ctx.mask_for(None);
-        let attn = match cache {
-            None => ops::attention_packed(&qkv, h, mask, scale)?,
-            Some(cache) => {
-                let (q, k, v) = ops::split_packed_qkv(&qkv, h)?;
-                let (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
-                ops::attention(&q, &k, &v, mask, scale)?
-            }
-        };
-        let x = (x + ops::conv1d(&attn, &blk.attn_proj_w, &blk.attn_proj_b)?)?;
-        let m = ops::layer_norm(&x, &blk.ln2_w, &blk.ln2_b, eps)?;
-        let hidden = self.act(&ops::conv1d(&m, &blk.fc_w, &blk.fc_b)?)?;
-        if let Some(trace) = mlp_trace {
-            trace.push(hidden.clone());
-        }
-        Ok((x + ops::conv1d(&hidden, &blk.proj_w, &blk.proj_b)?)?)
+        let x = (x + blk.attn.forward(&blk.ln_1.forward(x)?, layer, ctx, cache)?)?;
+        Ok((&x + blk.mlp.forward(&blk.ln_2.forward(&x)?, mlp_trace)?)?)
     }
 
-    pub(super) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(
-            x,
-            &self.lnf_w,
-            &self.lnf_b,
-            self.cfg.layer_norm_epsilon,
-        )?)
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.ln_f.forward(x)?)
     }
 
-    pub(super) fn lm_head_weight(&self) -> &Tensor {
+    fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice> {
+        self.blocks[layer].mlp.units.clone()
+    }
+
+    fn mlp_down_weight(&self, layer: usize) -> Result<Tensor> {
+        Ok(self.blocks[layer].mlp.c_proj.weight.clone())
     }
 }

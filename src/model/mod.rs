@@ -2,23 +2,71 @@
 //! training (full sequence, logits at every position, padding mask) and generation (KV cache,
 //! left padding).
 //!
-//! Weights come from a [`Checkpoint`] by their HF names. Each tensor is either trainable (the
+//! Each architecture is one file that implements [`CausalLm`] (the forward pieces the rest of
+//! `sani` calls) and [`config::ArchConfig`] (its `config.json` and naming rules), registered by
+//! one line in [`ARCHITECTURES`]. [`Model`] wraps a loaded architecture with its config and
+//! the vars that train.
+//!
+//! Weights come from a [`WeightSource`] by their HF names (a checkpoint: `Model::load` in
+//! [`crate::io::checkpoint`]; or a fresh initialization, [`init`]). Each tensor is either trainable (the
 //! var itself, so gradients reach it) or frozen (a detached view: no gradient is computed).
 
 pub mod config;
 pub mod generate;
 mod gpt2;
+pub mod init;
 mod llama;
+pub mod weights;
 
-use crate::io::checkpoint::Checkpoint;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ArchConfig, ModelConfig};
 use crate::nn::ops;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+pub use weights::{LoadedNames, Loader, WeightSource, Weights};
 
-pub use gpt2::Gpt2;
-pub use llama::Llama;
+/// An architecture `sani` can load: its names in `config.json` and its config parser.
+pub struct Architecture {
+    /// `architectures[0]`, e.g. `LlamaForCausalLM`.
+    pub name: &'static str,
+    /// `model_type`, used when `architectures` is missing.
+    pub model_type: &'static str,
+    pub parse: fn(&str) -> Result<Arc<dyn ArchConfig>>,
+}
+
+/// Every supported architecture; adding one is a file plus a line here.
+pub const ARCHITECTURES: &[Architecture] = &[
+    gpt2::REGISTRATION,
+    llama::LLAMA,
+    llama::MISTRAL,
+    llama::QWEN2,
+];
+
+/// The forward pieces of a causal LM, as training, erasure and decoding use them.
+pub trait CausalLm: Send + Sync {
+    /// Token (+ position) embeddings: ids [b, t] u32 -> [b, t, d].
+    fn embed(&self, ids: &Tensor, ctx: &AttnContext) -> Result<Tensor>;
+    /// Transformer block `layer`. `mlp_trace` receives the MLP intermediate activation [b, t, width].
+    fn block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        cache: Option<&mut KvCache>,
+        mlp_trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor>;
+    /// Final norm: [b, t, d] -> [b, t, d].
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
+    /// The output projection weight [vocab, d] (the embedding when tied).
+    fn lm_head_weight(&self) -> &Tensor;
+    /// The smallest sliding window any layer uses (None when all attend fully).
+    fn sliding_window(&self) -> Option<usize>;
+    /// The tensors of `layer` indexed by MLP unit, and along which axis.
+    fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice>;
+    /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
+    fn mlp_down_weight(&self, layer: usize) -> Result<Tensor>;
+}
 
 /// Per-layer cached keys and values ([b, kv_heads, s, head_dim]) for incremental decoding.
 #[derive(Default)]
@@ -139,77 +187,38 @@ pub struct UnitSlice {
     pub axis: usize,
 }
 
-#[allow(clippy::large_enum_variant)] // one per loaded model
-enum Arch {
-    Gpt2(Gpt2),
-    Llama(Llama),
+impl UnitSlice {
+    pub fn new(name: String, axis: usize) -> Self {
+        UnitSlice { name, axis }
+    }
 }
 
 /// A loaded causal LM.
 pub struct Model {
     pub config: ModelConfig,
-    arch: Arch,
+    lm: Box<dyn CausalLm>,
     pub device: Device,
     trainable: BTreeMap<String, Var>,
-}
-
-/// Looks tensors up in the checkpoint, recording which names were used and which are trainable.
-pub(crate) struct WeightLoader<'a> {
-    ckpt: &'a Checkpoint,
-    trainable: &'a dyn Fn(&str) -> bool,
-    pub used: HashSet<String>,
-    pub vars: BTreeMap<String, Var>,
-}
-
-impl WeightLoader<'_> {
-    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let var = self.ckpt.var(name, shape)?;
-        self.used.insert(name.to_string());
-        if (self.trainable)(name) {
-            self.vars.insert(name.to_string(), var.clone());
-            Ok(var.as_tensor().clone())
-        } else {
-            Ok(var.as_tensor().detach())
-        }
-    }
-    pub fn has(&self, name: &str) -> bool {
-        self.ckpt.contains(name)
-    }
+    names: LoadedNames,
 }
 
 impl Model {
-    /// Builds the model from a checkpoint; `trainable(name)` decides which tensors get gradients.
-    /// Fails on a missing tensor, a shape mismatch, or a tensor the model does not use.
-    pub fn load(ckpt: &Checkpoint, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
-        let mut loader = WeightLoader {
-            ckpt,
-            trainable,
-            used: HashSet::new(),
-            vars: BTreeMap::new(),
-        };
-        let arch = match &ckpt.config {
-            ModelConfig::Gpt2(c) => {
-                let m = Gpt2::load(&mut loader, c)?;
-                ckpt.check_no_extra(&loader.used, gpt2::is_known_buffer)?;
-                Arch::Gpt2(m)
-            }
-            ModelConfig::Llama(c, flavor) => {
-                let m = Llama::load(&mut loader, c, *flavor)?;
-                ckpt.check_no_extra(&loader.used, llama::is_known_buffer)?;
-                Arch::Llama(m)
-            }
-        };
+    /// Builds the model from a weight source (no check for unused tensors).
+    pub fn from_source(
+        source: &dyn WeightSource,
+        config: &ModelConfig,
+        device: &Device,
+        trainable: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let mut loader = Loader::new(source, trainable);
+        let lm = config.spec().load(&mut loader.root())?;
         Ok(Model {
-            config: ckpt.config.clone(),
-            arch,
-            device: ckpt.device.clone(),
+            config: config.clone(),
+            lm,
+            device: device.clone(),
             trainable: loader.vars,
+            names: loader.names,
         })
-    }
-
-    /// Loads with every tensor frozen (inference).
-    pub fn load_frozen(ckpt: &Checkpoint) -> Result<Self> {
-        Self::load(ckpt, &|_| false)
     }
 
     /// The vars that receive gradients, by HF name.
@@ -223,42 +232,37 @@ impl Model {
 
     /// The smallest sliding window any layer uses (None when all attend fully).
     pub fn sliding_window(&self) -> Option<usize> {
-        match &self.arch {
-            Arch::Gpt2(_) => None,
-            Arch::Llama(m) => m.sliding_window(),
-        }
+        self.lm.sliding_window()
     }
 
     /// Names of the tensors of `layer` indexed by MLP unit, and along which axis.
     pub fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice> {
-        match &self.arch {
-            Arch::Gpt2(m) => m.mlp_unit_slices(layer),
-            Arch::Llama(m) => m.mlp_unit_slices(layer),
-        }
+        self.lm.mlp_unit_slices(layer)
     }
 
     /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
     pub fn mlp_down_weight(&self, layer: usize) -> Result<Tensor> {
-        Ok(match &self.arch {
-            Arch::Gpt2(m) => m.mlp_down_weight(layer),
-            Arch::Llama(m) => m.mlp_down_weight(layer).t()?.contiguous()?,
-        })
+        self.lm.mlp_down_weight(layer)
     }
 
-    /// Names of all tensors of transformer block `layer`.
-    pub fn block_tensor_names(&self, layer: usize) -> Vec<String> {
-        match &self.arch {
-            Arch::Gpt2(m) => m.block_tensor_names(layer),
-            Arch::Llama(m) => m.block_tensor_names(layer),
-        }
+    /// Every tensor name the model loaded.
+    pub fn loaded_names(&self) -> &std::collections::HashSet<String> {
+        &self.names.all
+    }
+
+    /// Names of all tensors of transformer block `layer`, as loaded.
+    pub fn block_tensor_names(&self, layer: usize) -> &[String] {
+        self.names.blocks.get(&layer).map_or(&[], Vec::as_slice)
+    }
+
+    /// Names of the final norm's tensors, as loaded.
+    pub fn final_norm_tensor_names(&self) -> &[String] {
+        &self.names.final_norm
     }
 
     /// Token (+ position) embeddings: ids [b, t] u32 -> [b, t, d].
     pub fn embed(&self, ids: &Tensor, ctx: &AttnContext) -> Result<Tensor> {
-        Ok(match &self.arch {
-            Arch::Gpt2(m) => m.embed(ids, &ctx.positions)?,
-            Arch::Llama(m) => m.embed(ids)?,
-        })
+        self.lm.embed(ids, ctx)
     }
 
     /// One transformer block. `mlp_trace` receives the MLP intermediate activation [b, t, width].
@@ -270,26 +274,17 @@ impl Model {
         cache: Option<&mut KvCache>,
         mlp_trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        Ok(match &self.arch {
-            Arch::Gpt2(m) => m.block(layer, x, ctx, cache, mlp_trace)?,
-            Arch::Llama(m) => m.block(layer, x, ctx, cache, mlp_trace)?,
-        })
+        self.lm.block(layer, x, ctx, cache, mlp_trace)
     }
 
     /// Final norm: [b, t, d] -> [b, t, d].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match &self.arch {
-            Arch::Gpt2(m) => m.final_norm(x)?,
-            Arch::Llama(m) => m.final_norm(x)?,
-        })
+        self.lm.final_norm(x)
     }
 
     /// The output projection weight [vocab, d] (the embedding when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
-        match &self.arch {
-            Arch::Gpt2(m) => m.lm_head_weight(),
-            Arch::Llama(m) => m.lm_head_weight(),
-        }
+        self.lm.lm_head_weight()
     }
 
     /// Logits from final hidden states: [b, t, d] -> [b, t, vocab].
@@ -316,6 +311,15 @@ impl Model {
                 cache.as_deref_mut(),
                 mlp_trace.as_deref_mut(),
             )?;
+        }
+        Ok(h)
+    }
+
+    /// Hidden states entering block `layer` (the embeddings for layer 0): ids [b, t] -> [b, t, d].
+    pub fn hidden_before(&self, layer: usize, ids: &Tensor, ctx: &AttnContext) -> Result<Tensor> {
+        let mut h = self.embed(ids, ctx)?;
+        for l in 0..layer {
+            h = self.block(l, &h, ctx, None, None)?;
         }
         Ok(h)
     }

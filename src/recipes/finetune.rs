@@ -2,17 +2,17 @@
 //! existing model or from a fresh config and tokenizer. The demo uses it to make a model that
 //! memorizes its notes; researchers use it to reproduce the paper's setting on their data.
 
-use crate::cli::{self, RuntimeArgs};
+use crate::cli::RuntimeArgs;
 use crate::data::spans;
 use crate::data::tokens::{self, BosPolicy};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::json;
 use crate::io::staged::StagedDir;
 use crate::model::config::ModelConfig;
-use crate::model::Model;
-use crate::recipes::sanitize::{windows_to_examples, Corpus};
 use crate::recipes::PhaseTiming;
-use crate::train::{self, EpochMetrics, FixedData, LoopConfig, OptimConfig, TrainScope};
+use crate::train::{
+    self, windows_to_examples, Corpus, EpochMetrics, FixedData, TrainConfig, TrainScope,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,9 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let docs = spans::load_documents(Some(&args.data), None, None)?;
     let (ckpt, tok, source, model_dir) = match (&args.model, &args.init) {
         (Some(m), _) => {
-            let dir = crate::io::checkpoint::resolve_model_dir(m)?;
+            let dir = crate::io::hub::resolve_model_dir(m)?;
             let ckpt = Checkpoint::load(&dir, &device)?;
-            let tok = cli::load_tokenizer(&dir)?;
+            let tok = crate::io::load_tokenizer(&dir)?;
             (ckpt, tok, dir.display().to_string(), Some(dir))
         }
         (None, Some(cfg_path)) => {
@@ -115,7 +115,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
                     tok.get_vocab_size(true)
                 );
             }
-            let ckpt = Checkpoint::init(config, &device, args.seed)?;
+            let ckpt = Checkpoint::fresh(config, &device, args.seed)?;
             (ckpt, tok, format!("init:{}", cfg_path.display()), None)
         }
         (None, None) => bail!("give --model DIR or --init CONFIG"),
@@ -185,25 +185,21 @@ pub fn finetune_in_memory(
         Some(k) => TrainScope::LastBlocks(k),
         None => TrainScope::All,
     };
-    let probe = Model::load_frozen(ckpt)?;
-    let model = Model::load(ckpt, &train::scope_predicate(&probe, scope))?;
-    train::train(
-        &model,
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        warmup_steps: args.warmup_steps,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        seed: args.seed,
+    };
+    train::fit(
+        ckpt,
+        scope,
         &mut FixedData(examples),
-        &LoopConfig {
-            epochs: args.epochs,
-            batch_size: args.batch_size,
-            grad_accum: args.grad_accum,
-            seed: args.seed,
-            scope,
-        },
-        &OptimConfig {
-            lr: args.lr,
-            warmup_steps: args.warmup_steps,
-            weight_decay: args.weight_decay,
-            max_grad_norm: args.max_grad_norm,
-            ..OptimConfig::default()
-        },
+        &cfg,
         args.runtime.quiet,
     )
 }

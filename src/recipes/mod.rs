@@ -1,7 +1,8 @@
 //! The workflows behind the subcommands, each a function over the building blocks: `sanitize`
-//! (erase, repair, write), `finetune`, `inspect` and `demo`.
+//! (erase, repair, write), `eval`, `finetune`, `inspect` and `demo`.
 
 pub mod demo;
+pub mod eval;
 pub mod finetune;
 pub mod inspect;
 pub mod sanitize;

@@ -2,31 +2,28 @@
 //! sensitive tokens masked out of the loss (or replaced by fresh surrogates), then an atomic write
 //! of a drop-in HF directory with `sani_report.json`.
 //!
-//! Options come from the built-in `configs/default.toml`, then `--config FILE`, then the
-//! command line (each layer overrides the one before).
+//! The options arrive resolved ([`ResolvedConfig`]: built-in `configs/default.toml`, then
+//! `--config FILE`, then the command line, layered by [`crate::cli::sanitize`]).
 
-use crate::cli::{self, ModelArgs, SpansArgs};
-use crate::data::spans::{self, Document};
-use crate::data::surrogate::apply_surrogates;
-use crate::data::tokens::{self, BosPolicy, Window};
+use crate::data::spans::{self, Document, SpanSources};
+use crate::data::tokens::{self, BosPolicy};
 use crate::erase::{self, ResetMode, Selection};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::json;
 use crate::io::staged::StagedDir;
 use crate::model::Model;
 use crate::recipes::PhaseTiming;
-use crate::train::{self, EpochData, EpochMetrics, Example, LoopConfig, OptimConfig, TrainScope};
+use crate::train::{
+    self, windows_to_examples, Corpus, EpochMetrics, FixedData, SurrogateData, TrainConfig,
+    TrainScope,
+};
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
-
-pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.toml");
 
 /// What the repair trains on where the corpus has sensitive spans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -36,150 +33,6 @@ pub enum RepairTarget {
     Mask,
     /// Every epoch each span is replaced by a fresh fake identifier of the same type, which is trained on.
     Surrogate,
-}
-
-/// Every sanitize option; `None` means "not set at this layer". Also the TOML config schema.
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct SanitizeOptions {
-    /// Erase MLP units in the last N transformer blocks [default.toml: 4; paper: 1]
-    #[arg(long)]
-    pub erase_layers: Option<usize>,
-    /// Share of the MLP units of each erased block to reset, 0 disables erasure [default.toml: 0.5; paper: 0.5]
-    #[arg(long)]
-    pub erase_fraction: Option<f64>,
-    /// How units are chosen [default.toml: random]
-    #[arg(long, value_enum)]
-    pub select: Option<Selection>,
-    /// What an erased unit becomes [default.toml: reinit]
-    #[arg(long, value_enum)]
-    pub reset: Option<ResetMode>,
-    /// Pre-trained model the fine-tune started from (for --reset base)
-    #[arg(long, value_name = "DIR")]
-    pub base_model: Option<PathBuf>,
-    /// Repair target on sensitive spans [default.toml: surrogate; paper: mask]
-    #[arg(long, value_enum)]
-    pub repair_target: Option<RepairTarget>,
-    /// Repair epochs, 0 disables repair [default.toml: 6; paper: 2]
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Peak learning rate (AdamW) [default.toml: 5e-4]
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Sequences per micro-batch [default.toml: 8]
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default.toml: 1]
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Tokens per training window [default.toml: 256]
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// Overlap long documents: windows start this many tokens apart (0: no overlap) [default.toml: 0]
-    #[arg(long)]
-    pub stride: Option<usize>,
-    /// Linear warmup steps, then linear decay [default.toml: 0]
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// AdamW decoupled weight decay on matrices [default.toml: 0.0]
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Clip the global gradient norm, 0 disables [default.toml: 1.0]
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Which blocks the repair trains: all, erased, or last:K [default.toml: all]
-    #[arg(long)]
-    pub train_scope: Option<String>,
-    /// BOS at the start of each document: auto (tokenizer's, else config's), always, never [default.toml: auto]
-    #[arg(long, value_enum)]
-    pub bos: Option<BosPolicy>,
-    /// Seed for selection, reinit, shuffling and surrogates [default.toml: 0]
-    #[arg(long)]
-    pub seed: Option<u64>,
-}
-
-macro_rules! overlay {
-    ($base:expr, $top:expr, $($f:ident),*) => {
-        SanitizeOptions { $($f: $top.$f.clone().or($base.$f.clone())),* }
-    };
-}
-
-impl SanitizeOptions {
-    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        toml::from_str(text).with_context(|| format!("{}: invalid sanitize config", path.display()))
-    }
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read config", path.display()))?;
-        Self::from_toml(&text, path)
-    }
-    /// `top` wins where set.
-    pub fn overlay(&self, top: &SanitizeOptions) -> SanitizeOptions {
-        overlay!(
-            self,
-            top,
-            erase_layers,
-            erase_fraction,
-            select,
-            reset,
-            base_model,
-            repair_target,
-            epochs,
-            lr,
-            batch_size,
-            grad_accum,
-            max_seq_len,
-            stride,
-            warmup_steps,
-            weight_decay,
-            max_grad_norm,
-            train_scope,
-            bos,
-            seed
-        )
-    }
-    /// Built-in defaults, then the file, then the command line.
-    pub fn layered(file: Option<&Path>, cli: &SanitizeOptions) -> Result<ResolvedConfig> {
-        let mut opts =
-            Self::from_toml(DEFAULT_CONFIG, Path::new("configs/default.toml (built in)"))?;
-        if let Some(f) = file {
-            opts = opts.overlay(&Self::from_file(f)?);
-        }
-        opts.overlay(cli).resolve()
-    }
-
-    fn resolve(&self) -> Result<ResolvedConfig> {
-        let missing = |f: &str| {
-            anyhow::anyhow!("option `{f}` has no value (built-in default config is incomplete)")
-        };
-        macro_rules! req {
-            ($f:ident) => {
-                self.$f.clone().ok_or_else(|| missing(stringify!($f)))?
-            };
-        }
-        let cfg = ResolvedConfig {
-            erase_layers: req!(erase_layers),
-            erase_fraction: req!(erase_fraction),
-            select: req!(select),
-            reset: req!(reset),
-            base_model: self.base_model.clone(),
-            repair_target: req!(repair_target),
-            epochs: req!(epochs),
-            lr: req!(lr),
-            batch_size: req!(batch_size),
-            grad_accum: req!(grad_accum),
-            max_seq_len: req!(max_seq_len),
-            stride: req!(stride),
-            warmup_steps: req!(warmup_steps),
-            weight_decay: req!(weight_decay),
-            max_grad_norm: req!(max_grad_norm),
-            train_scope: req!(train_scope),
-            bos: req!(bos),
-            seed: req!(seed),
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
 }
 
 /// The configuration a run actually used (saved in the report and as `sani_config.toml`).
@@ -208,7 +61,7 @@ pub struct ResolvedConfig {
 }
 
 impl ResolvedConfig {
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.erase_fraction) {
             bail!(
                 "--erase-fraction must be in [0, 1], got {}",
@@ -231,6 +84,20 @@ impl ResolvedConfig {
         Ok(())
     }
 
+    /// The repair's training hyperparameters.
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+        }
+    }
+
     /// The training scope for a model of `n_layers` blocks.
     pub fn scope(&self, n_layers: usize) -> Result<TrainScope> {
         Ok(match self.train_scope.as_str() {
@@ -244,89 +111,6 @@ impl ResolvedConfig {
                 _ => bail!("--train-scope {s}: expected all, erased or last:K (K >= 1)"),
             },
         })
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SanitizeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub spans: SpansArgs,
-    /// Output directory (a complete HF model directory plus sani_report.json)
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-    /// Replace --out if it exists
-    #[arg(long)]
-    pub force: bool,
-    /// TOML file with any of the options below (kebab-case keys); the command line overrides it
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub options: SanitizeOptions,
-}
-
-/// Converts tokenized windows to training examples; `mask_sensitive` removes them from the loss.
-pub fn windows_to_examples(windows: &[Window], mask_sensitive: bool) -> Vec<Example> {
-    windows
-        .iter()
-        .filter(|w| w.ids.len() >= 2)
-        .map(|w| Example {
-            ids: w.ids.clone(),
-            train: w
-                .sensitive
-                .iter()
-                .map(|&s| !(mask_sensitive && s))
-                .collect(),
-            sensitive: w.sensitive.clone(),
-        })
-        .collect()
-}
-
-/// The corpus tokenized into examples.
-pub struct Corpus<'a> {
-    pub docs: &'a [Document],
-    pub tok: &'a Tokenizer,
-    pub labels: Vec<String>,
-    pub bos: Option<u32>,
-    pub max_seq_len: usize,
-    pub stride: Option<usize>,
-}
-
-impl Corpus<'_> {
-    pub fn windows(&self, docs: &[Document]) -> Result<Vec<Window>> {
-        let enc = tokens::encode_documents(self.tok, docs)?;
-        Ok(tokens::make_windows(
-            docs,
-            &enc,
-            &self.labels,
-            self.bos,
-            self.max_seq_len,
-            self.stride,
-        ))
-    }
-}
-
-/// Surrogate repair data: every epoch the spans get fresh fake values before tokenization.
-struct SurrogateData<'a> {
-    corpus: &'a Corpus<'a>,
-    seed: u64,
-}
-
-impl EpochData for SurrogateData<'_> {
-    fn examples(&mut self, epoch: usize) -> Result<Vec<Example>> {
-        let mut rng =
-            StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        let docs: Vec<Document> = self
-            .corpus
-            .docs
-            .iter()
-            .map(|d| apply_surrogates(d, &mut rng))
-            .collect();
-        Ok(windows_to_examples(&self.corpus.windows(&docs)?, false))
-    }
-    fn is_fixed(&self) -> bool {
-        false
     }
 }
 
@@ -352,11 +136,8 @@ pub struct SanitizeReport {
     pub output_weights_sha256: String,
 }
 
-/// Runs the whole sanitize pipeline on an already opened checkpoint. Writes nothing.
-pub struct SanitizeOutcome {
-    pub report: SanitizeReport,
-}
-
+/// Runs the whole sanitize pipeline on an already opened checkpoint (its tensors are updated in
+/// place). Writes nothing.
 pub fn sanitize_in_memory(
     ckpt: &Checkpoint,
     tok: &Tokenizer,
@@ -414,29 +195,13 @@ pub fn sanitize_in_memory(
     let mut epochs = Vec::new();
     if cfg.epochs > 0 {
         let scope = cfg.scope(n_layers)?;
-        let shape_model = Model::load_frozen(ckpt)?;
-        let trainable = train::scope_predicate(&shape_model, scope);
-        let model = Model::load(ckpt, &trainable)?;
-        let loop_cfg = LoopConfig {
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            grad_accum: cfg.grad_accum,
-            seed: cfg.seed,
-            scope,
-        };
-        let optim = OptimConfig {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
-            weight_decay: cfg.weight_decay,
-            max_grad_norm: cfg.max_grad_norm,
-            ..OptimConfig::default()
-        };
+        let train_cfg = cfg.train_config();
         epochs = match cfg.repair_target {
-            RepairTarget::Mask => train::train(
-                &model,
-                &mut train::FixedData(examples.clone()),
-                &loop_cfg,
-                &optim,
+            RepairTarget::Mask => train::fit(
+                ckpt,
+                scope,
+                &mut FixedData(examples.clone()),
+                &train_cfg,
                 quiet,
             )?,
             RepairTarget::Surrogate => {
@@ -444,7 +209,7 @@ pub fn sanitize_in_memory(
                     corpus: &corpus,
                     seed: cfg.seed,
                 };
-                train::train(&model, &mut data, &loop_cfg, &optim, quiet)?
+                train::fit(ckpt, scope, &mut data, &train_cfg, quiet)?
             }
         };
     }
@@ -484,28 +249,41 @@ pub fn sanitize_in_memory(
     })
 }
 
+/// A sanitize run, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct SanitizeJob {
+    /// Model directory or cached hub repo id.
+    pub model: String,
+    pub device: Device,
+    pub quiet: bool,
+    pub spans: SpanSources,
+    pub out: PathBuf,
+    /// Replace `out` if it exists.
+    pub force: bool,
+    pub config: ResolvedConfig,
+}
+
 /// `sani sanitize`.
-pub fn run(args: &SanitizeArgs) -> Result<()> {
-    let cfg = SanitizeOptions::layered(args.config.as_deref(), &args.options)?;
-    let device = args.model.runtime.setup()?;
-    let docs = args.spans.load()?;
-    let (ckpt, tok) = cli::open_model(&args.model, &device)?;
+pub fn run(job: &SanitizeJob) -> Result<()> {
+    let cfg = &job.config;
+    let docs = job.spans.load()?;
+    let (ckpt, tok) = crate::io::open_model(&job.model, &job.device)?;
     let model_dir = ckpt.dir.clone();
-    let staged = StagedDir::create(&args.out, args.force, &[&model_dir])?;
+    let staged = StagedDir::create(&job.out, job.force, &[&model_dir])?;
     let input_sha = ckpt.weights_sha256()?;
     let t0 = Instant::now();
-    let mut report = sanitize_in_memory(&ckpt, &tok, &docs, &cfg, args.model.runtime.quiet)?;
+    let mut report = sanitize_in_memory(&ckpt, &tok, &docs, cfg, job.quiet)?;
     report.command = std::env::args().collect::<Vec<_>>().join(" ");
     report.input_weights_sha256 = input_sha.clone();
     for (k, p) in [
-        ("sensitive", &args.spans.sensitive),
-        ("corpus", &args.spans.corpus),
-        ("terms", &args.spans.terms),
+        ("sensitive", &job.spans.sensitive),
+        ("corpus", &job.spans.corpus),
+        ("terms", &job.spans.terms),
     ] {
         if let Some(p) = p {
             report.sensitive_inputs.insert(
                 k.to_string(),
-                crate::io::checkpoint::sha256_files(Path::new("."), &[p.display().to_string()])?,
+                crate::io::hash::sha256_files(Path::new("."), &[p.display().to_string()])?,
             );
         }
     }
@@ -513,17 +291,16 @@ pub fn run(args: &SanitizeArgs) -> Result<()> {
     provenance.insert("sani_version".to_string(), report.sani_version.clone());
     provenance.insert("sani_operation".to_string(), "sanitize".to_string());
     provenance.insert("sani_source_sha256".to_string(), input_sha);
-    provenance.insert("sani_config".to_string(), serde_json::to_string(&cfg)?);
+    provenance.insert("sani_config".to_string(), serde_json::to_string(cfg)?);
     let tw = Instant::now();
     ckpt.write_to(staged.path(), &provenance)?;
-    report.output_weights_sha256 =
-        crate::io::checkpoint::sha256_files(staged.path(), &ckpt.shards)?;
+    report.output_weights_sha256 = crate::io::hash::sha256_files(staged.path(), &ckpt.shards)?;
     report.timings.push(PhaseTiming::new("write", tw, 0));
     report.timings.push(PhaseTiming::new("total", t0, 0));
     json::write_json(&staged.path().join(json::SANITIZE_REPORT_FILE), &report)?;
     std::fs::write(
         staged.path().join("sani_config.toml"),
-        toml::to_string(&cfg)?,
+        toml::to_string(cfg)?,
     )?;
     let out = staged.commit()?;
     print_summary(&report, &out);

@@ -1,0 +1,151 @@
+//! `sani eval` on the command line: flags, checked once and turned into an [`EvalJob`].
+
+use super::{RuntimeArgs, SpansArgs};
+use crate::data::tokens::BosPolicy;
+use crate::eval::{RegurgitationSettings, Verdict};
+use crate::recipes::eval::{EvalJob, GateLimits, Measure};
+use anyhow::{anyhow, bail, Result};
+use std::path::PathBuf;
+
+/// `sani eval`: measure regurgitation of sensitive spans (and perplexity), report, gate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Model directory (HF layout: config.json, *.safetensors, tokenizer.json) or a hub repo id
+    /// already in the local Hugging Face cache (sani never downloads). Not needed with --compare.
+    #[arg(long, value_name = "DIR|REPO")]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub spans: SpansArgs,
+
+    /// Measure regurgitation of the sensitive spans (the default when no other measurement is asked).
+    #[arg(long)]
+    pub regurgitation: bool,
+    /// Held-out JSONL documents (with or without spans): token-level perplexity, overall and split
+    /// into sensitive and non-sensitive tokens.
+    #[arg(long, value_name = "FILE")]
+    pub perplexity: Option<PathBuf>,
+    /// Held-out documents with spans never trained on (same format as --sensitive): the same
+    /// regurgitation measurement, as the chance level.
+    #[arg(long, value_name = "FILE")]
+    pub control: Option<PathBuf>,
+    /// Compare two JSON reports (written by --json) side by side; needs no model.
+    #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"])]
+    pub compare: Option<Vec<PathBuf>>,
+
+    /// Write the JSON report here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Write one JSON line per span here (hashes instead of text unless --show-text).
+    #[arg(long, value_name = "PATH")]
+    pub per_span: Option<PathBuf>,
+    /// Put the span text and the generated continuation in --per-span output (sensitive!).
+    #[arg(long)]
+    pub show_text: bool,
+
+    /// Gate: fail when the total exact rate is above R (0..=1).
+    #[arg(long, value_name = "R", conflicts_with = "max_count")]
+    pub max_rate: Option<f64>,
+    /// Gate: fail when more than N spans are reproduced exactly.
+    #[arg(long, value_name = "N")]
+    pub max_count: Option<usize>,
+
+    /// Tokens of document text before the span used as the prompt.
+    #[arg(long, default_value_t = 32)]
+    pub prefix_tokens: usize,
+    /// Tokens to decode per span (default: the span's token count + 4).
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampled continuations per span in addition to greedy decoding (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub samples: usize,
+    /// Sampling temperature (with --samples).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Sampling top-k (with --samples; 0: no cut).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Spans (or perplexity windows) per forward batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// BOS token at the start of each prompt / window.
+    #[arg(long, value_enum, default_value_t = BosPolicy::Auto)]
+    pub bos: BosPolicy,
+    /// Perplexity window length (default: the model's context length, at most 1024; maximum: the
+    /// context length).
+    #[arg(long, value_name = "N")]
+    pub max_seq_len: Option<usize>,
+}
+
+impl EvalArgs {
+    /// Validates the flags (each once) and resolves them into a job.
+    pub fn resolve(&self) -> Result<EvalJob> {
+        if let Some(r) = self.max_rate {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("--max-rate must be between 0 and 1 (got {r})");
+            }
+        }
+        if self.max_rate.is_some() && self.max_count.is_some() {
+            bail!("--max-rate and --max-count cannot be used together");
+        }
+        let gate = GateLimits {
+            max_rate: self.max_rate,
+            max_count: self.max_count,
+        };
+        if let Some(paths) = &self.compare {
+            let [before, after] = paths.as_slice() else {
+                bail!("--compare needs two reports: BEFORE AFTER");
+            };
+            return Ok(EvalJob::Compare {
+                before: before.clone(),
+                after: after.clone(),
+                gate,
+            });
+        }
+        let model = self
+            .model
+            .clone()
+            .ok_or_else(|| anyhow!("--model is required (except with --compare)"))?;
+        let settings = RegurgitationSettings {
+            prefix_tokens: self.prefix_tokens,
+            max_new_tokens: self.max_new_tokens,
+            samples: self.samples,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            bos: self.bos,
+        };
+        settings.validate()?;
+        if self.max_seq_len == Some(0) {
+            bail!("--max-seq-len must be at least 1");
+        }
+        let device = self.runtime.setup()?;
+        Ok(EvalJob::Measure(Box::new(Measure {
+            model,
+            device,
+            quiet: self.runtime.quiet,
+            spans: self.spans.sources(),
+            regurgitation: self.regurgitation
+                || self.perplexity.is_none()
+                || self.control.is_some(),
+            control: self.control.clone(),
+            perplexity: self.perplexity.clone(),
+            settings,
+            max_seq_len: self.max_seq_len,
+            gate,
+            json: self.json.clone(),
+            per_span: self.per_span.clone(),
+            show_text: self.show_text,
+        })))
+    }
+}
+
+/// Runs `sani eval`.
+pub fn run(args: &EvalArgs) -> Result<Verdict> {
+    crate::recipes::eval::run(&args.resolve()?)
+}

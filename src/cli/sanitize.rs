@@ -1,0 +1,146 @@
+//! `sani sanitize` on the command line: every option as a flag and as a key of the TOML config
+//! file ([`SanitizeOptions`], one definition for both), layered over the built-in defaults into
+//! the [`ResolvedConfig`] the recipe takes.
+
+use super::{ModelArgs, SpansArgs};
+use crate::data::tokens::BosPolicy;
+use crate::erase::{ResetMode, Selection};
+use crate::recipes::sanitize::{RepairTarget, ResolvedConfig, SanitizeJob};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.toml");
+
+/// Every sanitize option; `None` means "not set at this layer". Also the TOML config schema.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SanitizeOptions {
+    /// Erase MLP units in the last N transformer blocks [default.toml: 4; paper: 1]
+    #[arg(long)]
+    pub erase_layers: Option<usize>,
+    /// Share of the MLP units of each erased block to reset, 0 disables erasure [default.toml: 0.5; paper: 0.5]
+    #[arg(long)]
+    pub erase_fraction: Option<f64>,
+    /// How units are chosen [default.toml: random]
+    #[arg(long, value_enum)]
+    pub select: Option<Selection>,
+    /// What an erased unit becomes [default.toml: reinit]
+    #[arg(long, value_enum)]
+    pub reset: Option<ResetMode>,
+    /// Pre-trained model the fine-tune started from (for --reset base)
+    #[arg(long, value_name = "DIR")]
+    pub base_model: Option<PathBuf>,
+    /// Repair target on sensitive spans [default.toml: surrogate; paper: mask]
+    #[arg(long, value_enum)]
+    pub repair_target: Option<RepairTarget>,
+    /// Repair epochs, 0 disables repair [default.toml: 6; paper: 2]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate (AdamW) [default.toml: 5e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Sequences per micro-batch [default.toml: 8]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default.toml: 1]
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per training window [default.toml: 256]
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Overlap long documents: windows start this many tokens apart (0: no overlap) [default.toml: 0]
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Linear warmup steps, then linear decay [default.toml: 0]
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW decoupled weight decay on matrices [default.toml: 0.0]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm, 0 disables [default.toml: 1.0]
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Which blocks the repair trains: all, erased, or last:K [default.toml: all]
+    #[arg(long)]
+    pub train_scope: Option<String>,
+    /// BOS at the start of each document: auto (tokenizer's, else config's), always, never [default.toml: auto]
+    #[arg(long, value_enum)]
+    pub bos: Option<BosPolicy>,
+    /// Seed for selection, reinit, shuffling and surrogates [default.toml: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SanitizeOptions {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        toml::from_str(text).with_context(|| format!("{}: invalid sanitize config", path.display()))
+    }
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read config", path.display()))?;
+        Self::from_toml(&text, path)
+    }
+    /// The options that are set, as TOML keys (unset ones are left out).
+    fn to_table(&self) -> Result<toml::Table> {
+        toml::Table::try_from(self).context("cannot represent the sanitize options as TOML")
+    }
+    /// Built-in defaults, then the file, then the command line: each layer's keys replace the
+    /// ones before; the result is checked once.
+    pub fn layered(file: Option<&Path>, cli: &SanitizeOptions) -> Result<ResolvedConfig> {
+        let mut table =
+            Self::from_toml(DEFAULT_CONFIG, Path::new("configs/default.toml (built in)"))?
+                .to_table()?;
+        if let Some(f) = file {
+            table.extend(Self::from_file(f)?.to_table()?);
+        }
+        table.extend(cli.to_table()?);
+        let cfg: ResolvedConfig = toml::Value::Table(table)
+            .try_into()
+            .context("sanitize options: the built-in default config is incomplete")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SanitizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub spans: SpansArgs,
+    /// Output directory (a complete HF model directory plus sani_report.json)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace --out if it exists
+    #[arg(long)]
+    pub force: bool,
+    /// TOML file with any of the options below (kebab-case keys); the command line overrides it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: SanitizeOptions,
+}
+
+impl SanitizeArgs {
+    /// Layers the options and checks them (once), opens the device.
+    pub fn resolve(&self) -> Result<SanitizeJob> {
+        let config = SanitizeOptions::layered(self.config.as_deref(), &self.options)?;
+        let device = self.model.runtime.setup()?;
+        Ok(SanitizeJob {
+            model: self.model.model.clone(),
+            device,
+            quiet: self.model.runtime.quiet,
+            spans: self.spans.sources(),
+            out: self.out.clone(),
+            force: self.force,
+            config,
+        })
+    }
+}
+
+/// Runs `sani sanitize`.
+pub fn run(args: &SanitizeArgs) -> Result<()> {
+    crate::recipes::sanitize::run(&args.resolve()?)
+}

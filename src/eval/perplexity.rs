@@ -1,0 +1,112 @@
+//! Utility: token-level perplexity over held-out documents, overall and split into sensitive and
+//! non-sensitive tokens.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::data::spans::Document;
+use crate::data::tokens;
+use crate::model::{AttnContext, Model};
+
+/// Perplexity over one group of tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PplStat {
+    pub tokens: usize,
+    pub mean_nll: Option<f64>,
+    /// exp(mean NLL); None without tokens.
+    pub perplexity: Option<f64>,
+}
+
+impl PplStat {
+    fn from_sum(sum: f64, n: usize) -> Self {
+        if n == 0 {
+            return PplStat::default();
+        }
+        let mean = sum / n as f64;
+        PplStat {
+            tokens: n,
+            mean_nll: Some(mean),
+            perplexity: Some(mean.exp()),
+        }
+    }
+}
+
+/// Positions per logits slice in [`perplexity`].
+const LOGIT_SLICE: usize = 256;
+
+/// Default perplexity window: the model's context, at most this.
+pub const DEFAULT_PPL_SEQ_LEN: usize = 1024;
+
+/// Token-level perplexity of held-out documents.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Perplexity {
+    pub documents: usize,
+    pub windows: usize,
+    pub max_seq_len: usize,
+    pub bos: Option<u32>,
+    pub all: PplStat,
+    pub non_sensitive: PplStat,
+    pub sensitive: PplStat,
+}
+
+/// Perplexity of `docs` in non-overlapping windows of `max_seq_len` tokens (`[bos?]` at each
+/// document start; the first token of a window is context only). `max_seq_len` is capped at the
+/// model's context length.
+pub fn perplexity(
+    model: &Model,
+    tok: &Tokenizer,
+    docs: &[Document],
+    bos: Option<u32>,
+    max_seq_len: usize,
+    batch: usize,
+) -> Result<Perplexity> {
+    let max_len = max_seq_len.min(model.config.max_positions()).max(2);
+    let encoded = tokens::encode_documents(tok, docs)?;
+    let windows = tokens::make_windows(docs, &encoded, &[], bos, max_len, None);
+    let (mut sum_all, mut n_all, mut sum_s, mut n_s) = (0f64, 0usize, 0f64, 0usize);
+    let dev = &model.device;
+    for chunk in windows.chunks(batch.max(1)) {
+        let rows: Vec<&[u32]> = chunk.iter().map(|w| w.ids.as_slice()).collect();
+        let (ids, valid, t) = tokens::right_pad(&rows);
+        if t < 2 {
+            continue;
+        }
+        let b = chunk.len();
+        let input = Tensor::from_vec(ids, (b, t), dev)?;
+        let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
+        let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
+        // Logits in slices of positions, so [t, vocab] never exists for a long window.
+        for (r, w) in chunk.iter().enumerate() {
+            let n = w.ids.len();
+            let mut p0 = 0;
+            while p0 + 1 < n {
+                let len = LOGIT_SLICE.min(n - 1 - p0);
+                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, p0, len)?)?;
+                let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
+                let tg = Tensor::from_slice(&w.ids[p0 + 1..p0 + 1 + len], len, dev)?;
+                let nll = crate::nn::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
+                for (j, &x) in nll.iter().enumerate() {
+                    let x = x as f64;
+                    sum_all += x;
+                    n_all += 1;
+                    if w.sensitive[p0 + 1 + j] {
+                        sum_s += x;
+                        n_s += 1;
+                    }
+                }
+                p0 += len;
+            }
+        }
+    }
+    Ok(Perplexity {
+        documents: docs.len(),
+        windows: windows.len(),
+        max_seq_len: max_len,
+        bos,
+        all: PplStat::from_sum(sum_all, n_all),
+        non_sensitive: PplStat::from_sum(sum_all - sum_s, n_all - n_s),
+        sensitive: PplStat::from_sum(sum_s, n_s),
+    })
+}

@@ -1,0 +1,150 @@
+//! How an architecture gets its tensors: a [`Weights`] view is a name prefix over a [`Loader`],
+//! in the spirit of candle's `VarBuilder`. Each tensor name is written once, in the `load` of
+//! the struct that owns it; the loader records which names each block and the final norm used,
+//! so that the lists of tensors a block owns come from loading, not from a second list.
+
+use anyhow::Result;
+use candle_core::{Tensor, Var};
+use std::collections::{BTreeMap, HashSet};
+
+/// Where tensors come from: a checkpoint on disk, or a fresh initialization.
+pub trait WeightSource {
+    /// The tensor stored (or created) under `name`; an error when it is missing or has another shape.
+    fn var(&self, name: &str, shape: &[usize]) -> Result<Var>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Which part of the model a tensor belongs to (for training scopes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Other,
+    Block(usize),
+    FinalNorm,
+}
+
+/// The tensor names a loaded model used, by part.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedNames {
+    pub all: HashSet<String>,
+    /// Per transformer block, the names of its tensors in load order.
+    pub blocks: BTreeMap<usize, Vec<String>>,
+    pub final_norm: Vec<String>,
+}
+
+/// Looks tensors up in a source, recording which names were used and which are trainable.
+pub struct Loader<'a> {
+    source: &'a dyn WeightSource,
+    trainable: &'a dyn Fn(&str) -> bool,
+    part: Part,
+    pub names: LoadedNames,
+    pub vars: BTreeMap<String, Var>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(source: &'a dyn WeightSource, trainable: &'a dyn Fn(&str) -> bool) -> Self {
+        Loader {
+            source,
+            trainable,
+            part: Part::Other,
+            names: LoadedNames::default(),
+            vars: BTreeMap::new(),
+        }
+    }
+
+    /// The root view (no prefix).
+    pub fn root(&mut self) -> Weights<'_, 'a> {
+        Weights {
+            loader: self,
+            prefix: String::new(),
+        }
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let var = self.source.var(name, shape)?;
+        self.names.all.insert(name.to_string());
+        match self.part {
+            Part::Block(i) => self.names.blocks.entry(i).or_default().push(name.into()),
+            Part::FinalNorm => self.names.final_norm.push(name.into()),
+            Part::Other => {}
+        }
+        if (self.trainable)(name) {
+            self.vars.insert(name.to_string(), var.clone());
+            Ok(var.as_tensor().clone())
+        } else {
+            Ok(var.as_tensor().detach())
+        }
+    }
+}
+
+/// A name prefix over a [`Loader`]: `w.pp("mlp").get("c_fc.weight", ..)` loads `<prefix>.mlp.c_fc.weight`.
+pub struct Weights<'l, 'a> {
+    loader: &'l mut Loader<'a>,
+    prefix: String,
+}
+
+impl<'a> Weights<'_, 'a> {
+    /// The full name of `name` under this prefix.
+    pub fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// A view one level down (`pp("")` is the same prefix).
+    pub fn pp(&mut self, sub: impl std::fmt::Display) -> Weights<'_, 'a> {
+        let sub = sub.to_string();
+        let prefix = if sub.is_empty() {
+            self.prefix.clone()
+        } else {
+            self.name(&sub)
+        };
+        Weights {
+            loader: self.loader,
+            prefix,
+        }
+    }
+
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.name(name);
+        self.loader.get(&full, shape)
+    }
+
+    /// The tensor when `present`, else None (optional biases).
+    pub fn get_if(&mut self, present: bool, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        present.then(|| self.get(name, shape)).transpose()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.loader.source.contains(&self.name(name))
+    }
+
+    /// Loads transformer block `layer` with `load`, recording the names it loads as the block's.
+    pub fn block<T>(
+        &mut self,
+        layer: usize,
+        load: impl FnOnce(&mut Weights<'_, 'a>) -> Result<T>,
+    ) -> Result<T> {
+        self.in_part(Part::Block(layer), load)
+    }
+
+    /// Loads the final norm with `load`, recording its names.
+    pub fn final_norm<T>(
+        &mut self,
+        load: impl FnOnce(&mut Weights<'_, 'a>) -> Result<T>,
+    ) -> Result<T> {
+        self.in_part(Part::FinalNorm, load)
+    }
+
+    fn in_part<T>(
+        &mut self,
+        part: Part,
+        load: impl FnOnce(&mut Weights<'_, 'a>) -> Result<T>,
+    ) -> Result<T> {
+        let before = std::mem::replace(&mut self.loader.part, part);
+        let out = load(self);
+        self.loader.part = before;
+        out
+    }
+}

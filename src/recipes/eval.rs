@@ -1,0 +1,218 @@
+//! `sani eval`: regurgitation of the sensitive spans (and of a control set, the chance level),
+//! perplexity on held-out text, the report (table, `--json`, `--per-span`) and the gate; or the
+//! side-by-side comparison of two reports.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+use crate::data::spans::{load_documents, SpanSources};
+use crate::eval::perplexity::{perplexity, DEFAULT_PPL_SEQ_LEN};
+use crate::eval::regurgitation::{regurgitation, resolve_bos_info, RegurgitationSettings};
+use crate::eval::report::{
+    gate, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
+    ReportSettings, Timing, Verdict,
+};
+use crate::io::json;
+use crate::io::staged::write_file_atomic;
+use crate::model::Model;
+
+/// The gate: the exit code is 1 when the exact rate (or count) is above the limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GateLimits {
+    pub max_rate: Option<f64>,
+    pub max_count: Option<usize>,
+}
+
+/// What `sani eval` is asked to do, validated.
+#[derive(Debug, Clone)]
+pub enum EvalJob {
+    /// Compare two `--json` reports (no model).
+    Compare {
+        before: PathBuf,
+        after: PathBuf,
+        gate: GateLimits,
+    },
+    Measure(Box<Measure>),
+}
+
+/// Measure a model.
+#[derive(Debug, Clone)]
+pub struct Measure {
+    /// Model directory or cached hub repo id.
+    pub model: String,
+    pub device: Device,
+    pub quiet: bool,
+    pub spans: SpanSources,
+    /// Measure regurgitation of `spans`.
+    pub regurgitation: bool,
+    pub control: Option<PathBuf>,
+    pub perplexity: Option<PathBuf>,
+    pub settings: RegurgitationSettings,
+    /// Perplexity window (None: the model's context, at most [`DEFAULT_PPL_SEQ_LEN`]).
+    pub max_seq_len: Option<usize>,
+    pub gate: GateLimits,
+    pub json: Option<PathBuf>,
+    pub per_span: Option<PathBuf>,
+    pub show_text: bool,
+}
+
+fn path_str(p: &Option<PathBuf>) -> Option<String> {
+    p.as_ref().map(|p| p.display().to_string())
+}
+
+fn compare(before: &Path, after: &Path, limits: &GateLimits) -> Result<Verdict> {
+    let before = read_report(before)?;
+    let after = read_report(after)?;
+    print!("{}", render_compare(&before, &after));
+    let g = after
+        .regurgitation
+        .as_ref()
+        .and_then(|r| gate(&r.total, limits.max_rate, limits.max_count));
+    Ok(match g {
+        Some(g) => {
+            println!(
+                "gate (after): {} ({})",
+                if g.passed { "PASS" } else { "FAIL" },
+                g.message
+            );
+            if g.passed {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            }
+        }
+        None => Verdict::Pass,
+    })
+}
+
+/// Runs `sani eval`.
+pub fn run(job: &EvalJob) -> Result<Verdict> {
+    let m = match job {
+        EvalJob::Compare {
+            before,
+            after,
+            gate,
+        } => return compare(before, after, gate),
+        EvalJob::Measure(m) => m,
+    };
+    let started = Instant::now();
+    // Inputs are checked before the (slow) model load.
+    let docs = if m.regurgitation {
+        Some(m.spans.load()?)
+    } else {
+        None
+    };
+    let control_docs = match &m.control {
+        Some(p) => Some(load_documents(Some(p), None, None)?),
+        None => None,
+    };
+    let ppl_docs = match &m.perplexity {
+        Some(p) => Some(load_documents(Some(p), None, None)?),
+        None => None,
+    };
+    let (ckpt, tok) = crate::io::open_model(&m.model, &m.device)?;
+    let model = Model::load_frozen(&ckpt)?;
+    let settings = &m.settings;
+    let quiet = m.quiet;
+    let mut reg = None;
+    if let Some(docs) = &docs {
+        if docs.iter().all(|d| d.spans.is_empty()) {
+            bail!("no sensitive spans to measure in the sensitive file");
+        }
+        reg = Some(regurgitation(&model, &tok, docs, settings, quiet)?);
+    }
+    let ctl = match &control_docs {
+        Some(d) => Some(regurgitation(&model, &tok, d, settings, quiet)?),
+        None => None,
+    };
+    let ppl_started = Instant::now();
+    let ppl = match &ppl_docs {
+        Some(d) => {
+            let bos = resolve_bos_info(&model, &tok, settings.bos).id;
+            let len = m
+                .max_seq_len
+                .unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
+            Some(perplexity(&model, &tok, d, bos, len, settings.batch_size)?)
+        }
+        None => None,
+    };
+    let ppl_seconds = if ppl.is_some() {
+        ppl_started.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+    let reg_seconds: f64 = reg
+        .iter()
+        .chain(ctl.iter())
+        .map(|r| r.summary.seconds)
+        .sum();
+    let n_spans: usize = reg.iter().chain(ctl.iter()).map(|r| r.spans.len()).sum();
+    let gen_tokens: usize = reg
+        .iter()
+        .chain(ctl.iter())
+        .map(|r| r.summary.generated_tokens)
+        .sum();
+    let per_s = |x: usize| (reg_seconds > 0.0 && n_spans > 0).then(|| x as f64 / reg_seconds);
+    let gate_report = reg
+        .as_ref()
+        .and_then(|r| gate(&r.summary.total, m.gate.max_rate, m.gate.max_count));
+    let report = EvalReport {
+        sani_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: Some(ModelInfo {
+            path: ckpt.dir.display().to_string(),
+            architecture: model.config.architecture().to_string(),
+            weights_sha256: ckpt.weights_sha256()?,
+        }),
+        settings: ReportSettings {
+            sensitive: path_str(&m.spans.sensitive),
+            corpus: path_str(&m.spans.corpus),
+            terms: path_str(&m.spans.terms),
+            control: path_str(&m.control),
+            perplexity_file: path_str(&m.perplexity),
+            prefix_tokens: settings.prefix_tokens,
+            max_new_tokens: settings.max_new_tokens,
+            decoding: "greedy".to_string(),
+            samples: settings.samples,
+            temperature: settings.temperature,
+            top_k: settings.top_k,
+            seed: settings.seed,
+            batch_size: settings.batch_size,
+            max_seq_len: ppl.as_ref().map(|p| p.max_seq_len),
+            bos: reg.as_ref().or(ctl.as_ref()).map(|r| r.bos.clone()),
+            max_rate: m.gate.max_rate,
+            max_count: m.gate.max_count,
+        },
+        regurgitation: reg.as_ref().map(|r| r.summary.clone()),
+        control: ctl.as_ref().map(|r| r.summary.clone()),
+        perplexity: ppl,
+        gate: gate_report.clone(),
+        timing: Timing {
+            seconds: started.elapsed().as_secs_f64(),
+            regurgitation_seconds: reg_seconds,
+            perplexity_seconds: ppl_seconds,
+            spans_per_second: per_s(n_spans),
+            generated_tokens_per_second: per_s(gen_tokens),
+        },
+    };
+    print!("{}", render_report(&report));
+    if let Some(path) = &m.json {
+        json::write_json(path, &report)?;
+    }
+    if let Some(path) = &m.per_span {
+        let mut out = String::new();
+        for (set, r) in [("sensitive", &reg), ("control", &ctl)] {
+            for s in r.iter().flat_map(|r| r.spans.iter()) {
+                out += &serde_json::to_string(&per_span_json(s, set, m.show_text))?;
+                out.push('\n');
+            }
+        }
+        write_file_atomic(path, out.as_bytes())?;
+    }
+    Ok(match gate_report {
+        Some(g) if !g.passed => Verdict::Fail,
+        _ => Verdict::Pass,
+    })
+}
