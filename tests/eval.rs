@@ -382,8 +382,9 @@ fn reports_per_span_and_compare_through_the_library() {
             "partial",
             "in_prompt",
             "strength",
-            "span_sha256",
-            "generated_sha256",
+            "span_hmac",
+            "generated_hmac",
+            "key_id",
         ] {
             assert!(l.get(k).is_some(), "missing {k} in {l}");
         }
@@ -405,7 +406,7 @@ fn reports_per_span_and_compare_through_the_library() {
     assert_eq!(cli_eval::run(&args).unwrap(), Verdict::Pass);
     let per_text = std::fs::read_to_string(&per).unwrap();
     assert!(per_text.contains("\"span_text\":\"55512\"") && per_text.contains("Ana Lima"));
-    assert!(!per_text.contains("span_sha256"));
+    assert!(!per_text.contains("span_hmac"));
 
     // compare, without a model
     let after = s.dir.join("after.json");

@@ -3,6 +3,7 @@
 use super::{RuntimeArgs, SpansArgs};
 use crate::data::tokens::BosPolicy;
 use crate::eval::{RegurgitationSettings, Verdict};
+use crate::io::hash::SpanKey;
 use crate::recipes::eval::{EvalJob, GateLimits, Measure};
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
@@ -37,12 +38,13 @@ pub struct EvalArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Write one JSON line per span here (hashes instead of text unless --show-text).
+    /// Write one JSON line per span here (keyed hashes instead of text unless --show-text).
     #[arg(long, value_name = "PATH")]
     pub per_span: Option<PathBuf>,
-    /// Put the span text and the generated continuation in --per-span output (sensitive!).
-    #[arg(long)]
-    pub show_text: bool,
+    /// Key file for the --per-span hashes (at least 16 bytes), so that runs sharing it can join
+    /// their lines; default: a random key per run.
+    #[arg(long, value_name = "FILE", requires = "per_span")]
+    pub span_key_file: Option<PathBuf>,
 
     /// Gate: fail when the total exact rate is above R (0..=1).
     #[arg(long, value_name = "R", conflicts_with = "max_count")]
@@ -50,6 +52,10 @@ pub struct EvalArgs {
     /// Gate: fail when more than N spans are reproduced exactly.
     #[arg(long, value_name = "N")]
     pub max_count: Option<usize>,
+    /// Gate: fail when the perplexity on --perplexity FILE is above P (or not finite), so a
+    /// model broken by sanitizing cannot pass.
+    #[arg(long, value_name = "P")]
+    pub max_perplexity: Option<f64>,
 
     /// Tokens of document text before the span used as the prompt.
     #[arg(long, default_value_t = 32)]
@@ -92,9 +98,18 @@ impl EvalArgs {
         if self.max_rate.is_some() && self.max_count.is_some() {
             bail!("--max-rate and --max-count cannot be used together");
         }
+        if let Some(p) = self.max_perplexity {
+            if !(p.is_finite() && p >= 1.0) {
+                bail!("--max-perplexity must be a number of at least 1 (got {p})");
+            }
+            if self.perplexity.is_none() && self.compare.is_none() {
+                bail!("--max-perplexity needs --perplexity FILE (held-out text to measure)");
+            }
+        }
         let gate = GateLimits {
             max_rate: self.max_rate,
             max_count: self.max_count,
+            max_perplexity: self.max_perplexity,
         };
         if let Some(paths) = &self.compare {
             let [before, after] = paths.as_slice() else {
@@ -124,15 +139,22 @@ impl EvalArgs {
         if self.max_seq_len == Some(0) {
             bail!("--max-seq-len must be at least 1");
         }
+        let regurgitation =
+            self.regurgitation || self.perplexity.is_none() || self.control.is_some();
+        if !regurgitation && (self.max_rate.is_some() || self.max_count.is_some()) {
+            bail!("--max-rate and --max-count gate the regurgitation measurement: add --regurgitation");
+        }
+        let span_key = match &self.span_key_file {
+            Some(path) => SpanKey::from_file(path)?,
+            None => SpanKey::random(),
+        };
         let device = self.runtime.setup()?;
         Ok(EvalJob::Measure(Box::new(Measure {
             model,
             device,
             quiet: self.runtime.quiet,
             spans: self.spans.sources(),
-            regurgitation: self.regurgitation
-                || self.perplexity.is_none()
-                || self.control.is_some(),
+            regurgitation,
             control: self.control.clone(),
             perplexity: self.perplexity.clone(),
             settings,
@@ -140,7 +162,8 @@ impl EvalArgs {
             gate,
             json: self.json.clone(),
             per_span: self.per_span.clone(),
-            show_text: self.show_text,
+            span_key,
+            show_text: self.spans.show_text,
         })))
     }
 }

@@ -53,6 +53,10 @@ pub struct SpansArgs {
     /// Confidential terms, one per line: every occurrence in the corpus becomes a TERM span.
     #[arg(long, value_name = "FILE")]
     pub terms: Option<PathBuf>,
+    /// Quote document and span text in error messages and (eval) in --per-span output; off by
+    /// default because that text is the secret.
+    #[arg(long)]
+    pub show_text: bool,
 }
 
 impl SpansArgs {
@@ -61,6 +65,7 @@ impl SpansArgs {
             sensitive: self.sensitive.clone(),
             corpus: self.corpus.clone(),
             terms: self.terms.clone(),
+            show_text: self.show_text,
         }
     }
     pub fn load(&self) -> Result<Vec<crate::data::spans::Document>> {
@@ -78,8 +83,12 @@ impl RuntimeArgs {
     /// Applies `--threads`; it only takes effect before the first kernel runs.
     pub fn set_threads(&self) -> Result<()> {
         if let Some(n) = self.threads {
-            if n == 0 {
-                bail!("--threads must be at least 1");
+            let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+            if n == 0 || n > cpus {
+                bail!(
+                    "--threads {n}: must be between 1 and the {cpus} CPUs available (more threads \
+                     than CPUs only slow the kernels down)"
+                );
             }
             // candle's CPU kernels and rayon's pool read this before their first use.
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -129,10 +138,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Erase and repair a fine-tuned model so it stops reproducing sensitive spans
+    #[command(allow_negative_numbers = true)]
     Sanitize(Box<sanitize::SanitizeArgs>),
     /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
+    #[command(allow_negative_numbers = true)]
     Eval(Box<eval::EvalArgs>),
     /// Plain causal-LM fine-tuning (or training from a fresh config)
+    #[command(allow_negative_numbers = true)]
     Finetune(Box<crate::recipes::finetune::FinetuneArgs>),
     /// Print a model directory's architecture, sizes, dtypes and sharding
     Inspect(crate::recipes::inspect::InspectArgs),

@@ -92,13 +92,17 @@ impl SanitizeOptions {
         let mut table =
             Self::from_toml(DEFAULT_CONFIG, Path::new("configs/default.toml (built in)"))?
                 .to_table()?;
-        if let Some(f) = file {
-            table.extend(Self::from_file(f)?.to_table()?);
+        let file = file.map(Self::from_file).transpose()?;
+        let erase_layers_given =
+            cli.erase_layers.is_some() || file.as_ref().is_some_and(|f| f.erase_layers.is_some());
+        if let Some(f) = &file {
+            table.extend(f.to_table()?);
         }
         table.extend(cli.to_table()?);
-        let cfg: ResolvedConfig = toml::Value::Table(table)
+        let mut cfg: ResolvedConfig = toml::Value::Table(table)
             .try_into()
             .context("sanitize options: the built-in default config is incomplete")?;
+        cfg.erase_layers_given = erase_layers_given;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -43,14 +43,18 @@ pub struct SpanSources {
     pub sensitive: Option<PathBuf>,
     pub corpus: Option<PathBuf>,
     pub terms: Option<PathBuf>,
+    /// Quote document and span text in error messages (off: they hold the secrets, and error
+    /// messages end up in CI logs).
+    pub show_text: bool,
 }
 
 impl SpanSources {
     pub fn load(&self) -> Result<Vec<Document>> {
-        load_documents(
+        load_documents_quoting(
             self.sensitive.as_deref(),
             self.corpus.as_deref(),
             self.terms.as_deref(),
+            self.show_text,
         )
     }
 }
@@ -65,21 +69,32 @@ pub const TERM_LABEL: &str = "TERM";
 ///   lines reference them by id (span lines, `spans` arrays, Presidio results).
 /// * `terms`: added on top of either; term occurrences become `TERM` spans.
 ///
-/// All errors name the file and, for content errors, the 1-based line.
+/// All errors name the file and, for content errors, the 1-based line and the field. They never
+/// quote document or span text (see [`load_documents_quoting`]).
 pub fn load_documents(
     sensitive: Option<&Path>,
     corpus: Option<&Path>,
     terms: Option<&Path>,
 ) -> Result<Vec<Document>> {
+    load_documents_quoting(sensitive, corpus, terms, false)
+}
+
+/// [`load_documents`]; with `show_text`, errors quote the text that does not match.
+pub fn load_documents_quoting(
+    sensitive: Option<&Path>,
+    corpus: Option<&Path>,
+    terms: Option<&Path>,
+    show_text: bool,
+) -> Result<Vec<Document>> {
     let mut docs = match (sensitive, corpus) {
         (_, Some(corpus_path)) => {
-            let mut docs = parse_documents_file(corpus_path)?;
+            let mut docs = parse_documents_file(corpus_path, show_text)?;
             if let Some(sens_path) = sensitive {
-                attach_references_file(&mut docs, sens_path, corpus_path)?;
+                attach_references_file(&mut docs, sens_path, corpus_path, show_text)?;
             }
             docs
         }
-        (Some(sens_path), None) => parse_documents_file(sens_path)?,
+        (Some(sens_path), None) => parse_documents_file(sens_path, show_text)?,
         (None, None) => bail!(
             "no documents: give a sensitive file (documents with spans) or a corpus file (--corpus)"
         ),
@@ -209,6 +224,54 @@ pub fn char_slice(text: &str, start: usize, end: usize) -> String {
         .collect()
 }
 
+/// Char offsets to byte offsets of one text in O(1) memory per 256 chars and O(256) time per
+/// lookup, for slicing long documents at many spans without scanning from the start each time.
+pub struct CharIndex<'a> {
+    text: &'a str,
+    /// Byte offset of every 256th char, plus the text's length.
+    marks: Vec<usize>,
+    chars: usize,
+}
+
+impl<'a> CharIndex<'a> {
+    const STEP: usize = 256;
+
+    pub fn new(text: &'a str) -> Self {
+        let mut marks = Vec::with_capacity(text.len() / Self::STEP + 2);
+        let mut chars = 0;
+        for (i, (b, _)) in text.char_indices().enumerate() {
+            if i % Self::STEP == 0 {
+                marks.push(b);
+            }
+            chars = i + 1;
+        }
+        CharIndex { text, marks, chars }
+    }
+
+    pub fn char_len(&self) -> usize {
+        self.chars
+    }
+
+    /// Byte offset of char `c` (the text's length for `c >= char_len`).
+    pub fn byte(&self, c: usize) -> usize {
+        if c >= self.chars {
+            return self.text.len();
+        }
+        let from = self.marks[c / Self::STEP];
+        let skip = c % Self::STEP;
+        self.text[from..]
+            .char_indices()
+            .nth(skip)
+            .map_or(self.text.len(), |(b, _)| from + b)
+    }
+
+    /// The chars `[start, end)`.
+    pub fn slice(&self, start: usize, end: usize) -> &'a str {
+        let s = self.byte(start);
+        &self.text[s..self.byte(end.max(start)).max(s)]
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // internals
 
@@ -234,11 +297,41 @@ fn read_file(path: &Path) -> Result<String> {
 struct Loc<'a> {
     file: &'a Path,
     line: usize,
+    /// Whether messages may quote document text.
+    show_text: bool,
 }
 
 impl Loc<'_> {
     fn err(&self, msg: impl std::fmt::Display) -> anyhow::Error {
         anyhow!("{}:{}: {}", self.file.display(), self.line, msg)
+    }
+
+    /// `s` for a message: quoted (truncated) with --show-text, else only its length.
+    fn quote(&self, s: &str) -> String {
+        if self.show_text {
+            truncate_for_msg(s)
+        } else {
+            format!("({} chars, not shown)", char_len(s))
+        }
+    }
+
+    /// How `expected` and `actual` differ, for a message: the first differing char position,
+    /// plus both texts with --show-text.
+    fn mismatch(&self, expected: &str, actual: &str) -> String {
+        let at = expected
+            .chars()
+            .zip(actual.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let mut m = format!(
+            "{} vs {}, first difference at char {at}",
+            self.quote(expected),
+            self.quote(actual)
+        );
+        if !self.show_text {
+            m += " (--show-text quotes the text)";
+        }
+        m
     }
 }
 
@@ -258,6 +351,7 @@ fn jsonl_objects(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
         let loc = Loc {
             file: path,
             line: i + 1,
+            show_text: false,
         };
         let value: Value =
             serde_json::from_str(line).map_err(|e| loc.err(format!("invalid JSON: {e}")))?;
@@ -403,9 +497,9 @@ fn parse_span(
             let actual = char_slice(doc_text, start, end);
             if &actual != expected {
                 return Err(loc.err(format!(
-                    "field \"{prefix}text\": span text {} does not match the document's chars [{start}, {end}) {}",
-                    truncate_for_msg(expected),
-                    truncate_for_msg(&actual)
+                    "field \"{prefix}text\": the span text does not match the document's chars \
+                     [{start}, {end}): {}",
+                    loc.mismatch(expected, &actual)
                 )));
             }
         }
@@ -456,12 +550,16 @@ fn parse_span_array(
 }
 
 /// Parse a documents file (primary format, or a corpus): `{"id", "text", "spans"?}` per line.
-fn parse_documents_file(path: &Path) -> Result<Vec<Document>> {
+fn parse_documents_file(path: &Path, show_text: bool) -> Result<Vec<Document>> {
     let objects = jsonl_objects(path)?;
     let mut docs = Vec::with_capacity(objects.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (line, obj) in objects {
-        let loc = Loc { file: path, line };
+        let loc = Loc {
+            file: path,
+            line,
+            show_text,
+        };
         let id = get_id(&obj, &loc)?;
         let text = get_text(&obj, &loc)?;
         if let Some(first) = seen.insert(id.clone(), line) {
@@ -478,7 +576,12 @@ fn parse_documents_file(path: &Path) -> Result<Vec<Document>> {
 }
 
 /// Attach the spans of a reference file (lines referencing corpus documents by id).
-fn attach_references_file(docs: &mut [Document], path: &Path, corpus_path: &Path) -> Result<()> {
+fn attach_references_file(
+    docs: &mut [Document],
+    path: &Path,
+    corpus_path: &Path,
+    show_text: bool,
+) -> Result<()> {
     let objects = jsonl_objects(path)?;
     let index: HashMap<String, usize> = docs
         .iter()
@@ -487,7 +590,11 @@ fn attach_references_file(docs: &mut [Document], path: &Path, corpus_path: &Path
         .collect();
     let mut char_lens: Vec<Option<usize>> = vec![None; docs.len()];
     for (line, obj) in objects {
-        let loc = Loc { file: path, line };
+        let loc = Loc {
+            file: path,
+            line,
+            show_text,
+        };
         let id = get_id(&obj, &loc)?;
         let Some(&di) = index.get(&id) else {
             return Err(loc.err(format!(
@@ -504,10 +611,9 @@ fn attach_references_file(docs: &mut [Document], path: &Path, corpus_path: &Path
                     Value::String(s) if *s == doc.text => {}
                     Value::String(s) => {
                         return Err(loc.err(format!(
-                            "field \"text\": {} differs from the text of document {id:?} in {} {}",
-                            truncate_for_msg(s),
+                            "field \"text\" differs from the text of document {id:?} in {}: {}",
                             corpus_path.display(),
-                            truncate_for_msg(&doc.text)
+                            loc.mismatch(s, &doc.text)
                         )))
                     }
                     v => {
@@ -553,6 +659,27 @@ mod tests {
             std::fs::write(&p, content).unwrap();
             p
         }
+    }
+
+    #[test]
+    fn char_index_agrees_with_char_slice() {
+        let text: String = (0..2000)
+            .map(|i| ['a', 'é', '日', '🙂', ' '][i % 5])
+            .collect();
+        let ix = CharIndex::new(&text);
+        assert_eq!(ix.char_len(), 2000);
+        for (a, b) in [
+            (0, 0),
+            (0, 1),
+            (3, 700),
+            (255, 257),
+            (1999, 2000),
+            (1500, 2600),
+            (2600, 2700),
+        ] {
+            assert_eq!(ix.slice(a, b), char_slice(&text, a, b), "{a}..{b}");
+        }
+        assert_eq!(CharIndex::new("").slice(0, 3), "");
     }
 
     fn err_of(r: Result<Vec<Document>>) -> String {
@@ -724,15 +851,24 @@ mod tests {
             &[
                 "notes.jsonl:1:",
                 "spans[0].text",
-                "\"Jon Smith\"",
-                "\"John Smith\"",
+                "(9 chars, not shown) vs (10 chars, not shown), first difference at char 2",
+                "--show-text",
             ],
         );
+        assert!(!msg.contains("Smith") && !msg.contains("Jon"), "{msg}");
+        let f = Files::new();
+        let p = f.write(
+            "notes.jsonl",
+            r#"{"id": "a", "text": "Patient John Smith visited.", "spans": [{"start": 8, "end": 18, "label": "NAME", "text": "Jon Smith"}]}"#,
+        );
+        let msg = err_of(load_documents_quoting(Some(&p), None, None, true));
+        assert_msg(&msg, &["\"Jon Smith\"", "\"John Smith\""]);
         let long = "y".repeat(200);
-        let msg = err_of(load_primary(&format!(
+        let p = f.write("long.jsonl", &format!(
             "{{\"id\": \"a\", \"text\": \"{long}\", \"spans\": [{{\"start\": 0, \"end\": 200, \"label\": \"N\", \"text\": \"{}\"}}]}}",
             "z".repeat(200)
-        )));
+        ));
+        let msg = err_of(load_documents_quoting(Some(&p), None, None, true));
         assert!(msg.len() < 300, "message not truncated: {msg}");
         assert!(msg.contains('…'));
     }
@@ -878,7 +1014,13 @@ mod tests {
             "{\"id\": \"note-1\", \"start\": 8, \"end\": 12, \"label\": \"N\", \"text\": \"Jonh\"}\n",
         );
         let msg = err_of(load_documents(Some(&s), Some(&c), None));
-        assert_msg(&msg, &["refs.jsonl:1:", "\"text\"", "\"Jonh\"", "\"John\""]);
+        assert_msg(
+            &msg,
+            &["refs.jsonl:1:", "\"text\"", "first difference at char 2"],
+        );
+        assert!(!msg.contains("Jo"), "{msg}");
+        let msg = err_of(load_documents_quoting(Some(&s), Some(&c), None, true));
+        assert_msg(&msg, &["\"Jonh\"", "\"John\""]);
         let s = f.write(
             "refs.jsonl",
             "{\"id\": \"note-1\", \"text\": \"other text\", \"spans\": []}\n",

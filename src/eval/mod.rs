@@ -1,10 +1,12 @@
 //! Measurements of a model: regurgitation of sensitive spans ([`regurgitation`]), utility as
-//! perplexity ([`perplexity`]), and the report with its gate ([`report`]). The `sani eval` recipe
+//! perplexity ([`perplexity`]), secrets held by the tokenizer itself ([`vocabulary`]), and the
+//! report with its gate ([`report`]). The `sani eval` recipe
 //! that runs them is [`crate::recipes::eval`].
 
 pub mod perplexity;
 pub mod regurgitation;
 pub mod report;
+pub mod vocabulary;
 
 pub use perplexity::{perplexity, Perplexity, PplStat, DEFAULT_PPL_SEQ_LEN};
 pub use regurgitation::{

@@ -1,7 +1,7 @@
 //! Utility: token-level perplexity over held-out documents, overall and split into sensitive and
 //! non-sensitive tokens.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -99,6 +99,12 @@ pub fn perplexity(
                 p0 += len;
             }
         }
+    }
+    if !sum_all.is_finite() {
+        bail!(
+            "perplexity: the model's token log-likelihoods are not finite (NaN or Inf logits); \
+             the model is broken"
+        );
     }
     Ok(Perplexity {
         documents: docs.len(),

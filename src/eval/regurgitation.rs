@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::data::spans::{char_slice, Document, Span};
+use crate::data::spans::{CharIndex, Document, Span};
 use crate::data::tokens::{self, BosPolicy};
 use crate::model::generate::{generate, generate_greedy_with_drafts, GenerateOptions, Sampling};
 use crate::model::Model;
@@ -221,6 +221,7 @@ struct Prepared {
     span_index: usize,
     prompt: Vec<u32>,
     span_ids: Vec<u32>,
+    span_text: String,
     gap: String,
     prompt_text: String,
     max_new: usize,
@@ -233,6 +234,22 @@ fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
 }
 
 /// Builds the prompt and span tokens of every span.
+/// The first char at or after `c` where a word starts after a single space (0 stays 0), so a
+/// cut document tokenizes like the whole one from there on; `c` itself when there is none
+/// nearby.
+fn window_start(index: &CharIndex, c: usize) -> usize {
+    if c == 0 {
+        return 0;
+    }
+    let text = index.slice(c, c.saturating_add(256));
+    let chars: Vec<char> = text.chars().collect();
+    (1..chars.len().saturating_sub(1))
+        .find(|&i| {
+            chars[i] == ' ' && !chars[i - 1].is_whitespace() && !chars[i + 1].is_whitespace()
+        })
+        .map_or(c, |i| c + i)
+}
+
 fn prepare(
     model: &Model,
     tok: &Tokenizer,
@@ -244,16 +261,21 @@ fn prepare(
     let max_pos = model.config.max_positions().max(2);
     let fallback = model.config.eos_token_ids().first().copied();
     let mut out = Vec::new();
+    // Text before a span that is tokenized with it: enough for the prompt whatever the
+    // tokenizer (32 chars per token), so memory and time follow the prompt, not the document.
+    let context_chars = settings.prefix_tokens.saturating_add(16).saturating_mul(32);
     for (di, doc) in docs.iter().enumerate() {
+        let index = CharIndex::new(&doc.text);
         for (si, span) in doc.spans.iter().enumerate() {
-            // Encode prefix + span, so the span is tokenized in context.
-            let text = char_slice(&doc.text, 0, span.end);
+            // Encode prefix + span, so the span is tokenized in context. A long prefix starts
+            // at a word boundary; the prompt's tokens lie far from that cut.
+            let from = window_start(&index, span.start.saturating_sub(context_chars));
             let sub = Document {
                 id: doc.id.clone(),
-                text,
+                text: index.slice(from, span.end).to_string(),
                 spans: vec![Span {
-                    start: span.start,
-                    end: span.end,
+                    start: span.start - from,
+                    end: span.end - from,
                     label: span.label.clone(),
                 }],
             };
@@ -269,12 +291,15 @@ fn prepare(
             let first = first.unwrap_or(enc.ids.len());
             let before = &enc.ids[..first];
             let mut span_ids = enc.ids[first..].to_vec();
-            let covered_until = enc.char_offsets[..first]
-                .iter()
-                .map(|&(_, e)| e)
-                .max()
-                .unwrap_or(0);
-            let gap = char_slice(&doc.text, covered_until.min(span.start), span.start);
+            let covered_until = from
+                + enc.char_offsets[..first]
+                    .iter()
+                    .map(|&(_, e)| e)
+                    .max()
+                    .unwrap_or(0);
+            let gap = index
+                .slice(covered_until.min(span.start), span.start)
+                .to_string();
 
             let bos_len = usize::from(bos.id.is_some());
             let l = span_ids.len();
@@ -307,6 +332,7 @@ fn prepare(
                 span_index: si,
                 prompt,
                 span_ids,
+                span_text: index.slice(span.start, span.end).to_string(),
                 gap,
                 prompt_text,
                 max_new,
@@ -363,9 +389,7 @@ pub fn regurgitation(
                         continue;
                     }
                     let p = batch[j];
-                    let span = &docs[p.doc_index].spans[p.span_index];
-                    let text = char_slice(&docs[p.doc_index].text, span.start, span.end);
-                    let (exact, _) = match_span(&decode(tok, ids)?, &p.gap, &text);
+                    let (exact, _) = match_span(&decode(tok, ids)?, &p.gap, &p.span_text);
                     sampled_hit[j] = exact;
                 }
             }
@@ -374,7 +398,7 @@ pub fn regurgitation(
             let p = batch[j];
             let doc = &docs[p.doc_index];
             let span = &doc.spans[p.span_index];
-            let span_text = char_slice(&doc.text, span.start, span.end);
+            let span_text = p.span_text.clone();
             let generated_text = decode(tok, &greedy[j])?;
             generated_tokens += greedy[j].len();
             let (exact, partial) = match_span(&generated_text, &p.gap, &span_text);
@@ -474,6 +498,7 @@ pub fn summarize(spans: &[SpanResult], sampled: bool) -> RegurgitationSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::spans::char_slice;
 
     #[test]
     fn matching_rules() {
@@ -534,6 +559,57 @@ mod tests {
                 spans: vec![sp(14, 19, "ID"), sp(37, 45, "NAME")],
             },
         ]
+    }
+
+    #[test]
+    fn long_documents_give_the_prompts_of_the_whole_prefix() {
+        let (model, tok) = fixture();
+        let mut text = String::new();
+        let mut spans = Vec::new();
+        for i in 0..60 {
+            text += &format!("Visit {i}: the patient  reported mild pain, seen by Dr. ");
+            let start = text.chars().count();
+            text += "Ana Lima";
+            spans.push(Span {
+                start,
+                end: start + 8,
+                label: "NAME".into(),
+            });
+            text += ".\n";
+        }
+        let doc = Document {
+            id: "long".into(),
+            text,
+            spans,
+        };
+        let settings = RegurgitationSettings {
+            prefix_tokens: 8,
+            ..Default::default()
+        };
+        let mut bos = resolve_bos_info(&model, &tok, settings.bos);
+        let prepared = prepare(
+            &model,
+            &tok,
+            std::slice::from_ref(&doc),
+            &settings,
+            &mut bos,
+        )
+        .unwrap();
+        assert!(doc.text.chars().count() > 10 * (8 + 16) * 32 / 3);
+        for (p, span) in prepared.iter().zip(&doc.spans) {
+            // The whole prefix, encoded: its last 8 tokens before the span are the prompt.
+            let sub = Document {
+                id: "x".into(),
+                text: char_slice(&doc.text, 0, span.end),
+                spans: vec![span.clone()],
+            };
+            let enc = tokens::encode_document(&tok, &sub, 0).unwrap();
+            let first = enc.span_of_token.iter().position(Option::is_some).unwrap();
+            let want = &enc.ids[first.saturating_sub(8)..first];
+            assert_eq!(&p.prompt[p.prompt.len() - want.len()..], want);
+            assert_eq!(p.span_ids, enc.ids[first..]);
+            assert_eq!(p.span_text, "Ana Lima");
+        }
     }
 
     #[test]

@@ -7,8 +7,9 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::perplexity::Perplexity;
+use super::vocabulary::{VocabularyCounts, VocabularyExposure};
 use super::regurgitation::{BosInfo, LabelCounts, RegurgitationSummary, SpanResult};
-use crate::io::hash::sha256_hex;
+use crate::io::hash::SpanKey;
 
 /// Outcome of `sani eval` for the exit code (Pass: 0, Fail: 1; errors: 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,11 @@ pub struct ReportSettings {
     pub bos: Option<BosInfo>,
     pub max_rate: Option<f64>,
     pub max_count: Option<usize>,
+    #[serde(default)]
+    pub max_perplexity: Option<f64>,
+    /// With --per-span: how span text was hashed (HMAC-SHA-256, key source and key id).
+    #[serde(default)]
+    pub per_span_hash: Option<String>,
 }
 
 /// Timing of the run.
@@ -74,33 +80,112 @@ pub struct EvalReport {
     pub regurgitation: Option<RegurgitationSummary>,
     pub control: Option<RegurgitationSummary>,
     pub perplexity: Option<Perplexity>,
+    /// Sensitive spans (and control spans) the tokenizer's vocabulary holds as tokens.
+    #[serde(default)]
+    pub vocabulary: Option<VocabularyExposure>,
+    #[serde(default)]
+    pub control_vocabulary: Option<VocabularyExposure>,
     pub gate: Option<GateReport>,
     pub timing: Timing,
 }
 
-/// Applies `--max-rate` / `--max-count` to a total; None when no gate is set.
+/// The gate's limits; a limit whose measurement is missing fails the gate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GateLimits {
+    /// Highest total exact rate allowed (0..=1).
+    pub max_rate: Option<f64>,
+    /// Most spans reproduced exactly.
+    pub max_count: Option<usize>,
+    /// Highest perplexity on the held-out text (utility: a broken model fails).
+    pub max_perplexity: Option<f64>,
+}
+
+impl GateLimits {
+    pub fn is_set(&self) -> bool {
+        self.max_rate.is_some() || self.max_count.is_some() || self.max_perplexity.is_some()
+    }
+}
+
+/// Applies the limits to a report's measurements; None when no limit is set. Every limit must
+/// hold; a NaN figure never passes.
 pub fn gate(
-    total: &LabelCounts,
-    max_rate: Option<f64>,
-    max_count: Option<usize>,
+    total: Option<&LabelCounts>,
+    perplexity: Option<&Perplexity>,
+    limits: &GateLimits,
 ) -> Option<GateReport> {
-    if let Some(r) = max_rate {
-        let passed = total.exact_rate <= r;
-        let op = if passed { "<=" } else { ">" };
-        return Some(GateReport {
-            passed,
-            message: format!("exact rate {:.4} {op} max {r}", total.exact_rate),
+    let mut checks: Vec<(bool, String)> = Vec::new();
+    let verdict = |passed: bool| if passed { "<=" } else { ">" };
+    if let Some(r) = limits.max_rate {
+        checks.push(match total {
+            Some(t) => {
+                let passed = t.exact_rate <= r;
+                let op = verdict(passed);
+                (
+                    passed,
+                    format!("exact rate {:.4} {op} max {r}", t.exact_rate),
+                )
+            }
+            None => (false, "exact rate not measured".to_string()),
         });
     }
-    if let Some(n) = max_count {
-        let passed = total.exact <= n;
-        let op = if passed { "<=" } else { ">" };
-        return Some(GateReport {
-            passed,
-            message: format!("exact count {} {op} max {n}", total.exact),
+    if let Some(n) = limits.max_count {
+        checks.push(match total {
+            Some(t) => {
+                let passed = t.exact <= n;
+                (
+                    passed,
+                    format!("exact count {} {} max {n}", t.exact, verdict(passed)),
+                )
+            }
+            None => (false, "exact count not measured".to_string()),
         });
     }
-    None
+    if let Some(max) = limits.max_perplexity {
+        checks.push(match perplexity.and_then(|p| p.all.perplexity) {
+            Some(ppl) => {
+                let passed = ppl <= max;
+                (
+                    passed,
+                    format!("perplexity {ppl:.3} {} max {max}", verdict(passed)),
+                )
+            }
+            None => (false, "perplexity not measured".to_string()),
+        });
+    }
+    if checks.is_empty() {
+        return None;
+    }
+    Some(GateReport {
+        passed: checks.iter().all(|(p, _)| *p),
+        message: checks
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+/// The tokenizer lines of the table: totals, the labels with any span held, the control.
+fn render_vocabulary(v: &VocabularyExposure, control: Option<&VocabularyExposure>) -> String {
+    let line = |c: &VocabularyCounts| {
+        format!(
+            "{} of {} single tokens, {} ({:.4}) made of whole-word tokens",
+            c.single_token, c.spans, c.words_as_tokens, c.words_as_tokens_rate
+        )
+    };
+    let mut s = format!("tokenizer vocabulary: {}", line(&v.total));
+    if let Some(c) = control {
+        s += &format!(" (control: {:.4})", c.total.words_as_tokens_rate);
+    }
+    s.push('\n');
+    for (label, c) in v.per_label.iter().filter(|(_, c)| c.words_as_tokens > 0) {
+        s += &format!("  {label:<14} {}\n", line(c));
+    }
+    if v.total.words_as_tokens > 0 {
+        s += "  (tokenizer.json holds these strings whatever the weights; compare with the \
+              control: above it, the tokenizer was likely trained on the sensitive text)\n";
+    }
+    s
 }
 
 fn fmt_opt(x: Option<f64>, prec: usize) -> String {
@@ -175,6 +260,9 @@ pub fn render_report(r: &EvalReport) -> String {
             }
             s.push('\n');
         }
+    }
+    if let Some(v) = &r.vocabulary {
+        s += &render_vocabulary(v, r.control_vocabulary.as_ref());
     }
     if let Some(p) = &r.perplexity {
         s += &format!(
@@ -318,7 +406,14 @@ pub fn render_compare(before: &EvalReport, after: &EvalReport) -> String {
 }
 
 /// One `--per-span` line.
-pub fn per_span_json(r: &SpanResult, set: &str, show_text: bool) -> serde_json::Value {
+/// One `--per-span` line: where the span is and how it fared; its text and the continuation
+/// as keyed hashes under `key` (or as text with `--show-text`).
+pub fn per_span_json(
+    r: &SpanResult,
+    set: &str,
+    show_text: bool,
+    key: &SpanKey,
+) -> serde_json::Value {
     let mut v = serde_json::json!({
         "set": set,
         "doc_id": r.doc_id,
@@ -342,13 +437,14 @@ pub fn per_span_json(r: &SpanResult, set: &str, show_text: bool) -> serde_json::
         m.insert("generated_text".into(), r.generated_text.clone().into());
     } else {
         m.insert(
-            "span_sha256".into(),
-            sha256_hex(r.span_text.as_bytes()).into(),
+            "span_hmac".into(),
+            key.hmac_hex(r.span_text.as_bytes()).into(),
         );
         m.insert(
-            "generated_sha256".into(),
-            sha256_hex(r.generated_text.as_bytes()).into(),
+            "generated_hmac".into(),
+            key.hmac_hex(r.generated_text.as_bytes()).into(),
         );
+        m.insert("key_id".into(), key.key_id().into());
     }
     v
 }

@@ -6,6 +6,7 @@
 //! can reproduce the layout. An untouched tensor round-trips bit-identically (f16/bf16 -> f32 ->
 //! f16/bf16 is exact).
 
+use crate::io::model_files::{check_file_name, check_links_stay_inside};
 use crate::model::config::ModelConfig;
 use crate::model::init::FreshWeights;
 use crate::model::{Model, WeightSource};
@@ -82,6 +83,7 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
                     index.display()
                 )
             })?;
+            check_file_name(&index, &format!("weight_map.{name}"), file)?;
             if !shards.iter().any(|s| s == file) {
                 shards.push(file.to_string());
             }
@@ -110,6 +112,7 @@ impl Checkpoint {
         if !dir.is_dir() {
             bail!("{}: not a directory (or not readable)", dir.display());
         }
+        check_links_stay_inside(dir)?;
         let config = ModelConfig::from_dir(dir)?;
         let (shards, sharded) = weight_files(dir)?;
         let varmap = VarMap::new();
@@ -136,6 +139,13 @@ impl Checkpoint {
                     }
                     let dtype = view.dtype();
                     if candle_dtype(dtype).is_some() {
+                        check_finite(dtype, view.data()).map_err(|what| {
+                            anyhow!(
+                                "{}: tensor `{name}` holds {what}; refusing to load a broken \
+                                 model (was it trained with too high a learning rate?)",
+                                path.display()
+                            )
+                        })?;
                         let t = view
                             .load(&Device::Cpu)
                             .and_then(|t| t.to_dtype(DType::F32))
@@ -224,7 +234,15 @@ impl Checkpoint {
             .unwrap()
             .get(name)
             .cloned()
-            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.weights_label()))?;
+            .ok_or_else(|| match self.entry(name) {
+                Some(e) => anyhow!(
+                    "{}: tensor `{name}` is stored as {:?}; sani needs a floating-point tensor \
+                     (F32, F16, BF16 or F64) there",
+                    self.file_of(name),
+                    e.dtype
+                ),
+                None => anyhow!("{}: missing tensor `{name}`", self.weights_label()),
+            })?;
         if var.dims() != shape {
             bail!(
                 "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
@@ -338,6 +356,8 @@ impl Checkpoint {
             let path = dir.join(shard);
             safetensors::tensor::serialize_to_file(views, Some(metadata.clone()), &path)
                 .with_context(|| format!("{}: cannot write", path.display()))?;
+            let input = self.side_files.as_ref().map(|d| d.join(shard));
+            copy_mode(input.as_deref(), &path)?;
         }
         if self.sharded {
             let mut index_metadata = self.index_metadata.clone();
@@ -450,6 +470,56 @@ impl View for OutTensor<'_> {
             OutTensor::Candle(t) => View::data_len(t),
             OutTensor::Raw { data, .. } => data.len(),
         }
+    }
+}
+
+/// Gives `path` the permission bits of `like` (the input shard), or rw-r--r-- for a new model:
+/// the safetensors writer creates files readable by the owner only.
+fn copy_mode(like: Option<&Path>, path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = like
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0o644, |m| m.permissions().mode() & 0o777);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("{}: cannot set permissions", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (like, path);
+    Ok(())
+}
+
+/// Ok when every value of a float tensor (raw little-endian bytes of `dtype`) is finite, else a
+/// description of the first non-finite one and their count. Reads the exponent bits only.
+pub fn check_finite(dtype: StDtype, bytes: &[u8]) -> std::result::Result<(), String> {
+    let (width, exp_mask, mant_mask): (usize, u64, u64) = match dtype {
+        StDtype::F16 => (2, 0x7c00, 0x03ff),
+        StDtype::BF16 => (2, 0x7f80, 0x007f),
+        StDtype::F32 => (4, 0x7f80_0000, 0x007f_ffff),
+        StDtype::F64 => (8, 0x7ff0_0000_0000_0000, 0x000f_ffff_ffff_ffff),
+        _ => return Ok(()),
+    };
+    let mut first = None;
+    let mut count = 0usize;
+    for (i, chunk) in bytes.chunks_exact(width).enumerate() {
+        let mut buf = [0u8; 8];
+        buf[..width].copy_from_slice(chunk);
+        let bits = u64::from_le_bytes(buf);
+        if bits & exp_mask == exp_mask {
+            count += 1;
+            if first.is_none() {
+                let kind = if bits & mant_mask == 0 { "Inf" } else { "NaN" };
+                first = Some((i, kind));
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((i, kind)) => Err(format!(
+            "{count} non-finite value{} (the first, element {i}, is {kind})",
+            if count == 1 { "" } else { "s" }
+        )),
     }
 }
 

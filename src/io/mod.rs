@@ -1,4 +1,5 @@
-//! Files on disk: model directories ([`checkpoint`], found through [`hub`]), atomic output
+//! Files on disk: model directories ([`checkpoint`], found through [`hub`], confined by
+//! [`model_files`]), atomic output
 //! directories and files ([`staged`]), JSON reports ([`json`]) and their hashes ([`hash`]),
 //! progress bars ([`progress`]).
 
@@ -6,6 +7,7 @@ pub mod checkpoint;
 pub mod hash;
 pub mod hub;
 pub mod json;
+pub mod model_files;
 pub mod progress;
 pub mod staged;
 
@@ -27,10 +29,70 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
 }
 
-/// Resolves `model` (a directory or a cached hub repo id) and loads its weights and tokenizer.
+/// Resolves `model` (a directory or a cached hub repo id) and loads its weights and tokenizer;
+/// fails when they disagree (see [`token_id_problems`]).
 pub fn open_model(model: &str, device: &Device) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
+    let (ckpt, tok, problems) = open_model_lenient(model, device)?;
+    if let Some(first) = problems.first() {
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(" (and {} more: run `sani inspect`)", n - 1),
+        };
+        bail!("{first}{more}");
+    }
+    Ok((ckpt, tok))
+}
+
+/// [`open_model`] that returns the consistency problems instead of failing on them (for
+/// `sani inspect`).
+pub fn open_model_lenient(
+    model: &str,
+    device: &Device,
+) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
     let dir = hub::resolve_model_dir(model)?;
     let ckpt = checkpoint::Checkpoint::load(&dir, device)?;
     let tok = load_tokenizer(&dir)?;
-    Ok((ckpt, tok))
+    let problems = token_id_problems(&ckpt, &tok);
+    Ok((ckpt, tok, problems))
+}
+
+/// Token ids that would index past the embedding matrix: the special token ids of config.json,
+/// and the tokenizer's vocabulary (added tokens included). Each problem names file and field.
+pub fn token_id_problems(ckpt: &checkpoint::Checkpoint, tok: &Tokenizer) -> Vec<String> {
+    let rows = ckpt.config.vocab_size();
+    let config = ckpt.dir.join("config.json");
+    let mut problems = Vec::new();
+    let c = &ckpt.config;
+    let special = c
+        .bos_token_id()
+        .map(|id| ("bos_token_id", id))
+        .into_iter()
+        .chain(c.eos_token_ids().into_iter().map(|id| ("eos_token_id", id)))
+        .chain(c.pad_token_id().map(|id| ("pad_token_id", id)));
+    for (field, id) in special {
+        if id as usize >= rows {
+            problems.push(format!(
+                "{}: field `{field}` is {id}, beyond the embedding's {rows} rows (ids 0..{})",
+                config.display(),
+                rows.saturating_sub(1)
+            ));
+        }
+    }
+    let mut beyond: Vec<(u32, String)> = tok
+        .get_vocab(true)
+        .into_iter()
+        .filter(|(_, id)| *id as usize >= rows)
+        .map(|(t, id)| (id, t))
+        .collect();
+    beyond.sort();
+    if let Some((id, token)) = beyond.last() {
+        problems.push(format!(
+            "{}: {} token id{} beyond the embedding's {rows} rows (config.json vocab_size), the \
+             largest {id} ({token:?}); the tokenizer does not belong to these weights",
+            ckpt.dir.join("tokenizer.json").display(),
+            beyond.len(),
+            if beyond.len() == 1 { " is" } else { "s are" },
+        ));
+    }
+    problems
 }

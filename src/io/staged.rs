@@ -11,28 +11,139 @@ use std::sync::Mutex;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Temporary directories alive in this process, removed by the Ctrl-C handler.
+/// Temporary directories and files alive in this process, removed by the signal handler.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Exit code after Ctrl-C (128 + SIGINT, as shells report it).
 pub const INTERRUPTED_EXIT_CODE: i32 = 130;
+/// Exit code after SIGTERM (what `timeout`, systemd, Docker and Kubernetes send): 128 + 15.
+pub const TERMINATED_EXIT_CODE: i32 = 143;
+/// Exit code after SIGHUP (the terminal went away): 128 + 1.
+pub const HANGUP_EXIT_CODE: i32 = 129;
 
-/// On Ctrl-C: remove every uncommitted temporary output directory, then exit with code 130, so
-/// an interrupted run leaves no partial output.
+fn remove_live() {
+    for path in LIVE.lock().map(|l| l.clone()).unwrap_or_default() {
+        if path.is_dir() {
+            let _ = std::fs::remove_dir_all(path);
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// On SIGINT (Ctrl-C), SIGTERM or SIGHUP: remove every uncommitted temporary output, then exit
+/// with 128 + the signal's number, so a stopped run leaves no partial output.
+#[cfg(unix)]
+pub fn install_interrupt_handler() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use std::io::Write;
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            remove_live();
+            let (name, code) = match sig {
+                SIGTERM => ("terminated (SIGTERM)", TERMINATED_EXIT_CODE),
+                SIGHUP => ("hung up (SIGHUP)", HANGUP_EXIT_CODE),
+                _ => ("interrupted", INTERRUPTED_EXIT_CODE),
+            };
+            // Not eprintln!: it panics when stderr is gone (a closed pipe), and then the
+            // process would never exit.
+            let _ = writeln!(std::io::stderr(), "{name}: no output written");
+            std::process::exit(code);
+        }
+    });
+}
+
+/// On Ctrl-C: remove every uncommitted temporary output, then exit with code 130.
+#[cfg(not(unix))]
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
-        for dir in LIVE.lock().map(|l| l.clone()).unwrap_or_default() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        remove_live();
         eprintln!("interrupted: no output written");
         std::process::exit(INTERRUPTED_EXIT_CODE);
     });
+}
+
+fn add_live(path: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(path.to_path_buf());
+    }
 }
 
 fn forget_live(dir: &Path) {
     if let Ok(mut live) = LIVE.lock() {
         live.retain(|d| d != dir);
     }
+}
+
+/// The pid in a staging name `.{name}.sani-tmp-{pid}-{n}` or `.{name}.sani-old-{pid}`.
+fn staging_pid(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?;
+    let (_, tail) = rest
+        .rsplit_once(".sani-tmp-")
+        .or_else(|| rest.rsplit_once(".sani-old-"))?;
+    let pid = tail.split('-').next()?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !tail.split('-').skip(1).all(digits) || tail.split('-').count() > 2 {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is running (Linux: /proc; elsewhere every pid counts as alive, so
+/// nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// Removes the staging directories and files that runs no longer alive (killed with SIGKILL, a
+/// crash, a power cut) left in `parent`, saying so on stderr; names those of live runs.
+/// Returns the removed paths.
+pub fn sweep_stale(parent: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return removed;
+    };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = staging_pid(&name) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let path = entry.path();
+        if process_alive(pid) {
+            eprintln!(
+                "note: {} belongs to a run still going (pid {pid}); left alone",
+                path.display()
+            );
+            continue;
+        }
+        let gone = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => {
+                eprintln!(
+                    "note: removed {}, left by an earlier run (pid {pid}) that did not finish",
+                    path.display()
+                );
+                removed.push(path);
+            }
+            Err(e) => eprintln!(
+                "warning: {}: left by an earlier run (pid {pid}), cannot remove: {e}",
+                path.display()
+            ),
+        }
+    }
+    removed
 }
 
 /// A temporary directory that becomes `target` on [`commit`](StagedDir::commit).
@@ -143,15 +254,14 @@ impl StagedDir {
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("{}: cannot create directory", parent.display()))?;
+        sweep_stale(&parent);
         let pid = std::process::id();
         loop {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let tmp = parent.join(format!(".{name}.sani-tmp-{pid}-{n}"));
             match std::fs::create_dir(&tmp) {
                 Ok(()) => {
-                    if let Ok(mut live) = LIVE.lock() {
-                        live.push(tmp.clone());
-                    }
+                    add_live(&tmp);
                     return Ok(StagedDir {
                         tmp,
                         target: target.to_path_buf(),
@@ -247,13 +357,17 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let name = file_name_of(path)?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = parent_of(path).join(format!(".{name}.sani-tmp-{}-{n}", std::process::id()));
+    let parent = parent_of(path);
+    sweep_stale(&parent);
+    let tmp = parent.join(format!(".{name}.sani-tmp-{}-{n}", std::process::id()));
+    add_live(&tmp);
     let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
+    forget_live(&tmp);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
@@ -397,6 +511,47 @@ mod tests {
         drop(ok);
         assert!(leftovers(root.path()).is_empty());
         assert!(input.is_dir());
+    }
+
+    #[test]
+    fn staging_names() {
+        assert_eq!(staging_pid(".out.sani-tmp-123-0"), Some(123));
+        assert_eq!(staging_pid(".my.model.sani-tmp-7-12"), Some(7));
+        assert_eq!(staging_pid(".out.sani-old-99"), Some(99));
+        for other in [
+            "out",
+            ".out.sani-tmp-",
+            ".out.sani-tmp-1x-0",
+            "x.sani-tmp-1-0",
+            ".o.sani-tmp-1-2-3",
+        ] {
+            assert_eq!(staging_pid(other), None, "{other}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn stale_staging_of_dead_runs_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        // A pid that is not running: the highest pid Linux allows is 2^22.
+        let dead = 4_194_304 + 17;
+        let stale_dir = root.path().join(format!(".out.sani-tmp-{dead}-0"));
+        std::fs::create_dir(&stale_dir).unwrap();
+        std::fs::write(stale_dir.join("model.safetensors"), "half").unwrap();
+        let stale_file = root.path().join(format!(".e.json.sani-tmp-{dead}-3"));
+        std::fs::write(&stale_file, "{").unwrap();
+        // A live run's staging (this test's parent process is alive) stays.
+        let live = root.path().join(format!(
+            ".other.sani-tmp-{}-0",
+            std::os::unix::process::parent_id()
+        ));
+        std::fs::create_dir(&live).unwrap();
+        let unrelated = root.path().join("keep.sani-tmp-1-0");
+        std::fs::write(&unrelated, "x").unwrap();
+        let staged = StagedDir::create(&root.path().join("new"), false, &[]).unwrap();
+        assert!(!stale_dir.exists() && !stale_file.exists());
+        assert!(live.exists() && unrelated.exists());
+        drop(staged);
     }
 
     #[test]

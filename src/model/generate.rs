@@ -93,6 +93,7 @@ pub fn generate_greedy_with_drafts(
     let x = model.embed(&input, &ctx)?;
     let h = model.run_blocks(0, &x, &ctx, Some(&mut state.cache), None)?;
     let logits = model.logits(&h.narrow(1, from, max_len - from)?)?;
+    ensure_finite(&logits)?;
     let preds = logits
         .argmax(D::Minus1)?
         .to_dtype(DType::U32)?
@@ -144,6 +145,18 @@ pub fn generate_greedy_with_drafts(
         tokens: state.out,
         teacher_forced: teacher,
     })
+}
+
+/// Refuses to decode from NaN or Inf logits: argmax over them picks an arbitrary token, and a
+/// broken model would look like one that reproduces nothing.
+pub fn ensure_finite(logits: &Tensor) -> Result<()> {
+    if !crate::nn::ops::all_finite(logits)? {
+        bail!(
+            "the model's logits are not finite (NaN or Inf), so its outputs mean nothing and no \
+             rate is reported (weights too large, e.g. from a diverged training run?)"
+        );
+    }
+    Ok(())
 }
 
 fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {
@@ -248,6 +261,7 @@ impl Decoder {
             let h = model.run_blocks(0, &x, &ctx, Some(&mut self.cache), None)?;
             let last = h.narrow(1, q_len - 1, 1)?;
             let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
+            ensure_finite(&logits)?;
             let next = match opts.sampling {
                 None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
                 Some(s) => sample(&logits, s, rng)?,

@@ -19,6 +19,17 @@ fn use_fused(ts: &[&Tensor]) -> bool {
 }
 
 /// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
+/// Whether every value of `t` is finite: `t - t` is exactly zero where a value is finite and NaN
+/// where it is NaN or Inf, so its sum tells.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let s = t
+        .broadcast_sub(t)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(s == 0.0)
+}
+
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if fused_linear_fits(x, w, b) {
         return fused::linear(x, w, b);

@@ -10,21 +10,17 @@ use candle_core::Device;
 
 use crate::data::spans::{load_documents, SpanSources};
 use crate::eval::perplexity::{perplexity, DEFAULT_PPL_SEQ_LEN};
+use crate::eval::vocabulary::vocabulary_exposure;
 use crate::eval::regurgitation::{regurgitation, resolve_bos_info, RegurgitationSettings};
+pub use crate::eval::report::GateLimits;
 use crate::eval::report::{
     gate, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
     ReportSettings, Timing, Verdict,
 };
+use crate::io::hash::SpanKey;
 use crate::io::json;
 use crate::io::staged::write_file_atomic;
 use crate::model::Model;
-
-/// The gate: the exit code is 1 when the exact rate (or count) is above the limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GateLimits {
-    pub max_rate: Option<f64>,
-    pub max_count: Option<usize>,
-}
 
 /// What `sani eval` is asked to do, validated.
 #[derive(Debug, Clone)]
@@ -56,6 +52,8 @@ pub struct Measure {
     pub gate: GateLimits,
     pub json: Option<PathBuf>,
     pub per_span: Option<PathBuf>,
+    /// Key of the per-span hashes (random per run unless the user gives one).
+    pub span_key: SpanKey,
     pub show_text: bool,
 }
 
@@ -67,10 +65,11 @@ fn compare(before: &Path, after: &Path, limits: &GateLimits) -> Result<Verdict> 
     let before = read_report(before)?;
     let after = read_report(after)?;
     print!("{}", render_compare(&before, &after));
-    let g = after
-        .regurgitation
-        .as_ref()
-        .and_then(|r| gate(&r.total, limits.max_rate, limits.max_count));
+    let g = gate(
+        after.regurgitation.as_ref().map(|r| &r.total),
+        after.perplexity.as_ref(),
+        limits,
+    );
     Ok(match g {
         Some(g) => {
             println!(
@@ -156,9 +155,11 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         .map(|r| r.summary.generated_tokens)
         .sum();
     let per_s = |x: usize| (reg_seconds > 0.0 && n_spans > 0).then(|| x as f64 / reg_seconds);
-    let gate_report = reg
-        .as_ref()
-        .and_then(|r| gate(&r.summary.total, m.gate.max_rate, m.gate.max_count));
+    let gate_report = gate(
+        reg.as_ref().map(|r| &r.summary.total),
+        ppl.as_ref(),
+        &m.gate,
+    );
     let report = EvalReport {
         sani_version: env!("CARGO_PKG_VERSION").to_string(),
         model: Some(ModelInfo {
@@ -184,10 +185,20 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             bos: reg.as_ref().or(ctl.as_ref()).map(|r| r.bos.clone()),
             max_rate: m.gate.max_rate,
             max_count: m.gate.max_count,
+            max_perplexity: m.gate.max_perplexity,
+            per_span_hash: (m.per_span.is_some() && !m.show_text).then(|| {
+                format!(
+                    "hmac-sha256, key {} (id {})",
+                    m.span_key.source,
+                    m.span_key.key_id()
+                )
+            }),
         },
         regurgitation: reg.as_ref().map(|r| r.summary.clone()),
         control: ctl.as_ref().map(|r| r.summary.clone()),
         perplexity: ppl,
+        vocabulary: reg.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
+        control_vocabulary: ctl.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
         gate: gate_report.clone(),
         timing: Timing {
             seconds: started.elapsed().as_secs_f64(),
@@ -205,7 +216,7 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         let mut out = String::new();
         for (set, r) in [("sensitive", &reg), ("control", &ctl)] {
             for s in r.iter().flat_map(|r| r.spans.iter()) {
-                out += &serde_json::to_string(&per_span_json(s, set, m.show_text))?;
+                out += &serde_json::to_string(&per_span_json(s, set, m.show_text, &m.span_key))?;
                 out.push('\n');
             }
         }

@@ -86,13 +86,13 @@ pub struct FinetuneReport {
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
+    train_config(args).validate()?;
     let device = args.runtime.setup()?;
     let docs = spans::load_documents(Some(&args.data), None, None)?;
     let (ckpt, tok, source, model_dir) = match (&args.model, &args.init) {
         (Some(m), _) => {
-            let dir = crate::io::hub::resolve_model_dir(m)?;
-            let ckpt = Checkpoint::load(&dir, &device)?;
-            let tok = crate::io::load_tokenizer(&dir)?;
+            let (ckpt, tok) = crate::io::open_model(m, &device)?;
+            let dir = ckpt.dir.clone();
             (ckpt, tok, dir.display().to_string(), Some(dir))
         }
         (None, Some(cfg_path)) => {
@@ -181,11 +181,25 @@ pub fn finetune_in_memory(
         stride: None,
     };
     let examples = windows_to_examples(&corpus.windows(docs)?, false);
+    let n_layers = ckpt.config.num_layers();
     let scope = match args.last_blocks {
+        Some(k) if k == 0 || k > n_layers => {
+            bail!("--last-blocks {k}: must be between 1 and the model's {n_layers} layers")
+        }
         Some(k) => TrainScope::LastBlocks(k),
         None => TrainScope::All,
     };
-    let cfg = TrainConfig {
+    train::fit(
+        ckpt,
+        scope,
+        &mut FixedData(examples),
+        &train_config(args),
+        args.runtime.quiet,
+    )
+}
+
+fn train_config(args: &FinetuneArgs) -> TrainConfig {
+    TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
@@ -194,12 +208,5 @@ pub fn finetune_in_memory(
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm,
         seed: args.seed,
-    };
-    train::fit(
-        ckpt,
-        scope,
-        &mut FixedData(examples),
-        &cfg,
-        args.runtime.quiet,
-    )
+    }
 }

@@ -1,7 +1,7 @@
 //! `sani inspect`: what a model directory holds.
 
-use crate::cli::{self, ModelArgs};
-use anyhow::Result;
+use crate::cli::ModelArgs;
+use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -34,11 +34,13 @@ pub struct ModelSummary {
     pub tokenizer_vocab_size: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// What would make other commands refuse this model (empty when none).
+    pub problems: Vec<String>,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let device = args.model.runtime.setup()?;
-    let (ckpt, tok) = cli::open_model(&args.model, &device)?;
+    let (ckpt, tok, problems) = crate::io::open_model_lenient(&args.model.model, &device)?;
     // Building the model validates names and shapes.
     crate::model::Model::load_frozen(&ckpt)?;
     let c = &ckpt.config;
@@ -64,10 +66,11 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         tokenizer_vocab_size: tok.get_vocab_size(true),
         bos_token_id: c.bos_token_id(),
         eos_token_ids: c.eos_token_ids(),
+        problems,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        return problems_verdict(&s.problems);
     }
     println!("model          {}", s.path);
     println!("architecture   {}", s.architecture);
@@ -89,5 +92,19 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     println!("dtypes         {}", dt.join(", "));
     println!("tied head      {}", s.tied_embeddings);
     println!("shards         {}", s.shards);
-    Ok(())
+    for p in &s.problems {
+        println!("problem        {p}");
+    }
+    problems_verdict(&s.problems)
+}
+
+/// Exit 2 when the model has problems, so a script notices.
+fn problems_verdict(problems: &[String]) -> Result<()> {
+    match problems.len() {
+        0 => Ok(()),
+        n => bail!(
+            "the model has {n} problem{} (listed above); other commands refuse it",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
 }

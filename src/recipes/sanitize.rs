@@ -58,6 +58,10 @@ pub struct ResolvedConfig {
     pub train_scope: String,
     pub bos: BosPolicy,
     pub seed: u64,
+    /// Whether `erase_layers` was given (flag or config file): then more layers than the model
+    /// has is an error; the built-in default means "at most all of them".
+    #[serde(skip)]
+    pub erase_layers_given: bool,
 }
 
 impl ResolvedConfig {
@@ -68,12 +72,7 @@ impl ResolvedConfig {
                 self.erase_fraction
             );
         }
-        if self.lr <= 0.0 || !self.lr.is_finite() {
-            bail!("--lr must be positive, got {}", self.lr);
-        }
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("--batch-size and --grad-accum must be at least 1");
-        }
+        self.train_config().validate()?;
         if self.max_seq_len < 2 {
             bail!("--max-seq-len must be at least 2");
         }
@@ -145,6 +144,21 @@ pub fn sanitize_in_memory(
     cfg: &ResolvedConfig,
     quiet: bool,
 ) -> Result<SanitizeReport> {
+    let n_layers = ckpt.config.num_layers();
+    if cfg.erase_layers_given && cfg.erase_layers > n_layers {
+        bail!(
+            "--erase-layers {}: the model has only {n_layers} layers",
+            cfg.erase_layers
+        );
+    }
+    if let TrainScope::LastBlocks(k) = cfg.scope(usize::MAX)? {
+        if k > n_layers && cfg.train_scope != "erased" {
+            bail!(
+                "--train-scope {}: the model has only {n_layers} layers",
+                cfg.train_scope
+            );
+        }
+    }
     let mut timings = Vec::new();
     let labels = spans::label_names(docs);
     let bos = tokens::resolve_bos(tok, ckpt.config.bos_token_id(), cfg.bos);
@@ -165,7 +179,6 @@ pub fn sanitize_in_memory(
 
     // Erasure.
     let t0 = Instant::now();
-    let n_layers = ckpt.config.num_layers();
     let layers = erase::last_layers(n_layers, cfg.erase_layers);
     let mut units = BTreeMap::new();
     if cfg.erase_fraction > 0.0 && !layers.is_empty() {

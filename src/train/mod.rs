@@ -90,6 +90,39 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+impl TrainConfig {
+    /// Checks the bounds of every hyperparameter (each flag's name in the message).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be zero or positive, got {}",
+                self.weight_decay
+            );
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!(
+                "--max-grad-norm must be zero (no clipping) or positive, got {}",
+                self.max_grad_norm
+            );
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("--batch-size and --grad-accum must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The error of a run that diverged: nothing is written, and the usual causes are named.
+fn diverged(what: &str, step: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "training diverged: {what} at step {step}; stopped, nothing written (try a lower --lr, \
+         a --max-grad-norm such as 1.0, or --warmup-steps)"
+    )
+}
+
 /// Loads `ckpt` with the tensors in `scope` trainable and trains them on `data` (the
 /// checkpoint's vars are updated in place). Returns per-epoch metrics.
 pub fn fit(
@@ -185,13 +218,19 @@ pub fn train(
             let micro_batches: Vec<(&Batch, Option<Tensor>)> =
                 batches.iter().map(|(b, p)| (b, p.clone())).collect();
             let out = train_step.run(&micro_batches)?;
+            if !(out.train_nll.is_finite() && out.sensitive_nll.is_finite()) {
+                return Err(diverged("the loss is not finite", global_step + 1));
+            }
             train_sum += out.train_nll;
             sens_sum += out.sensitive_nll;
             m.trained_tokens += out.trained_tokens;
             m.sensitive_tokens += out.sensitive_tokens;
             tokens += out.tokens;
             if let Some(mut g) = out.grads {
-                clip_grad_norm(&mut g, &vars, optim.max_grad_norm)?;
+                let norm = clip_grad_norm(&mut g, &vars, optim.max_grad_norm)?;
+                if !norm.is_finite() {
+                    return Err(diverged("the gradient norm is not finite", global_step + 1));
+                }
                 adam.step(&g, lr_at(optim, global_step, total))?;
             }
             global_step += 1;
@@ -207,6 +246,14 @@ pub fn train(
         m.loss_sensitive = sens_sum / m.sensitive_tokens.max(1) as f64;
         m.tokens_per_s = tokens as f64 / m.seconds.max(1e-9);
         metrics.push(m);
+    }
+    for (name, var) in &vars {
+        if !crate::nn::ops::all_finite(var.as_tensor())? {
+            return Err(diverged(
+                &format!("tensor `{name}` is not finite after the last update"),
+                global_step,
+            ));
+        }
     }
     Ok(metrics)
 }
