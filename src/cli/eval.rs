@@ -139,11 +139,12 @@ impl EvalArgs {
         if self.max_seq_len == Some(0) {
             bail!("--max-seq-len must be at least 1");
         }
-        let regurgitation =
-            self.regurgitation || self.perplexity.is_none() || self.control.is_some();
-        if !regurgitation && (self.max_rate.is_some() || self.max_count.is_some()) {
-            bail!("--max-rate and --max-count gate the regurgitation measurement: add --regurgitation");
-        }
+        // A regurgitation gate implies the measurement it gates.
+        let regurgitation = self.regurgitation
+            || self.perplexity.is_none()
+            || self.control.is_some()
+            || self.max_rate.is_some()
+            || self.max_count.is_some();
         let span_key = match &self.span_key_file {
             Some(path) => SpanKey::from_file(path)?,
             None => SpanKey::random(),

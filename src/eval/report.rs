@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::perplexity::Perplexity;
-use super::vocabulary::{VocabularyCounts, VocabularyExposure};
 use super::regurgitation::{BosInfo, LabelCounts, RegurgitationSummary, SpanResult};
+use super::vocabulary::{VocabularyCounts, VocabularyExposure};
 use crate::io::hash::SpanKey;
 
 /// Outcome of `sani eval` for the exit code (Pass: 0, Fail: 1; errors: 2).
@@ -290,7 +290,7 @@ pub fn render_report(r: &EvalReport) -> String {
                 g.message
             )
         }
-        None => s += "gate: none (no --max-rate or --max-count)\n",
+        None => s += "gate: none (no --max-rate, --max-count or --max-perplexity)\n",
     }
     s
 }

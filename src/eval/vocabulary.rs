@@ -116,7 +116,10 @@ mod tests {
             ],
         );
         let name = &e.per_label["NAME"];
-        assert_eq!((name.spans, name.single_token, name.words_as_tokens), (2, 0, 1));
+        assert_eq!(
+            (name.spans, name.single_token, name.words_as_tokens),
+            (2, 0, 1)
+        );
         assert_eq!(e.per_label["MRN"].single_token, 1);
         assert_eq!((e.total.spans, e.total.words_as_tokens), (3, 2));
         assert!((e.total.words_as_tokens_rate - 2.0 / 3.0).abs() < 1e-12);

@@ -10,13 +10,13 @@ use candle_core::Device;
 
 use crate::data::spans::{load_documents, SpanSources};
 use crate::eval::perplexity::{perplexity, DEFAULT_PPL_SEQ_LEN};
-use crate::eval::vocabulary::vocabulary_exposure;
 use crate::eval::regurgitation::{regurgitation, resolve_bos_info, RegurgitationSettings};
 pub use crate::eval::report::GateLimits;
 use crate::eval::report::{
     gate, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
     ReportSettings, Timing, Verdict,
 };
+use crate::eval::vocabulary::vocabulary_exposure;
 use crate::io::hash::SpanKey;
 use crate::io::json;
 use crate::io::staged::write_file_atomic;
