@@ -71,11 +71,8 @@ pub fn plain_tokenizer(tok: &Tokenizer) -> Result<Cow<'_, Tokenizer>> {
 /// call: prefer [`encode_documents`] or pass [`plain_tokenizer`]'s result).
 pub fn encode_document(tok: &Tokenizer, doc: &Document, doc_index: usize) -> Result<EncodedDoc> {
     let tok = plain_tokenizer(tok)?;
-    let enc = tok
-        .encode_char_offsets(doc.text.as_str(), false)
+    let (ids, char_offsets) = encode_long_text(&tok, &doc.text, &PieceSizes::DEFAULT)
         .map_err(|e| anyhow!("cannot tokenize document {:?}: {e}", doc.id))?;
-    let ids = enc.get_ids().to_vec();
-    let char_offsets: Vec<(usize, usize)> = enc.get_offsets().to_vec();
     let n_chars = doc.text.chars().count();
     let span_of_token = mark_tokens(&char_offsets, doc, n_chars);
     Ok(EncodedDoc {
@@ -84,6 +81,114 @@ pub fn encode_document(tok: &Tokenizer, doc: &Document, doc_index: usize) -> Res
         char_offsets,
         span_of_token,
     })
+}
+
+/// How [`encode_long_text`] cuts a long text (in chars).
+#[derive(Debug, Clone, Copy)]
+pub struct PieceSizes {
+    /// Length of each piece encoded on its own.
+    pub piece: usize,
+    /// Chars each piece shares with the next one.
+    pub overlap: usize,
+    /// Chars at each end of the overlap not trusted (cut context).
+    pub margin: usize,
+    /// Consecutive tokens both encodings must agree on at the splice.
+    pub agree: usize,
+}
+
+impl PieceSizes {
+    pub const DEFAULT: PieceSizes = PieceSizes {
+        piece: 1 << 16,
+        overlap: 2048,
+        margin: 256,
+        agree: 16,
+    };
+}
+
+/// Token ids and their char offsets.
+pub type Encoded = (Vec<u32>, Vec<(usize, usize)>);
+
+/// Token ids and char offsets of `text`, as the tokenizer gives them for the whole text.
+fn encode_text(tok: &Tokenizer, text: &str) -> tokenizers::Result<Encoded> {
+    let enc = tok.encode_char_offsets(text, false)?;
+    Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+}
+
+/// [`encode_text`] in memory bounded by a piece rather than the text: a long text is encoded in
+/// overlapping pieces, spliced where both encodings of the overlap start a token at the same
+/// char and agree on the tokens after it (the tokenizer's pre-tokenization makes tokens away
+/// from a cut independent of it). Where no such point exists the whole text is encoded at once,
+/// so the result is always the whole text's tokenization wherever the two agree.
+pub fn encode_long_text(
+    tok: &Tokenizer,
+    text: &str,
+    sizes: &PieceSizes,
+) -> tokenizers::Result<Encoded> {
+    match encode_in_pieces(tok, text, sizes)? {
+        Some(encoded) => Ok(encoded),
+        None => encode_text(tok, text),
+    }
+}
+
+/// The piecewise encoding of [`encode_long_text`]; None for a short text or where no splice
+/// point was found.
+fn encode_in_pieces(
+    tok: &Tokenizer,
+    text: &str,
+    sizes: &PieceSizes,
+) -> tokenizers::Result<Option<Encoded>> {
+    let index = crate::data::spans::CharIndex::new(text);
+    let n = index.char_len();
+    if n <= 2 * sizes.piece {
+        return Ok(None);
+    }
+    let encode_at = |start: usize, end: usize| -> tokenizers::Result<Encoded> {
+        let (ids, offs) = encode_text(tok, index.slice(start, end))?;
+        Ok((
+            ids,
+            offs.into_iter()
+                .map(|(s, e)| (s + start, e + start))
+                .collect(),
+        ))
+    };
+    let (mut ids, mut offs) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    let (mut cur_ids, mut cur_offs) = encode_at(0, sizes.piece)?;
+    let mut cur_end = sizes.piece;
+    while cur_end < n {
+        // The next piece starts at a token of this one, inside the overlap.
+        let lo = cur_end - sizes.overlap;
+        let Some(k0) = cur_offs.iter().position(|&(s, _)| s >= lo) else {
+            return Ok(None);
+        };
+        let next_start = cur_offs[k0].0;
+        let next_end = (next_start + sizes.piece).min(n);
+        let (nxt_ids, nxt_offs) = encode_at(next_start, next_end)?;
+        // Splice at the first token both encodings start at, past the margin, that is followed
+        // by `agree` equal tokens ending before this piece's untrusted end.
+        let trusted_end = cur_end - sizes.margin;
+        let splice = (0..nxt_offs.len()).find_map(|j| {
+            let p = nxt_offs[j].0;
+            if p < next_start + sizes.margin || p >= trusted_end {
+                return None;
+            }
+            let i = cur_offs.binary_search_by_key(&p, |&(s, _)| s).ok()?;
+            let same = (0..sizes.agree).all(|d| {
+                matches!((cur_offs.get(i + d), nxt_offs.get(j + d)), (Some(a), Some(b)) if a == b && a.1 <= trusted_end)
+                    && cur_ids[i + d] == nxt_ids[j + d]
+            });
+            same.then_some((i, j))
+        });
+        let Some((i, j)) = splice else {
+            return Ok(None);
+        };
+        ids.extend_from_slice(&cur_ids[start..i]);
+        offs.extend_from_slice(&cur_offs[start..i]);
+        (cur_ids, cur_offs, cur_end, start) = (nxt_ids, nxt_offs, next_end, j);
+    }
+    ids.extend_from_slice(&cur_ids[start..]);
+    offs.extend_from_slice(&cur_offs[start..]);
+    Ok(Some((ids, offs)))
 }
 
 /// Encode all documents (`doc_index` = position in `docs`).
@@ -97,13 +202,14 @@ pub fn encode_documents(tok: &Tokenizer, docs: &[Document]) -> Result<Vec<Encode
 
 /// Per token, the index of the span it overlaps most (ties: lowest index), if any.
 fn mark_tokens(offsets: &[(usize, usize)], doc: &Document, n_chars: usize) -> Vec<Option<usize>> {
-    // Which span covers each char (first span in list order when spans overlap).
-    let mut char_span: Vec<Option<usize>> = vec![None; n_chars];
+    // Which span covers each char (first span in list order when spans overlap); 4 bytes a
+    // char, NO_SPAN where none does.
+    let mut char_span: Vec<u32> = vec![NO_SPAN; n_chars];
     for (k, sp) in doc.spans.iter().enumerate() {
         let end = sp.end.min(n_chars);
         for slot in char_span.iter_mut().take(end).skip(sp.start) {
-            if slot.is_none() {
-                *slot = Some(k);
+            if *slot == NO_SPAN {
+                *slot = k as u32;
             }
         }
     }
@@ -119,7 +225,12 @@ fn mark_tokens(offsets: &[(usize, usize)], doc: &Document, n_chars: usize) -> Ve
                 out.push(best_span(&char_span, gap.start, gap.end.min(n_chars)));
             } else {
                 // e.g. byte-fallback pieces of one char: sensitive if inside a span.
-                out.push(char_span.get(s).copied().flatten());
+                out.push(
+                    char_span
+                        .get(s)
+                        .filter(|&&k| k != NO_SPAN)
+                        .map(|&k| k as usize),
+                );
             }
             continue;
         }
@@ -132,12 +243,16 @@ fn mark_tokens(offsets: &[(usize, usize)], doc: &Document, n_chars: usize) -> Ve
 }
 
 /// The span covering most chars of [s, e) (ties: lowest index), if any.
-fn best_span(char_span: &[Option<usize>], s: usize, e: usize) -> Option<usize> {
+/// Marks a char that no span covers in `mark_tokens`.
+const NO_SPAN: u32 = u32::MAX;
+
+fn best_span(char_span: &[u32], s: usize, e: usize) -> Option<usize> {
     let mut counts: Vec<(usize, usize)> = Vec::new(); // (span, chars)
-    for c in char_span.iter().take(e).skip(s).flatten() {
-        match counts.iter_mut().find(|(k, _)| k == c) {
+    for &c in char_span.iter().take(e).skip(s).filter(|&&k| k != NO_SPAN) {
+        let c = c as usize;
+        match counts.iter_mut().find(|(k, _)| *k == c) {
             Some(entry) => entry.1 += 1,
-            None => counts.push((*c, 1)),
+            None => counts.push((c, 1)),
         }
     }
     counts
@@ -392,6 +507,42 @@ pub fn train_test_tokenizer(texts: &[&str], vocab: usize) -> Tokenizer {
 mod tests {
     use super::*;
     use crate::data::spans::{merge_spans, Span};
+
+    #[test]
+    fn long_texts_encode_in_pieces_exactly_like_whole() {
+        let notes = crate::data::synth::generate_notes(&crate::data::synth::SynthConfig {
+            n_notes: 40,
+            seed: 1,
+            id_prefix: "p".into(),
+        });
+        let mut text: String = notes.iter().map(|d| d.text.clone() + "\n\n").collect();
+        text += "  double  spaces,\ttabs\r\n unicode: café 日本語 🙂  and \n\n\n trailing   ";
+        let text = text.repeat(3);
+        let sizes = PieceSizes {
+            piece: 3000,
+            overlap: 800,
+            margin: 100,
+            agree: 8,
+        };
+        assert!(text.chars().count() > 5 * sizes.piece);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for name in [
+            "gpt2_f32",
+            "gpt2_legacy",
+            "llama_gqa",
+            "llama3_sharded",
+            "mistral_f32",
+            "qwen2_bf16",
+        ] {
+            let tok = crate::io::load_tokenizer(&root.join(name)).unwrap();
+            let whole = encode_text(&tok, &text).unwrap();
+            let pieces = encode_in_pieces(&tok, &text, &sizes)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{name}: no splice point found"));
+            assert_eq!(pieces.0.len(), whole.0.len(), "{name}");
+            assert!(pieces == whole, "{name}: pieces differ from the whole text");
+        }
+    }
 
     const TRAIN: &[&str] = &[
         "Patient John Smith visited the clinic on Monday.",
