@@ -2,8 +2,16 @@
 //! backward, then clipping + AdamW) for fixed GPT-2-like and Llama-like configs, the same as
 //! scripts/bench_torch_step.py.
 //!
-//! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|all] [--steps N] [--threads N]
-//!     [--json]
+//! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|smollm2-135m|all|head-MODE]
+//!     [--steps N] [--threads N] [--json]
+//!
+//! `smollm2-135m` is SmolLM2-135M's shape (30 layers, hidden 576, vocab 49,152, tied), randomly
+//! initialized, at batch 8 x seq 256. `head-chunked`, `head-announced` and `head-full` time the
+//! language-model head + NLL at that shape (2,040 positions x 49,152), forward and backward, with
+//! the peak-RSS increase: the chunked fused op recomputing logits in the backward, the same op
+//! told the gradient in advance (what training does), and full logits + the fused NLL (before).
+//! Run each in its own process: freed memory is kept for reuse, so a second mode would reuse
+//! the first one's pages.
 //!
 //! tokens/s comes from the median step time (this machine's timings are noisy); with --json one
 //! line per config (what scripts/compare.py reads).
@@ -24,6 +32,10 @@ fn config(name: &str) -> serde_json::Value {
             "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
             "tie_word_embeddings": false}),
+        "smollm2-135m" => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
+            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true}),
         "demo" => serde_json::json!({
             "architectures": ["GPT2LMHeadModel"], "vocab_size": 600, "n_positions": 256, "n_embd": 96, "n_layer": 4, "n_head": 4}),
         other => panic!("unknown config {other}"),
@@ -55,7 +67,74 @@ fn main() -> anyhow::Result<()> {
         }
         i += 1;
     }
+    if let Some(mode) = which.strip_prefix("head-") {
+        let mode = mode.to_string();
+        return sani::runtime::on_worker_pool(move || bench_head(&mode, steps.max(1)));
+    }
     sani::runtime::on_worker_pool(move || bench(&which, steps.max(1), json))
+}
+
+/// Resets this process's peak RSS (VmHWM) to its current RSS.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Current resident memory (VmRSS), in MB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The head + NLL of one smollm2-135m batch in one `mode` (see the module docs).
+fn bench_head(mode: &str, steps: usize) -> anyhow::Result<()> {
+    use candle_core::{Tensor, Var};
+    let (n, d, v) = (8 * 255usize, 576usize, 49152usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.02, (v, d), &Device::Cpu)?)?;
+    let tg: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    let tg = Tensor::from_vec(tg, n, &Device::Cpu)?;
+    if !["chunked", "announced", "full"].contains(&mode) {
+        anyhow::bail!("head-{mode}: expected head-chunked, head-announced or head-full");
+    }
+    {
+        let mut times = Vec::new();
+        let mut loss = 0f32;
+        reset_peak_rss();
+        let base = rss_mb();
+        for _ in 0..steps + 1 {
+            let t0 = Instant::now();
+            let nll = if mode != "full" {
+                let announced = (mode == "announced").then(|| vec![1.0 / n as f32; n]);
+                sani::nn::ops::lm_head_nll(&h, &w, &tg, announced)?
+            } else {
+                let logits = sani::nn::ops::linear(&h, &w, None)?;
+                sani::nn::ops::token_nll(&logits, &tg)?
+            };
+            let l = (nll.sum_all()? / n as f64)?;
+            let g = l.backward()?;
+            loss = l.to_scalar::<f32>()?;
+            drop(g);
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.remove(0);
+        times.sort_by(f64::total_cmp);
+        println!(
+            "head-{:<10} threads {} fwd_bwd_ms {:>6.0} peak_rss_up_mb {:>6.0} loss {:.5}",
+            mode,
+            candle_core::utils::get_num_threads(),
+            times[times.len() / 2] * 1e3,
+            peak_rss_mb() - base,
+            loss
+        );
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process (VmHWM), in MB.
@@ -76,7 +155,14 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
     } else {
         vec![which]
     };
-    let (b, t) = (8usize, if which == "demo" { 256 } else { 128 });
+    let (b, t) = (
+        8usize,
+        if which == "demo" || which == "smollm2-135m" {
+            256
+        } else {
+            128
+        },
+    );
     if !json {
         println!("threads {}", candle_core::utils::get_num_threads());
         println!(

@@ -865,3 +865,53 @@ fn rope_matches_composed_and_finite_differences() {
         });
     }
 }
+
+#[test]
+fn lm_head_nll_matches_composed_across_chunks() {
+    let mut r = rng(11);
+    // 70,000 columns: about 119 rows per chunk, so 250 rows make two full chunks and a partial
+    // one; rows of the middle chunk carry no gradient (the masked-out case the op skips).
+    for &(n, d, v) in &[(250usize, 8usize, 70_000usize), (5, 16, 33)] {
+        let h = Var::from_tensor(&tensor(randn(&mut r, n * d, 1.0), &[n, d])).unwrap();
+        let w = Var::from_tensor(&tensor(randn(&mut r, v * d, 0.5), &[v, d])).unwrap();
+        let tg = targets(&mut r, n, v);
+        let mut ws = randn(&mut r, n, 1.0);
+        for x in ws.iter_mut().take(240).skip(119) {
+            *x = 0.0;
+        }
+        let rw = tensor(ws, &[n]);
+        let yf = fused::lm_head_nll(&h, &w, &tg, None).unwrap();
+        let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let yc = ops::token_nll_composed(&logits, &tg).unwrap();
+        assert_close(&format!("lm_head_nll fwd {n}x{d}x{v}"), &yf, &yc);
+        let gf = weighted_sum(&yf, &rw).backward().unwrap();
+        let gc = weighted_sum(&yc, &rw).backward().unwrap();
+        for (name, var) in [("h", &h), ("w", &w)] {
+            assert_close(
+                &format!("lm_head_nll grad {name} {n}x{d}x{v}"),
+                gf.get(var).unwrap(),
+                gc.get(var).unwrap(),
+            );
+        }
+        assert_close(
+            &format!("lm_head_nll dispatch {n}x{d}x{v}"),
+            &ops::lm_head_nll(&h, &w, &tg, None).unwrap(),
+            &yc,
+        );
+        // Announcing the gradient: computed in the forward, the same result. Announcing a
+        // different one than comes back falls back to recomputing.
+        let announced: Vec<f32> = flat(&rw);
+        for (what, a) in [("announced", announced.clone()), ("wrong", vec![0.5; n])] {
+            let y = fused::lm_head_nll(&h, &w, &tg, Some(a)).unwrap();
+            assert_close(&format!("lm_head_nll {what} fwd"), &y, &yc);
+            let g = weighted_sum(&y, &rw).backward().unwrap();
+            for (name, var) in [("h", &h), ("w", &w)] {
+                assert_close(
+                    &format!("lm_head_nll {what} grad {name} {n}x{d}x{v}"),
+                    g.get(var).unwrap(),
+                    gc.get(var).unwrap(),
+                );
+            }
+        }
+    }
+}

@@ -293,6 +293,26 @@ impl Model {
         Ok(ops::linear(&normed, self.lm_head_weight(), None)?)
     }
 
+    /// Per-position NLL of `targets` ([b * t] u32) after final hidden states [b, t, d], through
+    /// the final norm and the head without materializing the [b * t, vocab] logits (CPU f32).
+    /// `row_grad`: the gradient the loss will send to each position, when known (faster).
+    pub fn token_nll(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        row_grad: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
+        let normed = self.final_norm(hidden)?;
+        let d = normed.dim(candle_core::D::Minus1)?;
+        let rows = normed.elem_count() / d.max(1);
+        Ok(ops::lm_head_nll(
+            &normed.reshape((rows, d))?,
+            self.lm_head_weight(),
+            targets,
+            row_grad,
+        )?)
+    }
+
     /// Hidden states after blocks `from..` starting from `x` (output of block `from - 1` or embeddings).
     pub fn run_blocks(
         &self,

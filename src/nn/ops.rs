@@ -18,7 +18,6 @@ fn use_fused(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-/// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
 /// Whether every value of `t` is finite: `t - t` is exactly zero where a value is finite and NaN
 /// where it is NaN or Inf, so its sum tells.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
@@ -30,6 +29,7 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(s == 0.0)
 }
 
+/// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if fused_linear_fits(x, w, b) {
         return fused::linear(x, w, b);
@@ -340,6 +340,29 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         return fused::token_nll(logits, targets);
     }
     token_nll_composed(logits, targets)
+}
+
+/// `token_nll(h @ w^T, targets)` for hidden states h [n, d] and a head weight w [v, d], without
+/// the [n, v] logits when the fused kernel applies (f32 CPU); gradients flow to h and w.
+/// `row_grad`: the gradient the loss will send back to each row, when known (see
+/// [`fused::lm_head_nll`]); any gradient stays correct.
+pub fn lm_head_nll(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    row_grad: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    static CHUNKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SANI_CHUNKED_HEAD=0 computes the full logits instead (the path before; for benchmarks).
+    let chunked =
+        *CHUNKED.get_or_init(|| std::env::var("SANI_CHUNKED_HEAD").map_or(true, |v| v != "0"));
+    if !chunked {
+        return token_nll(&linear(h, w, None)?, targets);
+    }
+    if use_fused(&[h, w]) && targets.dtype() == DType::U32 && h.rank() == 2 && w.rank() == 2 {
+        return fused::lm_head_nll(h, w, targets, row_grad);
+    }
+    token_nll_composed(&linear_composed(h, w, None)?, targets)
 }
 
 /// `token_nll` written with composed candle ops (any dtype or device).

@@ -7,7 +7,6 @@
 
 use crate::data::tokens::right_pad;
 use crate::model::{AttnContext, Model};
-use crate::nn::ops;
 use anyhow::Result;
 use candle_core::{backprop::GradStore, Device, Tensor};
 
@@ -25,6 +24,8 @@ pub struct Batch {
     pub ids: Tensor,
     pub valid: Vec<Vec<bool>>,
     train_w: Tensor,
+    /// `train_w` on the host.
+    train_weights: Vec<f32>,
     sens_w: Tensor,
     pub n_train: usize,
     pub n_sens: usize,
@@ -54,7 +55,8 @@ impl Batch {
         Ok(Batch {
             ids: Tensor::from_vec(ids, (b, t), device)?,
             valid,
-            train_w: Tensor::from_vec(train_w, b * (t - 1), device)?,
+            train_w: Tensor::from_vec(train_w.clone(), b * (t - 1), device)?,
+            train_weights: train_w,
             sens_w: Tensor::from_vec(sens_w, b * (t - 1), device)?,
             n_train,
             n_sens,
@@ -91,7 +93,14 @@ impl<'a> TrainStep<'a> {
 
     /// (sum of NLL over trained targets — differentiable, sum over sensitive targets — detached).
     /// `prefix`: the hidden states entering `first_block`, when precomputed.
-    pub fn loss(&self, batch: &Batch, prefix: Option<&Tensor>) -> Result<(Tensor, f64)> {
+    /// `grad_scale`: the gradient the caller will send back to the sum (1 / trained targets of
+    /// the step), which lets the head compute its gradients in the forward pass.
+    pub fn loss(
+        &self,
+        batch: &Batch,
+        prefix: Option<&Tensor>,
+        grad_scale: Option<f64>,
+    ) -> Result<(Tensor, f64)> {
         let model = self.model;
         let (b, t) = batch.ids.dims2()?;
         let ctx = AttnContext::for_training(&batch.valid, model.sliding_window(), &model.device)?;
@@ -102,10 +111,13 @@ impl<'a> TrainStep<'a> {
                 model.run_blocks(0, &x, &ctx, None, None)?
             }
         };
-        let logits = model.logits(&h.narrow(1, 0, t - 1)?)?;
-        let v = logits.dim(2)?;
         let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
-        let nll = ops::token_nll(&logits.reshape((b * (t - 1), v))?, &targets)?;
+        let row_grad = grad_scale.map(|s| {
+            let s = s as f32;
+            batch.train_weights.iter().map(|w| w * s).collect()
+        });
+        let nll = model.token_nll(&h.narrow(1, 0, t - 1)?.contiguous()?, &targets, row_grad)?;
+        debug_assert_eq!(nll.dims(), [b * (t - 1)]);
         let train_sum = (&nll * &batch.train_w)?.sum_all()?;
         let sens_sum = (nll.detach() * &batch.sens_w)?
             .sum_all()?
@@ -120,7 +132,8 @@ impl<'a> TrainStep<'a> {
         let step_train: usize = micro_batches.iter().map(|(b, _)| b.n_train).sum();
         let mut out = StepOutput::default();
         for (batch, prefix) in micro_batches {
-            let (sum, sens) = self.loss(batch, prefix.as_ref())?;
+            let scale = (step_train > 0).then(|| 1.0 / step_train as f64);
+            let (sum, sens) = self.loss(batch, prefix.as_ref(), scale)?;
             out.train_nll += sum.to_scalar::<f32>()? as f64;
             out.sensitive_nll += sens;
             out.trained_tokens += batch.n_train;

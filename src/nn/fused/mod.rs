@@ -672,6 +672,317 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     )
 }
 
+// ----------------------------------------------------------------------------------------------
+// language-model head + token NLL, in chunks of rows: the [n, vocab] logits never exist whole
+
+/// Rows of logits computed at once by [`lm_head_nll`]: about 8M floats (32 MB) per chunk.
+fn head_chunk_rows(n: usize, v: usize) -> usize {
+    ((8 << 20) / v.max(1)).clamp(16, n.max(16))
+}
+
+/// h [n, d] f32, w [v, d] f32 (a Linear weight, stored (out, in)), targets [n] u32 -> [n]:
+/// `-log_softmax(h @ w^T)[i, targets[i]]`. Keeps the per-row logsumexp for the backward pass,
+/// which recomputes each chunk's logits instead of storing them.
+struct LmHeadNll {
+    lse: Mutex<Vec<f32>>,
+    /// The gradient the caller will send back for each row (its loss weight), when known: the
+    /// forward then also computes the input gradients from the logits it has at hand, so the
+    /// backward does not recompute them.
+    row_grad: Option<Vec<f32>>,
+    /// (dh, dw) computed in the forward for `row_grad`.
+    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// `logits` [c, v] of rows `r0..` turned in place into their gradient for upstream row
+/// gradients `g`: (softmax - onehot(target)) * g.
+fn logits_to_grad(
+    logits: &mut [f32],
+    v: usize,
+    r0: usize,
+    g: &[f32],
+    lse: &[f32],
+    targets: &[u32],
+) {
+    logits.par_chunks_mut(v).enumerate().for_each(|(k, row)| {
+        let gr = g[r0 + k];
+        if gr == 0.0 {
+            row.fill(0.0);
+            return;
+        }
+        let l = lse.get(r0 + k).copied().unwrap_or_else(|| row_lse(row));
+        for o in row.iter_mut() {
+            let z = *o - l;
+            *o = if z < EXP_CUTOFF {
+                0.0
+            } else {
+                fast_exp(z) * gr
+            };
+        }
+        row[targets[r0 + k] as usize] -= gr;
+    });
+}
+
+/// Adds the chunk's contribution to the input gradients: dh[chunk] = dl . w, dw (+)= dl^T . h.
+#[allow(clippy::too_many_arguments)]
+fn head_grads_chunk(
+    dh: &mut [f32],
+    dw: &mut [f32],
+    dl: &[f32],
+    h: &[f32],
+    w: &[f32],
+    (r0, c): (usize, usize),
+    (d, v): (usize, usize),
+    first: bool,
+) {
+    gemm_into(
+        &mut dh[r0 * d..(r0 + c) * d],
+        (c, d, v),
+        (dl, v, 1),
+        (w, d, 1),
+        false,
+    );
+    gemm_into(
+        dw,
+        (v, d, c),
+        (dl, 1, v),
+        (&h[r0 * d..(r0 + c) * d], d, 1),
+        !first,
+    );
+}
+
+/// The input gradients for upstream row gradients `g`, chunk by chunk, recomputing the logits.
+fn head_grads(
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    g: &[f32],
+    lse: &[f32],
+    (n, d, v): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = head_chunk_rows(n, v);
+    let (mut dh, mut dw) = (vec![0f32; n * d], vec![0f32; v * d]);
+    let mut dl = vec![0f32; rows.min(n) * v];
+    let mut first = true;
+    for r0 in (0..n).step_by(rows) {
+        let c = rows.min(n - r0);
+        if g[r0..r0 + c].iter().all(|&x| x == 0.0) {
+            continue;
+        }
+        head_logits(&mut dl, h, w, (r0, c), d, v);
+        logits_to_grad(&mut dl[..c * v], v, r0, g, lse, targets);
+        head_grads_chunk(&mut dh, &mut dw, &dl[..c * v], h, w, (r0, c), (d, v), first);
+        first = false;
+    }
+    (dh, dw)
+}
+
+/// Row logsumexp and NLL of one chunk of logits [c, v].
+fn chunk_nll(logits: &[f32], v: usize, targets: &[u32], lse: &mut [f32], nll: &mut [f32]) {
+    let rpt = rows_per_task(v);
+    lse.par_chunks_mut(rpt)
+        .zip(nll.par_chunks_mut(rpt))
+        .enumerate()
+        .for_each(|(ci, (lc, oc))| {
+            for (k, (l, o)) in lc.iter_mut().zip(oc.iter_mut()).enumerate() {
+                let r = ci * rpt + k;
+                let row = &logits[r * v..][..v];
+                *l = row_lse(row);
+                *o = *l - row[targets[r] as usize];
+            }
+        });
+}
+
+/// A row-major or transposed view of an f32 matrix: (data, row stride, column stride).
+type MatView<'a> = (&'a [f32], usize, usize);
+
+/// `dst[m x n] (+)= lhs[m x k] . rhs[k x n]` with gemm on rayon's threads; `dst` row-major.
+fn gemm_into(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: MatView,
+    rhs: MatView,
+    accumulate: bool,
+) {
+    let span = |(data, rs, cs): MatView, rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len()
+    };
+    assert!(
+        dst.len() >= m * n && span(lhs, m, k) && span(rhs, k, n),
+        "gemm_into: bounds"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assertion above keeps every access of the three views in bounds, and `dst`
+    // is a unique borrow, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// Logits of rows `r0..r0 + c` of `h` [n, d] against the head `w` [v, d], into `out` [c, v].
+fn head_logits(out: &mut [f32], h: &[f32], w: &[f32], (r0, c): (usize, usize), d: usize, v: usize) {
+    gemm_into(
+        out,
+        (c, v, d),
+        (&h[r0 * d..(r0 + c) * d], d, 1),
+        (w, 1, d),
+        false,
+    );
+}
+
+impl CustomOp3 for LmHeadNll {
+    fn name(&self) -> &'static str {
+        "sani-lm-head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = hl.shape().dims2()?;
+        let (v, wd) = wl.shape().dims2()?;
+        let h = contiguous_f32(hs, hl, self.name())?;
+        let w = contiguous_f32(ws, wl, self.name())?;
+        let tg = contiguous_u32(ts, tl, self.name())?;
+        if wd != d || tl.dims() != [n] {
+            bail!(
+                "{}: hidden {:?}, weight {:?}, targets {:?}",
+                self.name(),
+                hl.dims(),
+                wl.dims(),
+                tl.dims()
+            );
+        }
+        if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
+            bail!("{}: target {bad} out of range for vocab {v}", self.name());
+        }
+        let mut lse = vec![0f32; n];
+        let mut out = vec![0f32; n];
+        let rows = head_chunk_rows(n, v);
+        let mut logits = vec![0f32; rows.min(n) * v];
+        let g = self.row_grad.as_deref().filter(|g| g.len() == n);
+        let mut grads = g.map(|_| (vec![0f32; n * d], vec![0f32; v * d]));
+        let mut first = true;
+        for r0 in (0..n).step_by(rows) {
+            let c = rows.min(n - r0);
+            head_logits(&mut logits, h, w, (r0, c), d, v);
+            chunk_nll(
+                &logits[..c * v],
+                v,
+                &tg[r0..r0 + c],
+                &mut lse[r0..r0 + c],
+                &mut out[r0..r0 + c],
+            );
+            if let (Some(g), Some((dh, dw))) = (g, grads.as_mut()) {
+                if g[r0..r0 + c].iter().any(|&x| x != 0.0) {
+                    logits_to_grad(&mut logits[..c * v], v, r0, g, &lse, tg);
+                    head_grads_chunk(dh, dw, &logits[..c * v], h, w, (r0, c), (d, v), first);
+                    first = false;
+                }
+            }
+        }
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        *self.grads.lock().unwrap_or_else(|e| e.into_inner()) = grads;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (h, w) = (h.detach().contiguous()?, w.detach().contiguous()?);
+        let targets = targets.contiguous()?.to_vec1::<u32>()?;
+        let g = grad.contiguous()?.to_vec1::<f32>()?;
+        let (n, d) = h.dims2()?;
+        let v = w.dim(0)?;
+        // The forward's gradients hold when the gradient that came back is the one announced.
+        let announced = self.row_grad.as_deref().is_some_and(|a| {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            a.len() == g.len()
+                && a.iter()
+                    .zip(&g)
+                    .all(|(a, b)| (a - b).abs() <= 1e-6 * scale + f32::MIN_POSITIVE)
+        });
+        let stored = self.grads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (dh, dw) = match stored {
+            Some(grads) if announced => grads,
+            _ => {
+                let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                with_f32(&h, self.name(), |hv| {
+                    with_f32(&w, self.name(), |wv| {
+                        Ok(head_grads(hv, wv, &targets, &g, &lse, (n, d, v)))
+                    })
+                })?
+            }
+        };
+        Ok((
+            Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?),
+            Some(Tensor::from_vec(dw, (v, d), &Device::Cpu)?),
+            None,
+        ))
+    }
+}
+
+/// Fused `-log_softmax(h @ w^T)[i, targets[i]]` for h [n, d] and a head weight w [v, d], f32 on
+/// the CPU -> [n]; gradients flow to h and w. Peak memory is one chunk of logits, not [n, v].
+///
+/// `row_grad`: the gradient the caller's loss will send back to each row (e.g. its weight in a
+/// weighted mean), when known. The forward then computes the input gradients while it holds
+/// each chunk's logits, and the backward returns them (or recomputes, if another gradient
+/// comes back): three matrix products instead of four.
+pub fn lm_head_nll(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    row_grad: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let h = h.contiguous()?;
+    let w = w.contiguous()?;
+    let targets = targets.contiguous()?;
+    h.apply_op3(
+        &w,
+        &targets,
+        LmHeadNll {
+            lse: Mutex::new(Vec::new()),
+            row_grad,
+            grads: Mutex::new(None),
+        },
+    )
+}
+
 /// Elementwise `f(x)` over an f32 CPU tensor, in parallel chunks.
 fn map_unary(
     s: &CpuStorage,
