@@ -3,7 +3,9 @@
 //! scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|smollm2-135m|all|head-MODE]
-//!     [--steps N] [--threads N] [--json]
+//!     [--steps N] [--threads N] [--json] [--checkpoint]
+//!
+//! `--checkpoint` recomputes each block in the backward pass (activation checkpointing).
 //!
 //! `smollm2-135m` is SmolLM2-135M's shape (30 layers, hidden 576, vocab 49,152, tied), randomly
 //! initialized, at batch 8 x seq 256. `head-chunked`, `head-announced` and `head-full` time the
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
                 i += 1;
             }
             "--json" => json = true,
+            "--checkpoint" => std::env::set_var("SANI_BENCH_CHECKPOINT", "1"),
             s => which = s.to_string(),
         }
         i += 1;
@@ -193,7 +196,8 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
             })
             .collect();
         let batch = Batch::new(&examples.iter().collect::<Vec<_>>(), &Device::Cpu)?;
-        let step_fn = TrainStep::new(&model, 0);
+        let step_fn = TrainStep::new(&model, 0)
+            .with_checkpointing(std::env::var("SANI_BENCH_CHECKPOINT").is_ok_and(|v| v == "1"));
         let (mut fwd_bwd, mut optm) = (0f64, 0f64);
         let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {

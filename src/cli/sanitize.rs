@@ -71,6 +71,10 @@ pub struct SanitizeOptions {
     /// Seed for selection, reinit, shuffling and surrogates [default.toml: 0]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Recompute each block in the backward pass instead of storing its activations: much less
+    /// memory on deep models, one more forward pass [default.toml: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub checkpoint_activations: Option<bool>,
 }
 
 impl SanitizeOptions {

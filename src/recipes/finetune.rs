@@ -68,6 +68,10 @@ pub struct FinetuneArgs {
     pub bos: BosPolicy,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Recompute each block in the backward pass instead of storing its activations (much less
+    /// memory on deep models, one more forward pass)
+    #[arg(long)]
+    pub checkpoint_activations: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -208,5 +212,6 @@ fn train_config(args: &FinetuneArgs) -> TrainConfig {
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm,
         seed: args.seed,
+        checkpoint_activations: args.checkpoint_activations,
     }
 }

@@ -58,6 +58,9 @@ pub struct ResolvedConfig {
     pub train_scope: String,
     pub bos: BosPolicy,
     pub seed: u64,
+    /// Recompute each block in the backward pass instead of storing its activations.
+    #[serde(default)]
+    pub checkpoint_activations: bool,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
@@ -94,6 +97,7 @@ impl ResolvedConfig {
             weight_decay: self.weight_decay,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
+            checkpoint_activations: self.checkpoint_activations,
         }
     }
 
@@ -226,10 +230,9 @@ pub fn sanitize_in_memory(
             }
         };
     }
-    let trained: usize = epochs
-        .iter()
-        .map(|e: &EpochMetrics| e.trained_tokens + e.sensitive_tokens)
-        .sum();
+    // Tokens through the model: in surrogate repair the sensitive tokens are trained too, so
+    // trained + sensitive would count them twice.
+    let trained: usize = epochs.iter().map(|e: &EpochMetrics| e.tokens).sum();
     timings.push(PhaseTiming::new("repair", t0, trained));
 
     let mut spans_per_label = BTreeMap::new();

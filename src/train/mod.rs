@@ -60,6 +60,8 @@ pub struct LoopConfig {
     pub grad_accum: usize,
     pub seed: u64,
     pub scope: TrainScope,
+    /// Recompute blocks in the backward pass (activation memory of one block).
+    pub checkpoint_activations: bool,
 }
 
 /// Metrics of one epoch.
@@ -73,6 +75,9 @@ pub struct EpochMetrics {
     pub loss_sensitive: f64,
     pub trained_tokens: usize,
     pub sensitive_tokens: usize,
+    /// Tokens the epoch ran through the model (every position once, trained or not).
+    #[serde(default)]
+    pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
 }
@@ -88,6 +93,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// Activation checkpointing (see [`TrainStep::with_checkpointing`]).
+    pub checkpoint_activations: bool,
 }
 
 impl TrainConfig {
@@ -141,6 +148,7 @@ pub fn fit(
         grad_accum: cfg.grad_accum,
         seed: cfg.seed,
         scope,
+        checkpoint_activations: cfg.checkpoint_activations,
     };
     let optim = OptimConfig {
         lr: cfg.lr,
@@ -166,7 +174,8 @@ pub fn train(
     }
     let mut adam = AdamW::new(&vars, optim.clone())?;
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
-    let train_step = TrainStep::new(model, first_block);
+    let train_step =
+        TrainStep::new(model, first_block).with_checkpointing(loop_cfg.checkpoint_activations);
     let mut rng = StdRng::seed_from_u64(loop_cfg.seed);
     let mut metrics = Vec::new();
     let micro = loop_cfg.batch_size.max(1);
@@ -244,6 +253,7 @@ pub fn train(
         m.seconds = start.elapsed().as_secs_f64();
         m.loss_trained = train_sum / m.trained_tokens.max(1) as f64;
         m.loss_sensitive = sens_sum / m.sensitive_tokens.max(1) as f64;
+        m.tokens = tokens;
         m.tokens_per_s = tokens as f64 / m.seconds.max(1e-9);
         metrics.push(m);
     }
