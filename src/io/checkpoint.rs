@@ -122,8 +122,13 @@ impl Checkpoint {
             let mut vars = varmap.data().lock().expect("fresh varmap");
             for shard in &shards {
                 let path = dir.join(shard);
-                let bytes = std::fs::read(&path)
+                let file = std::fs::File::open(&path)
                     .with_context(|| format!("{}: cannot read weight file", path.display()))?;
+                // SAFETY: the file is only read, and each tensor is copied out before its pages
+                // are dropped; sani never writes into an input model. (A file truncated by
+                // another process meanwhile would fault, as with any mmap reader.)
+                let bytes = unsafe { memmap2::Mmap::map(&file) }
+                    .with_context(|| format!("{}: cannot map weight file", path.display()))?;
                 let st = SafeTensors::deserialize(&bytes).map_err(|e| {
                     anyhow!(
                         "{}: corrupt or truncated safetensors file: {e}",
@@ -161,6 +166,19 @@ impl Checkpoint {
                         shape: view.shape().to_vec(),
                         shard: shard.clone(),
                     });
+                    // The tensor is copied: let the kernel drop its file pages, so the peak is
+                    // the model in f32, not that plus the file.
+                    let data = view.data();
+                    let offset = data.as_ptr() as usize - bytes.as_ptr() as usize;
+                    // SAFETY: a read-only private mapping of an unmodified file: dropped pages
+                    // are read again from the file if touched.
+                    let _ = unsafe {
+                        bytes.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            offset,
+                            data.len(),
+                        )
+                    };
                 }
             }
         }
