@@ -82,16 +82,9 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Current resident memory (VmRSS), in MB.
+/// Current resident memory, in MB.
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_status_mb("VmRSS:")
 }
 
 /// The head + NLL of one smollm2-135m batch in one `mode` (see the module docs).
@@ -140,16 +133,21 @@ fn bench_head(mode: &str, steps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Peak resident memory of this process (VmHWM), in MB.
-fn peak_rss_mb() -> f64 {
+/// A memory figure of /proc/self/status (`VmHWM:` peak, `VmRSS:` current), in MB.
+fn proc_status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak resident memory of this process, in MB.
+fn peak_rss_mb() -> f64 {
+    proc_status_mb("VmHWM:")
 }
 
 fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {

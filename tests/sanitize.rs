@@ -12,18 +12,7 @@ use sani::model::Model;
 use sani::train::windows_to_examples;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn sani(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sani"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+use std::process::Command;
 
 /// A copy of fixture `name` plus a small notes file, in a temp dir.
 fn workspace(name: &str, notes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {

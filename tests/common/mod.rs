@@ -4,6 +4,20 @@
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs the `sani` binary with `args`.
+pub fn sani(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sani"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A run's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

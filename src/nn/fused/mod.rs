@@ -592,18 +592,7 @@ impl CustomOp2 for TokenNll {
         let mut lse = vec![0f32; n];
         let mut out = vec![0f32; n];
         if v > 0 {
-            let rpt = rows_per_task(v);
-            lse.par_chunks_mut(rpt)
-                .zip(out.par_chunks_mut(rpt))
-                .enumerate()
-                .for_each(|(ci, (lc, oc))| {
-                    for (k, (l, o)) in lc.iter_mut().zip(oc.iter_mut()).enumerate() {
-                        let r = ci * rpt + k;
-                        let row = &x[r * v..][..v];
-                        *l = row_lse(row);
-                        *o = *l - row[tg[r] as usize];
-                    }
-                });
+            chunk_nll(x, v, tg, &mut lse, &mut out);
         }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((CpuStorage::F32(out), Shape::from(n)))
@@ -624,34 +613,9 @@ impl CustomOp2 for TokenNll {
         let mut d = vec![0f32; n * v];
         if v > 0 {
             with_f32(&logits, self.name(), |x| {
-                let lse = if lse.len() == n {
-                    lse
-                } else {
-                    (0..n)
-                        .into_par_iter()
-                        .map(|r| row_lse(&x[r * v..][..v]))
-                        .collect()
-                };
-                d.par_chunks_mut(v)
-                    .enumerate()
-                    .with_min_len(rows_per_task(v))
-                    .for_each(|(r, dr)| {
-                        let gr = g[r];
-                        let xr = &x[r * v..][..v];
-                        let l = lse[r];
-                        if gr == 0.0 {
-                            return;
-                        }
-                        for (o, &xv) in dr.iter_mut().zip(xr) {
-                            let z = xv - l;
-                            *o = if z < EXP_CUTOFF {
-                                0.0
-                            } else {
-                                fast_exp(z) * gr
-                            };
-                        }
-                        dr[targets[r] as usize] -= gr;
-                    });
+                d.copy_from_slice(&x[..n * v]);
+                let lse: &[f32] = if lse.len() == n { &lse } else { &[] };
+                logits_to_grad(&mut d, v, 0, &g, lse, &targets);
                 Ok(())
             })?;
         }
@@ -694,7 +658,8 @@ struct LmHeadNll {
 }
 
 /// `logits` [c, v] of rows `r0..` turned in place into their gradient for upstream row
-/// gradients `g`: (softmax - onehot(target)) * g.
+/// gradients `g`: (softmax - onehot(target)) * g. `lse` holds every row's logsumexp, or is
+/// empty (then it is computed here).
 fn logits_to_grad(
     logits: &mut [f32],
     v: usize,
@@ -940,7 +905,10 @@ impl CustomOp3 for LmHeadNll {
         let (dh, dw) = match stored {
             Some(grads) if announced => grads,
             _ => {
-                let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if lse.len() != n {
+                    lse.clear();
+                }
                 with_f32(&h, self.name(), |hv| {
                     with_f32(&w, self.name(), |wv| {
                         Ok(head_grads(hv, wv, &targets, &g, &lse, (n, d, v)))
