@@ -69,7 +69,8 @@ impl Default for RegurgitationSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BosInfo {
     pub policy: String,
-    /// Token put at the start of every prompt (None: no BOS).
+    /// Token put at the start of every prompt that starts at its document's start, as in
+    /// training (None: no BOS). A prompt that starts mid-document gets none.
     pub id: Option<u32>,
     /// Where `id` comes from: "tokenizer", "config", "vocabulary" or "none".
     pub source: String,
@@ -301,15 +302,22 @@ fn prepare(
                 .slice(covered_until.min(span.start), span.start)
                 .to_string();
 
-            let bos_len = usize::from(bos.id.is_some());
             let l = span_ids.len();
             let mut max_new = settings.max_new_tokens.unwrap_or(l + 4);
             // Room for at least one prompt token.
             max_new = max_new.min(max_pos - 1);
-            let room = max_pos.saturating_sub(bos_len + max_new.max(l));
-            let keep = settings.prefix_tokens.min(before.len()).min(room);
+            // Training puts the BOS only before a document's first token; so does the prompt:
+            // a prompt that starts mid-document gets none, and the whole context for text.
+            let room = max_pos.saturating_sub(max_new.max(l));
+            let whole_prefix = from == 0 && settings.prefix_tokens >= before.len();
+            let bos_here = bos.id.filter(|_| whole_prefix && before.len() < room);
+            let keep = match bos_here {
+                Some(_) => before.len(),
+                None => settings.prefix_tokens.min(before.len()).min(room),
+            };
+            let bos_len = usize::from(bos_here.is_some());
             let mut prompt = Vec::with_capacity(bos_len + keep);
-            prompt.extend(bos.id);
+            prompt.extend(bos_here);
             prompt.extend_from_slice(&before[before.len() - keep..]);
             let prompt_text = decode(&tok, &prompt[bos_len..])?;
             let bos_only = keep == 0;
