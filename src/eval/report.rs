@@ -113,44 +113,37 @@ pub fn gate(
     perplexity: Option<&Perplexity>,
     limits: &GateLimits,
 ) -> Option<GateReport> {
+    // One check: (passed, message); a limit whose figure is missing (or NaN) fails.
+    let check = |what: &str, value: Option<f64>, shown: String, max: String, limit: f64| match value
+    {
+        Some(v) => {
+            let passed = v <= limit;
+            let op = if passed { "<=" } else { ">" };
+            (passed, format!("{what} {shown} {op} max {max}"))
+        }
+        None => (false, format!("{what} not measured")),
+    };
     let mut checks: Vec<(bool, String)> = Vec::new();
-    let verdict = |passed: bool| if passed { "<=" } else { ">" };
     if let Some(r) = limits.max_rate {
-        checks.push(match total {
-            Some(t) => {
-                let passed = t.exact_rate <= r;
-                let op = verdict(passed);
-                (
-                    passed,
-                    format!("exact rate {:.4} {op} max {r}", t.exact_rate),
-                )
-            }
-            None => (false, "exact rate not measured".to_string()),
-        });
+        let v = total.map(|t| t.exact_rate);
+        let shown = format!("{:.4}", v.unwrap_or(0.0));
+        checks.push(check("exact rate", v, shown, r.to_string(), r));
     }
     if let Some(n) = limits.max_count {
-        checks.push(match total {
-            Some(t) => {
-                let passed = t.exact <= n;
-                (
-                    passed,
-                    format!("exact count {} {} max {n}", t.exact, verdict(passed)),
-                )
-            }
-            None => (false, "exact count not measured".to_string()),
-        });
+        let v = total.map(|t| t.exact);
+        let shown = v.unwrap_or(0).to_string();
+        checks.push(check(
+            "exact count",
+            v.map(|x| x as f64),
+            shown,
+            n.to_string(),
+            n as f64,
+        ));
     }
     if let Some(max) = limits.max_perplexity {
-        checks.push(match perplexity.and_then(|p| p.all.perplexity) {
-            Some(ppl) => {
-                let passed = ppl <= max;
-                (
-                    passed,
-                    format!("perplexity {ppl:.3} {} max {max}", verdict(passed)),
-                )
-            }
-            None => (false, "perplexity not measured".to_string()),
-        });
+        let v = perplexity.and_then(|p| p.all.perplexity);
+        let shown = format!("{:.3}", v.unwrap_or(0.0));
+        checks.push(check("perplexity", v, shown, max.to_string(), max));
     }
     if checks.is_empty() {
         return None;
