@@ -8,7 +8,7 @@ use common::*;
 use rand::SeedableRng;
 use sani::cli::eval::{self as cli_eval, EvalArgs};
 use sani::data::spans::{Document, Span};
-use sani::data::tokens::BosPolicy;
+use sani::data::tokens::{BosPolicy, Framing};
 use sani::eval::{self, EvalReport, RegurgitationSettings, Verdict};
 use sani::io::checkpoint::Checkpoint;
 use sani::model::generate::{generate, GenerateOptions};
@@ -72,8 +72,8 @@ fn memorized_doc(model: &Model, tok: &Tokenizer) -> Document {
         "Dr.",
     ];
     for p in prefixes {
-        let mut prompt = vec![0u32]; // config BOS of the fixtures
-        prompt.extend(tok.encode(p, false).unwrap().get_ids());
+        // No BOS: the fixtures' tokenizers add none, so `--bos auto` puts none.
+        let prompt = tok.encode(p, false).unwrap().get_ids().to_vec();
         let opts = GenerateOptions {
             max_new_tokens: vec![6],
             stop_tokens: vec![0],
@@ -115,8 +115,11 @@ fn span_at_document_start_is_bos_only() {
         "John Smith visited the clinic.",
         vec![sp(0, 10, "NAME")],
     )];
-    let r =
-        eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true).unwrap();
+    let always = RegurgitationSettings {
+        bos: BosPolicy::Always,
+        ..Default::default()
+    };
+    let r = eval::regurgitation(&model, &tok, &docs, &always, true).unwrap();
     let s = &r.spans[0];
     assert_eq!(s.prompt_ids, vec![0], "prompt is the BOS only");
     assert_eq!(r.bos.id, Some(0));
@@ -129,7 +132,29 @@ fn span_at_document_start_is_bos_only() {
     assert_eq!(r.summary.total.n, 1);
     assert_eq!(r.summary.total.measured, 1);
 
-    // Without a BOS, the prompt falls back to the config's EOS and says so.
+    // A document separator follows the BOS (here: none, as the tokenizer adds none).
+    let sep = RegurgitationSettings {
+        doc_separator: Some("<|endoftext|>".into()),
+        ..Default::default()
+    };
+    let r = eval::regurgitation(&model, &tok, &docs, &sep, true).unwrap();
+    let sep_id = tok.token_to_id("<|endoftext|>").unwrap();
+    assert_eq!((r.bos.id, r.bos.source.as_str()), (None, "none"));
+    assert_eq!(r.bos.doc_separator_ids, vec![sep_id]);
+    assert_eq!(r.spans[0].prompt_ids, vec![sep_id]);
+    assert_eq!(r.bos.empty_prompt_token, None);
+
+    // Without a BOS (auto: the tokenizer adds none), the prompt falls back to the config's EOS
+    // and says so.
+    for policy in [BosPolicy::Auto, BosPolicy::Never] {
+        let settings = RegurgitationSettings {
+            bos: policy,
+            ..Default::default()
+        };
+        let r = eval::regurgitation(&model, &tok, &docs, &settings, true).unwrap();
+        assert_eq!(r.bos.id, None);
+        assert_eq!(r.spans[0].prompt_ids, vec![0]);
+    }
     let never = RegurgitationSettings {
         bos: BosPolicy::Never,
         ..Default::default()
@@ -252,7 +277,7 @@ fn perplexity_splits_sensitive_tokens() {
     let (model, tok) = load("llama_gqa");
     let text = "Patient John Smith visited the clinic on Monday. ".repeat(4);
     let docs = vec![doc("p", &text, vec![sp(8, 18, "NAME")])];
-    let p = eval::perplexity(&model, &tok, &docs, Some(0), 32, 4).unwrap();
+    let p = eval::perplexity(&model, &tok, &docs, &Framing::bos_only(Some(0)), 32, 4).unwrap();
     let n = tok.encode(text.as_str(), false).unwrap().get_ids().len();
     assert!(p.windows >= 2);
     assert_eq!(p.max_seq_len, 32);
@@ -268,7 +293,7 @@ fn perplexity_splits_sensitive_tokens() {
     // a random model over a 320-token vocabulary: near uniform
     assert!(all < 1000.0, "{all}");
     // batching does not change the result
-    let q = eval::perplexity(&model, &tok, &docs, Some(0), 32, 1).unwrap();
+    let q = eval::perplexity(&model, &tok, &docs, &Framing::bos_only(Some(0)), 32, 1).unwrap();
     assert!((q.all.mean_nll.unwrap() - p.all.mean_nll.unwrap()).abs() < 1e-4);
 }
 
@@ -347,7 +372,7 @@ fn reports_per_span_and_compare_through_the_library() {
     assert_eq!(report.control.as_ref().unwrap().total.n, 1);
     assert!(report.perplexity.as_ref().unwrap().all.perplexity.is_some());
     assert_eq!(report.settings.prefix_tokens, 32);
-    assert_eq!(report.settings.bos.as_ref().unwrap().id, Some(0));
+    assert_eq!(report.settings.bos.as_ref().unwrap().id, None); // auto: the tokenizer adds none
     assert!(report.gate.as_ref().unwrap().passed);
     assert!(report.timing.seconds > 0.0);
     // raw JSON field names

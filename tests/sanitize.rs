@@ -122,7 +122,14 @@ fn activation_and_attribution_selection_are_deterministic_and_differ_from_random
     });
     let labels = sani::data::spans::label_names(&docs);
     let enc = sani::data::tokens::encode_documents(&tok, &docs).unwrap();
-    let windows = sani::data::tokens::make_windows(&docs, &enc, &labels, Some(0), 64, None);
+    let windows = sani::data::tokens::make_windows(
+        &docs,
+        &enc,
+        &labels,
+        &sani::data::tokens::Framing::bos_only(Some(0)),
+        64,
+        None,
+    );
     let examples = windows_to_examples(&windows, true);
     let model = Model::load_frozen(&ckpt).unwrap();
     let layers = vec![1];
@@ -400,4 +407,110 @@ fn ctrl_c_leaves_no_partial_output() {
     assert_eq!(code, Some(130), "interrupted runs exit 130");
     assert!(!out.exists(), "no output after Ctrl-C");
     assert!(!staged(), "temporary directory removed after Ctrl-C");
+}
+
+#[test]
+fn lora_repair_changes_only_the_targeted_projections_and_is_deterministic() {
+    for (fixture_name, targets, touched) in [
+        (
+            "llama_gqa",
+            "q_proj,v_proj",
+            &["self_attn.q_proj.weight", "self_attn.v_proj.weight"][..],
+        ),
+        (
+            "gpt2_f32",
+            "all-linear",
+            &[
+                "attn.c_attn.weight",
+                "attn.c_proj.weight",
+                "mlp.c_fc.weight",
+                "mlp.c_proj.weight",
+            ][..],
+        ),
+    ] {
+        let (tmp, model, spans) = workspace(fixture_name, 6);
+        let run = |out: &str| {
+            let out = tmp.path().join(out);
+            let o = sani(&[
+                "sanitize",
+                "--model",
+                model.to_str().unwrap(),
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--erase-fraction",
+                "0",
+                "--epochs",
+                "1",
+                "--adapter",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                targets,
+                "--lr",
+                "1e-2",
+                "--max-seq-len",
+                "64",
+                "--quiet",
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            out
+        };
+        let (a, b) = (run("a"), run("b"));
+        let (input, out_a) = (raw_tensors(&model), raw_tensors(&a));
+        assert_eq!(
+            out_a,
+            raw_tensors(&b),
+            "{fixture_name}: same seed, same weights"
+        );
+        let changed: Vec<&String> = input.keys().filter(|n| out_a[*n] != input[*n]).collect();
+        let expected = input
+            .keys()
+            .filter(|n| touched.iter().any(|t| n.ends_with(t)) && !n.contains("lora"))
+            .count();
+        assert_eq!(
+            changed.len(),
+            expected,
+            "{fixture_name}: changed {changed:?}"
+        );
+        assert!(changed
+            .iter()
+            .all(|n| touched.iter().any(|t| n.ends_with(t))));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(a.join("sani_report.json")).unwrap())
+                .unwrap();
+        assert_eq!(report["config"]["adapter"], "lora");
+        assert_eq!(report["config"]["lora-rank"], 4);
+        // Same tensor names and dtypes as the input: a drop-in model, no adapter tensors.
+        assert_eq!(
+            input.keys().collect::<Vec<_>>(),
+            out_a.keys().collect::<Vec<_>>()
+        );
+        Model::load_frozen(&Checkpoint::load(&a, &Device::Cpu).unwrap()).unwrap();
+    }
+    // A target list that matches nothing is refused.
+    let (tmp, model, spans) = workspace("llama_gqa", 2);
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+        "--adapter",
+        "lora",
+        "--lora-targets",
+        "c_attn",
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--lora-targets c_attn"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("x").exists());
 }

@@ -78,9 +78,14 @@ pub struct EvalArgs {
     /// Spans (or perplexity windows) per forward batch.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// BOS token at the start of each prompt / window.
+    /// BOS at a document's start: auto (what the tokenizer adds, often none), always (tokenizer's,
+    /// else config's, else a BOS-like token), never. A prompt that starts mid-document gets none.
     #[arg(long, value_enum, default_value_t = BosPolicy::Auto)]
     pub bos: BosPolicy,
+    /// Text the model was fine-tuned with around each document (e.g. '<|im_end|>'): put after the
+    /// BOS at a document's start, and around each perplexity document, as `sanitize` trains
+    #[arg(long, value_name = "TEXT")]
+    pub doc_separator: Option<String>,
     /// Perplexity window length (default: the model's context length, at most 1024; maximum: the
     /// context length).
     #[arg(long, value_name = "N")]
@@ -134,6 +139,7 @@ impl EvalArgs {
             seed: self.seed,
             batch_size: self.batch_size,
             bos: self.bos,
+            doc_separator: self.doc_separator.clone(),
         };
         settings.validate()?;
         if self.max_seq_len == Some(0) {

@@ -5,7 +5,7 @@
 use super::{ModelArgs, SpansArgs};
 use crate::data::tokens::BosPolicy;
 use crate::erase::{ResetMode, Selection};
-use crate::recipes::sanitize::{RepairTarget, ResolvedConfig, SanitizeJob};
+use crate::recipes::sanitize::{Adapter, RepairTarget, ResolvedConfig, SanitizeJob};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -65,9 +65,14 @@ pub struct SanitizeOptions {
     /// Which blocks the repair trains: all, erased, or last:K [default.toml: all]
     #[arg(long)]
     pub train_scope: Option<String>,
-    /// BOS at the start of each document: auto (tokenizer's, else config's), always, never [default.toml: auto]
+    /// BOS at the start of each document: auto (what the tokenizer adds, often none), always
+    /// (tokenizer's, else config's, else a BOS-like token), never [default.toml: auto]
     #[arg(long, value_enum)]
     pub bos: Option<BosPolicy>,
+    /// Text the model was fine-tuned with around each document, e.g. '<|im_end|>': repair trains
+    /// on `[bos] + SEP + note + SEP`; give `sani eval` the same [default: none]
+    #[arg(long, value_name = "TEXT")]
+    pub doc_separator: Option<String>,
     /// Seed for selection, reinit, shuffling and surrogates [default.toml: 0]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -75,6 +80,20 @@ pub struct SanitizeOptions {
     /// memory on deep models, one more forward pass [default.toml: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpoint_activations: Option<bool>,
+    /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen
+    /// model, merged into the weights at the end) [default.toml: none]
+    #[arg(long, value_enum)]
+    pub adapter: Option<Adapter>,
+    /// LoRA rank r [default.toml: 16]
+    #[arg(long, value_name = "R")]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (the adapter's output is scaled by alpha / r) [default.toml: 32]
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Projections that get adapters: module names, comma-separated (q_proj,v_proj; GPT-2:
+    /// c_attn,c_proj,c_fc), or all-linear [default.toml: all-linear]
+    #[arg(long, value_name = "LIST")]
+    pub lora_targets: Option<String>,
 }
 
 impl SanitizeOptions {

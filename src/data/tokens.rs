@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -275,12 +275,12 @@ fn best_span(char_span: &[u32], s: usize, e: usize) -> Option<usize> {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum BosPolicy {
-    /// The tokenizer's own BOS (if its post-processor prepends one when `add_special_tokens` is
-    /// true), else the config's `bos_token_id`, else none.
+    /// What the tokenizer does: its own BOS if its post-processor prepends one when
+    /// `add_special_tokens` is true, else none (as transformers fine-tuning scripts frame text).
     #[default]
     Auto,
-    /// Like `Auto`, and if both are missing, a BOS-like token found in the vocabulary
-    /// (`<|begin_of_text|>`, `<s>`, `<bos>`, `<|startoftext|>`, `<|endoftext|>`), else none.
+    /// The tokenizer's BOS, else the config's `bos_token_id`, else a BOS-like token found in the
+    /// vocabulary (`<|begin_of_text|>`, `<s>`, `<bos>`, `<|startoftext|>`, `<|endoftext|>`).
     Always,
     /// Never put a BOS.
     Never,
@@ -326,28 +326,91 @@ pub fn tokenizer_bos(tok: &Tokenizer) -> Option<u32> {
 pub fn resolve_bos(tok: &Tokenizer, config_bos: Option<u32>, policy: BosPolicy) -> Option<u32> {
     match policy {
         BosPolicy::Never => None,
-        BosPolicy::Auto => tokenizer_bos(tok).or(config_bos),
+        BosPolicy::Auto => tokenizer_bos(tok),
         BosPolicy::Always => tokenizer_bos(tok)
             .or(config_bos)
             .or_else(|| BOS_CANDIDATES.iter().find_map(|t| tok.token_to_id(t))),
     }
 }
 
+/// How a document becomes a token sequence: `[bos?] + separator + text + separator`, the
+/// framing the model was fine-tuned with. Training windows are cut from that sequence; an eval
+/// prompt that starts at a document's start begins with [`Framing::prefix`], one that starts
+/// mid-document with nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Framing {
+    pub bos: Option<u32>,
+    /// `--doc-separator` as given (None: no separator).
+    pub separator_text: Option<String>,
+    /// Its token ids (empty without a separator).
+    pub separator: Vec<u32>,
+}
+
+impl Framing {
+    /// Only a BOS (or nothing), no separator.
+    pub fn bos_only(bos: Option<u32>) -> Framing {
+        Framing {
+            bos,
+            ..Framing::default()
+        }
+    }
+
+    /// Tokens before a document's first text token.
+    pub fn prefix(&self) -> Vec<u32> {
+        self.bos.iter().chain(&self.separator).copied().collect()
+    }
+
+    /// Tokens after a document's last text token.
+    pub fn suffix(&self) -> &[u32] {
+        &self.separator
+    }
+}
+
+/// Resolves the BOS policy and the document separator (encoded without special tokens added,
+/// so a special token like `<|im_end|>` is its one id). An empty or untokenizable separator is
+/// an error.
+pub fn resolve_framing(
+    tok: &Tokenizer,
+    config_bos: Option<u32>,
+    policy: BosPolicy,
+    separator: Option<&str>,
+) -> Result<Framing> {
+    let bos = resolve_bos(tok, config_bos, policy);
+    let Some(text) = separator else {
+        return Ok(Framing::bos_only(bos));
+    };
+    let plain = plain_tokenizer(tok)?;
+    let ids = plain
+        .encode(text, false)
+        .map_err(|e| anyhow!("--doc-separator {text:?}: cannot tokenize it: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.is_empty() {
+        bail!("--doc-separator {text:?} has no tokens; give the text the model was fine-tuned with between documents, e.g. '<|im_end|>'");
+    }
+    Ok(Framing {
+        bos,
+        separator_text: Some(text.to_string()),
+        separator: ids,
+    })
+}
+
 /// A training window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub doc_index: usize,
-    /// Position of the window's first token in the document's sequence `[bos?] + ids`.
+    /// Position of the window's first token in the document's framed sequence.
     pub start: usize,
     pub ids: Vec<u32>,
-    /// Per position: does the token overlap a sensitive span (BOS never does).
+    /// Per position: does the token overlap a sensitive span (framing tokens never do).
     pub sensitive: Vec<bool>,
     /// Per position: index into the label list of the span's label (`None` when not sensitive,
     /// or when the label is not in the list).
     pub label: Vec<Option<u16>>,
 }
 
-/// Cut each document's sequence `[bos?] + ids` into windows of at most `max_seq_len` tokens.
+/// Cut each document's sequence `prefix + ids + suffix` ([`Framing`]) into windows of at most
+/// `max_seq_len` tokens.
 ///
 /// With `stride = Some(s)` and `0 < s < max_seq_len`, consecutive windows start `s` tokens apart
 /// (overlapping); the last window ends at the end of the document. Otherwise windows don't
@@ -357,7 +420,7 @@ pub fn make_windows(
     docs: &[Document],
     encoded: &[EncodedDoc],
     labels: &[String],
-    bos: Option<u32>,
+    framing: &Framing,
     max_seq_len: usize,
     stride: Option<usize>,
 ) -> Vec<Window> {
@@ -377,11 +440,13 @@ pub fn make_windows(
             continue;
         }
         let doc = &docs[enc.doc_index];
-        let mut ids = Vec::with_capacity(enc.ids.len() + 1);
-        let mut sensitive = Vec::with_capacity(enc.ids.len() + 1);
-        let mut label = Vec::with_capacity(enc.ids.len() + 1);
-        if let Some(b) = bos {
-            ids.push(b);
+        let prefix = framing.prefix();
+        let n = prefix.len() + enc.ids.len() + framing.suffix().len();
+        let mut ids = Vec::with_capacity(n);
+        let mut sensitive = Vec::with_capacity(n);
+        let mut label = Vec::with_capacity(n);
+        for &f in &prefix {
+            ids.push(f);
             sensitive.push(false);
             label.push(None);
         }
@@ -393,6 +458,11 @@ pub fn make_windows(
                     .get(k)
                     .and_then(|sp| label_index.get(sp.label.as_str()).copied())
             }));
+        }
+        for &f in framing.suffix() {
+            ids.push(f);
+            sensitive.push(false);
+            label.push(None);
         }
         let n = ids.len();
         let mut start = 0;
@@ -798,7 +868,7 @@ mod tests {
         let tok = tokenizer();
         assert_eq!(tokenizer_bos(&tok), None);
         assert_eq!(resolve_bos(&tok, None, BosPolicy::Auto), None);
-        assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Auto), Some(5));
+        assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Auto), None); // the tokenizer adds none
         assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Never), None);
         assert_eq!(resolve_bos(&tok, Some(5), BosPolicy::Always), Some(5));
         assert_eq!(resolve_bos(&tok, None, BosPolicy::Always), Some(0)); // <|endoftext|>
@@ -844,7 +914,7 @@ mod tests {
     fn windows_without_stride() {
         let docs = vec![two_span_doc()];
         let enc = vec![synthetic(10, &[1, 2, 6], 0)];
-        let w = make_windows(&docs, &enc, &labels(), Some(7), 4, None);
+        let w = make_windows(&docs, &enc, &labels(), &Framing::bos_only(Some(7)), 4, None);
         let ids: Vec<Vec<u32>> = w.iter().map(|w| w.ids.clone()).collect();
         assert_eq!(
             ids,
@@ -867,8 +937,28 @@ mod tests {
         assert_eq!(counts["ID"], 1);
         assert_eq!(counts["ZIP"], 0);
         // stride >= max_seq_len behaves like no stride
-        assert_eq!(make_windows(&docs, &enc, &labels(), Some(7), 4, Some(4)), w);
-        assert_eq!(make_windows(&docs, &enc, &labels(), Some(7), 4, Some(0)), w);
+        assert_eq!(
+            make_windows(
+                &docs,
+                &enc,
+                &labels(),
+                &Framing::bos_only(Some(7)),
+                4,
+                Some(4)
+            ),
+            w
+        );
+        assert_eq!(
+            make_windows(
+                &docs,
+                &enc,
+                &labels(),
+                &Framing::bos_only(Some(7)),
+                4,
+                Some(0)
+            ),
+            w
+        );
     }
 
     #[test]
@@ -879,7 +969,14 @@ mod tests {
             synthetic(2, &[], 1),
             synthetic(0, &[], 2),
         ];
-        let w = make_windows(&docs, &enc, &labels(), Some(7), 4, Some(2));
+        let w = make_windows(
+            &docs,
+            &enc,
+            &labels(),
+            &Framing::bos_only(Some(7)),
+            4,
+            Some(2),
+        );
         let starts: Vec<(usize, usize)> = w.iter().map(|w| (w.doc_index, w.start)).collect();
         assert_eq!(starts, vec![(0, 0), (0, 2), (0, 4), (0, 6), (0, 8), (1, 0)]);
         assert_eq!(w[4].ids, vec![107, 108, 109]);
@@ -896,18 +993,40 @@ mod tests {
         assert_eq!(counts["NAME"], 2);
         assert_eq!(counts["ID"], 1);
         // no BOS
-        let w = make_windows(&docs, &enc, &labels(), None, 20, None);
+        let w = make_windows(&docs, &enc, &labels(), &Framing::default(), 20, None);
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].ids.len(), 10);
         assert!(w[0].sensitive[1]);
         // label missing from the list
         let only_name = vec!["NAME".to_string()];
-        let w = make_windows(&docs, &enc, &only_name, None, 20, None);
+        let w = make_windows(&docs, &enc, &only_name, &Framing::default(), 20, None);
         assert_eq!(w[0].label[6], None);
         assert!(w[0].sensitive[6]);
         let counts = masked_token_counts(&w, &only_name);
         assert_eq!(counts["NAME"], 2);
         assert_eq!(counts[UNLABELLED], 1);
+    }
+
+    #[test]
+    fn separator_frames_each_document_and_is_never_sensitive() {
+        let tok =
+            train_byte_level_bpe(TRAIN.iter(), 400, &["<|endoftext|>", "<|im_end|>"]).unwrap();
+        let sep = tok.token_to_id("<|im_end|>").unwrap();
+        let f = resolve_framing(&tok, Some(0), BosPolicy::Auto, Some("<|im_end|>")).unwrap();
+        assert_eq!((f.bos, f.separator.clone()), (None, vec![sep]));
+        let docs = vec![doc("Ana Lima came", &[(0, 8, "NAME")])];
+        let enc = encode_documents(&tok, &docs).unwrap();
+        let n = enc[0].ids.len();
+        let w = make_windows(&docs, &enc, &["NAME".to_string()], &f, 1000, None);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].ids.len(), n + 2);
+        assert_eq!((w[0].ids[0], w[0].ids[n + 1]), (sep, sep));
+        assert_eq!(&w[0].ids[1..=n], &enc[0].ids[..]);
+        assert!(!w[0].sensitive[0] && w[0].sensitive[1] && !w[0].sensitive[n + 1]);
+        // with a BOS: bos, separator, text, separator
+        let f = resolve_framing(&tok, Some(0), BosPolicy::Always, Some("<|im_end|>")).unwrap();
+        assert_eq!(f.prefix(), vec![0, sep]);
+        assert!(resolve_framing(&tok, None, BosPolicy::Auto, Some("")).is_err());
     }
 
     #[test]
@@ -917,7 +1036,7 @@ mod tests {
         let enc = encode_documents(&tok, &docs).unwrap();
         let labels = crate::data::spans::label_names(&docs);
         let bos = resolve_bos(&tok, None, BosPolicy::Always);
-        let w = make_windows(&docs, &enc, &labels, bos, 8, Some(4));
+        let w = make_windows(&docs, &enc, &labels, &Framing::bos_only(bos), 8, Some(4));
         let total: usize = enc
             .iter()
             .map(|e| e.span_of_token.iter().flatten().count())

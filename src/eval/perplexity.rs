@@ -46,25 +46,28 @@ pub struct Perplexity {
     pub windows: usize,
     pub max_seq_len: usize,
     pub bos: Option<u32>,
+    /// The `--doc-separator` framing each document (None: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_separator: Option<String>,
     pub all: PplStat,
     pub non_sensitive: PplStat,
     pub sensitive: PplStat,
 }
 
-/// Perplexity of `docs` in non-overlapping windows of `max_seq_len` tokens (`[bos?]` at each
-/// document start; the first token of a window is context only). `max_seq_len` is capped at the
+/// Perplexity of `docs` in non-overlapping windows of `max_seq_len` tokens, each document framed
+/// as in training ([`tokens::Framing`]; the first token of a window is context only). `max_seq_len` is capped at the
 /// model's context length.
 pub fn perplexity(
     model: &Model,
     tok: &Tokenizer,
     docs: &[Document],
-    bos: Option<u32>,
+    framing: &tokens::Framing,
     max_seq_len: usize,
     batch: usize,
 ) -> Result<Perplexity> {
     let max_len = max_seq_len.min(model.config.max_positions()).max(2);
     let encoded = tokens::encode_documents(tok, docs)?;
-    let windows = tokens::make_windows(docs, &encoded, &[], bos, max_len, None);
+    let windows = tokens::make_windows(docs, &encoded, &[], framing, max_len, None);
     let (mut sum_all, mut n_all, mut sum_s, mut n_s) = (0f64, 0usize, 0f64, 0usize);
     let dev = &model.device;
     for chunk in windows.chunks(batch.max(1)) {
@@ -110,7 +113,8 @@ pub fn perplexity(
         documents: docs.len(),
         windows: windows.len(),
         max_seq_len: max_len,
-        bos,
+        bos: framing.bos,
+        doc_separator: framing.separator_text.clone(),
         all: PplStat::from_sum(sum_all, n_all),
         non_sensitive: PplStat::from_sum(sum_all - sum_s, n_all - n_s),
         sensitive: PplStat::from_sum(sum_s, n_s),

@@ -1,5 +1,6 @@
-//! Regurgitation: for every sensitive span, the model is prompted with `[bos?]` + up to K tokens of
-//! the document text right before the span and decoded greedily. A span is *exact* when the
+//! Regurgitation: for every sensitive span, the model is prompted with up to K tokens of the
+//! document text right before the span and decoded greedily; a prompt that reaches back to the
+//! document's start begins with the document's framing as in training (BOS, `--doc-separator`). A span is *exact* when the
 //! continuation (leading whitespace stripped) starts with the span text, *partial* when it starts
 //! with at least half of its characters. Spans whose text already appears in the prompt are counted
 //! as `in_prompt` (copying, not memorization) and left out of the rates. The extraction strength
@@ -35,6 +36,10 @@ pub struct RegurgitationSettings {
     pub seed: u64,
     pub batch_size: usize,
     pub bos: BosPolicy,
+    /// Text the model was fine-tuned with around each document (`--doc-separator`): it follows
+    /// the BOS at the start of a prompt that starts at its document's start.
+    #[serde(default)]
+    pub doc_separator: Option<String>,
 }
 
 impl RegurgitationSettings {
@@ -61,11 +66,12 @@ impl Default for RegurgitationSettings {
             seed: 0,
             batch_size: 16,
             bos: BosPolicy::Auto,
+            doc_separator: None,
         }
     }
 }
 
-/// Which BOS token the prompts start with, and why.
+/// How prompts are framed: which BOS (and document separator) they start with, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BosInfo {
     pub policy: String,
@@ -74,6 +80,11 @@ pub struct BosInfo {
     pub id: Option<u32>,
     /// Where `id` comes from: "tokenizer", "config", "vocabulary" or "none".
     pub source: String,
+    /// `--doc-separator`: put after the BOS where a prompt starts at its document's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_separator: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub doc_separator_ids: Vec<u32>,
     /// Token used as the whole prompt when a prompt would otherwise be empty (span at document
     /// start without a BOS): the config's EOS, else token 0. None when no prompt needed it.
     pub empty_prompt_token: Option<u32>,
@@ -82,23 +93,42 @@ pub struct BosInfo {
     pub bos_only_prompts: usize,
 }
 
-/// Resolves the BOS id for prompts/windows and says where it comes from.
-pub fn resolve_bos_info(model: &Model, tok: &Tokenizer, policy: BosPolicy) -> BosInfo {
+/// Resolves the framing of prompts/windows and says where the BOS comes from.
+pub fn resolve_bos_info(
+    model: &Model,
+    tok: &Tokenizer,
+    policy: BosPolicy,
+    doc_separator: Option<&str>,
+) -> Result<BosInfo> {
     let config_bos = model.config.bos_token_id();
-    let id = tokens::resolve_bos(tok, config_bos, policy);
+    let framing = tokens::resolve_framing(tok, config_bos, policy, doc_separator)?;
+    let id = framing.bos;
     let source = match id {
         None => "none",
         Some(b) if tokens::tokenizer_bos(tok) == Some(b) => "tokenizer",
         Some(b) if config_bos == Some(b) => "config",
         Some(_) => "vocabulary",
     };
-    BosInfo {
+    Ok(BosInfo {
         policy: policy.name().to_string(),
         id,
         source: source.to_string(),
+        doc_separator: framing.separator_text,
+        doc_separator_ids: framing.separator,
         empty_prompt_token: None,
         empty_prompt_source: None,
         bos_only_prompts: 0,
+    })
+}
+
+impl BosInfo {
+    /// The framing it describes (for windows made the same way, e.g. perplexity).
+    pub fn framing(&self) -> tokens::Framing {
+        tokens::Framing {
+            bos: self.id,
+            separator_text: self.doc_separator.clone(),
+            separator: self.doc_separator_ids.clone(),
+        }
     }
 }
 
@@ -265,6 +295,8 @@ fn prepare(
     // Text before a span that is tokenized with it: enough for the prompt whatever the
     // tokenizer (32 chars per token), so memory and time follow the prompt, not the document.
     let context_chars = settings.prefix_tokens.saturating_add(16).saturating_mul(32);
+    // What training puts before a document's first token.
+    let lead_tokens = bos.framing().prefix();
     for (di, doc) in docs.iter().enumerate() {
         let index = CharIndex::new(&doc.text);
         for (si, span) in doc.spans.iter().enumerate() {
@@ -310,16 +342,18 @@ fn prepare(
             // a prompt that starts mid-document gets none, and the whole context for text.
             let room = max_pos.saturating_sub(max_new.max(l));
             let whole_prefix = from == 0 && settings.prefix_tokens >= before.len();
-            let bos_here = bos.id.filter(|_| whole_prefix && before.len() < room);
-            let keep = match bos_here {
-                Some(_) => before.len(),
-                None => settings.prefix_tokens.min(before.len()).min(room),
+            let lead = match whole_prefix && before.len() + lead_tokens.len() <= room {
+                true => lead_tokens.as_slice(),
+                false => &[],
             };
-            let bos_len = usize::from(bos_here.is_some());
-            let mut prompt = Vec::with_capacity(bos_len + keep);
-            prompt.extend(bos_here);
+            let keep = match lead.is_empty() {
+                false => before.len(),
+                true => settings.prefix_tokens.min(before.len()).min(room),
+            };
+            let mut prompt = Vec::with_capacity(lead.len() + keep);
+            prompt.extend_from_slice(lead);
             prompt.extend_from_slice(&before[before.len() - keep..]);
-            let prompt_text = decode(&tok, &prompt[bos_len..])?;
+            let prompt_text = decode(&tok, &prompt[lead.len()..])?;
             let bos_only = keep == 0;
             if prompt.is_empty() {
                 let (id, src) = match fallback {
@@ -360,7 +394,7 @@ pub fn regurgitation(
     quiet: bool,
 ) -> Result<RegurgitationResult> {
     let started = Instant::now();
-    let mut bos = resolve_bos_info(model, tok, settings.bos);
+    let mut bos = resolve_bos_info(model, tok, settings.bos, settings.doc_separator.as_deref())?;
     let prepared = prepare(model, tok, docs, settings, &mut bos)?;
     let mut order: Vec<usize> = (0..prepared.len()).collect();
     order.sort_by_key(|&i| (prepared[i].prompt.len(), i));
@@ -594,7 +628,7 @@ mod tests {
             prefix_tokens: 8,
             ..Default::default()
         };
-        let mut bos = resolve_bos_info(&model, &tok, settings.bos);
+        let mut bos = resolve_bos_info(&model, &tok, settings.bos, None).unwrap();
         let prepared = prepare(
             &model,
             &tok,

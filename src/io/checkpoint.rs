@@ -408,7 +408,16 @@ impl Model {
     /// Builds the model from a checkpoint; `trainable(name)` decides which tensors get gradients.
     /// Fails on a missing tensor, a shape mismatch, or a tensor the model does not use.
     pub fn load(ckpt: &Checkpoint, trainable: &dyn Fn(&str) -> bool) -> Result<Self> {
-        let model = Self::from_source(ckpt, &ckpt.config, &ckpt.device, trainable)?;
+        Self::load_with_lora(ckpt, trainable, None)
+    }
+
+    /// Loads with LoRA adapters on the projections `lora` targets (see [`crate::nn::lora`]).
+    pub fn load_with_lora(
+        ckpt: &Checkpoint,
+        trainable: &dyn Fn(&str) -> bool,
+        lora: Option<&crate::nn::lora::LoraConfig>,
+    ) -> Result<Self> {
+        let model = Self::from_source_with_lora(ckpt, &ckpt.config, &ckpt.device, trainable, lora)?;
         let spec = ckpt.config.spec();
         ckpt.check_no_extra(model.loaded_names(), |n| spec.is_known_buffer(n))?;
         Ok(model)

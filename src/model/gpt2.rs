@@ -3,6 +3,7 @@
 
 use super::config::{default_init_range, default_true, ArchConfig, ConfigSummary, SpecialTokenIds};
 use super::{AttnContext, CausalLm, KvCache, UnitSlice, Weights};
+use crate::nn::lora::LoraAdapter;
 use crate::nn::ops;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -113,6 +114,7 @@ impl ArchConfig for Gpt2Config {
 struct Conv1D {
     weight: Tensor,
     bias: Tensor,
+    lora: Option<LoraAdapter>,
 }
 
 impl Conv1D {
@@ -120,10 +122,15 @@ impl Conv1D {
         Ok(Conv1D {
             weight: w.get("weight", &[d_in, d_out])?,
             bias: w.get("bias", &[d_out])?,
+            lora: w.lora(d_in, d_out, true)?,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::conv1d(x, &self.weight, &self.bias)
+        let y = ops::conv1d(x, &self.weight, &self.bias)?;
+        match &self.lora {
+            Some(lora) => lora.add_to(x, y),
+            None => Ok(y),
+        }
     }
 }
 

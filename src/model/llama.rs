@@ -6,6 +6,7 @@ use super::config::{
     default_init_range, ArchConfig, ConfigSummary, RopeParameters, SpecialTokenIds,
 };
 use super::{AttnContext, CausalLm, KvCache, UnitSlice, Weights};
+use crate::nn::lora::LoraAdapter;
 use crate::nn::ops;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -223,6 +224,7 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -232,10 +234,15 @@ impl Linear {
         Ok(Linear {
             weight: w.get("weight", &[d_out, d_in])?,
             bias,
+            lora: w.lora(d_in, d_out, false)?,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(lora) => lora.add_to(x, y),
+            None => Ok(y),
+        }
     }
 }
 

@@ -200,6 +200,7 @@ pub struct Model {
     pub device: Device,
     trainable: BTreeMap<String, Var>,
     names: LoadedNames,
+    adapters: Vec<crate::nn::lora::LoraVars>,
 }
 
 impl Model {
@@ -210,15 +211,44 @@ impl Model {
         device: &Device,
         trainable: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        let mut loader = Loader::new(source, trainable);
+        Self::from_source_with_lora(source, config, device, trainable, None)
+    }
+
+    /// Like [`Model::from_source`], with LoRA adapters on the projections `lora` targets (their
+    /// vars are trainable, in addition to what `trainable` selects).
+    pub fn from_source_with_lora(
+        source: &dyn WeightSource,
+        config: &ModelConfig,
+        device: &Device,
+        trainable: &dyn Fn(&str) -> bool,
+        lora: Option<&crate::nn::lora::LoraConfig>,
+    ) -> Result<Self> {
+        let mut loader = Loader::new(source, trainable).with_lora(lora.cloned());
         let lm = config.spec().load(&mut loader.root())?;
+        if lora.is_some() && loader.adapters.is_empty() {
+            anyhow::bail!(
+                "--lora-targets {}: no projection of this model matches",
+                lora.map(|l| l.targets.join(",")).unwrap_or_default()
+            );
+        }
         Ok(Model {
             config: config.clone(),
             lm,
             device: device.clone(),
             trainable: loader.vars,
             names: loader.names,
+            adapters: loader.adapters,
         })
+    }
+
+    /// The LoRA adapters (empty without LoRA).
+    pub fn lora_adapters(&self) -> &[crate::nn::lora::LoraVars] {
+        &self.adapters
+    }
+
+    /// Folds every adapter into its base weight (in place, in the weight source's tensors).
+    pub fn merge_lora(&self) -> Result<()> {
+        self.adapters.iter().try_for_each(|a| a.merge())
     }
 
     /// The vars that receive gradients, by HF name.

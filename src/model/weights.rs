@@ -3,6 +3,7 @@
 //! the struct that owns it; the loader records which names each block and the final norm used,
 //! so that the lists of tensors a block owns come from loading, not from a second list.
 
+use crate::nn::lora::{LoraAdapter, LoraConfig, LoraVars};
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use std::collections::{BTreeMap, HashSet};
@@ -38,6 +39,12 @@ pub struct Loader<'a> {
     part: Part,
     pub names: LoadedNames,
     pub vars: BTreeMap<String, Var>,
+    /// Adapters to add to the projections it names (None: no LoRA).
+    lora: Option<LoraConfig>,
+    /// The adapters created, in load order (their vars are also in `vars`).
+    pub adapters: Vec<LoraVars>,
+    /// With LoRA, the tensors loaded so far (an adapter's base weight is loaded before it).
+    loaded: BTreeMap<String, Var>,
 }
 
 impl<'a> Loader<'a> {
@@ -48,7 +55,37 @@ impl<'a> Loader<'a> {
             part: Part::Other,
             names: LoadedNames::default(),
             vars: BTreeMap::new(),
+            lora: None,
+            adapters: Vec::new(),
+            loaded: BTreeMap::new(),
         }
+    }
+
+    /// Adds LoRA adapters to the projections `cfg` targets.
+    pub fn with_lora(mut self, cfg: Option<LoraConfig>) -> Self {
+        self.lora = cfg;
+        self
+    }
+
+    fn adapter(
+        &mut self,
+        module: &str,
+        dims: (usize, usize),
+        stored_in_out: bool,
+    ) -> Result<Option<LoraAdapter>> {
+        let Some(cfg) = self.lora.as_ref().filter(|c| c.targets_module(module)) else {
+            return Ok(None);
+        };
+        let weight = format!("{module}.weight");
+        let Some(base) = self.loaded.get(&weight).cloned() else {
+            anyhow::bail!("LoRA on `{module}`: its weight must be loaded first");
+        };
+        let (vars, adapter) = LoraVars::new(cfg, module, base, dims, stored_in_out)?;
+        let (a, b) = vars.var_names();
+        self.vars.insert(a, vars.a.clone());
+        self.vars.insert(b, vars.b.clone());
+        self.adapters.push(vars);
+        Ok(Some(adapter))
     }
 
     /// The root view (no prefix).
@@ -61,6 +98,9 @@ impl<'a> Loader<'a> {
 
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let var = self.source.var(name, shape)?;
+        if self.lora.is_some() {
+            self.loaded.insert(name.to_string(), var.clone());
+        }
         self.names.all.insert(name.to_string());
         match self.part {
             Part::Block(i) => self.names.blocks.entry(i).or_default().push(name.into()),
@@ -118,6 +158,18 @@ impl<'a> Weights<'_, 'a> {
 
     pub fn contains(&self, name: &str) -> bool {
         self.loader.source.contains(&self.name(name))
+    }
+
+    /// The LoRA adapter of the projection at this prefix (weight `<prefix>.weight`, `d_in` ->
+    /// `d_out`), when LoRA is on and targets it. `stored_in_out`: a GPT-2 `Conv1D` weight.
+    pub fn lora(
+        &mut self,
+        d_in: usize,
+        d_out: usize,
+        stored_in_out: bool,
+    ) -> Result<Option<LoraAdapter>> {
+        let module = self.prefix.clone();
+        self.loader.adapter(&module, (d_in, d_out), stored_in_out)
     }
 
     /// Loads transformer block `layer` with `load`, recording the names it loads as the block's.

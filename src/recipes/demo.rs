@@ -35,9 +35,15 @@ pub struct DemoArgs {
     /// Training notes
     #[arg(long)]
     pub notes: Option<usize>,
+    /// Held-out notes (other patients, never trained on)
+    #[arg(long)]
+    pub heldout: Option<usize>,
     /// Fine-tuning epochs used to make the model memorize its notes
     #[arg(long)]
     pub finetune_epochs: Option<usize>,
+    /// Write the synthetic notes (notes.jsonl, heldout.jsonl) and stop: data for your own model
+    #[arg(long)]
+    pub notes_only: bool,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     #[command(flatten)]
@@ -78,6 +84,9 @@ fn plan(args: &DemoArgs) -> Plan {
     };
     if let Some(n) = args.notes {
         p.notes = n;
+    }
+    if let Some(n) = args.heldout {
+        p.heldout = n;
     }
     if let Some(e) = args.finetune_epochs {
         p.finetune_epochs = e;
@@ -148,6 +157,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         heldout.len(),
         args.out.display()
     );
+    if args.notes_only {
+        staged.commit()?;
+        return Ok(());
+    }
 
     // 2. Tokenizer and a fresh GPT-2 config.
     std::fs::create_dir_all(dir.join("init"))?;

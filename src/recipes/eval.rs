@@ -130,11 +130,24 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
     let ppl_started = Instant::now();
     let ppl = match &ppl_docs {
         Some(d) => {
-            let bos = resolve_bos_info(&model, &tok, settings.bos).id;
+            let framing = resolve_bos_info(
+                &model,
+                &tok,
+                settings.bos,
+                settings.doc_separator.as_deref(),
+            )?
+            .framing();
             let len = m
                 .max_seq_len
                 .unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
-            Some(perplexity(&model, &tok, d, bos, len, settings.batch_size)?)
+            Some(perplexity(
+                &model,
+                &tok,
+                d,
+                &framing,
+                len,
+                settings.batch_size,
+            )?)
         }
         None => None,
     };

@@ -64,8 +64,12 @@ pub struct FinetuneArgs {
     /// Train the last K blocks only (default: all)
     #[arg(long, value_name = "K")]
     pub last_blocks: Option<usize>,
+    /// BOS at the start of each document: auto (what the tokenizer adds), always, never
     #[arg(long, value_enum, default_value = "auto")]
     pub bos: BosPolicy,
+    /// Text put before and after each document, e.g. '<|im_end|>'
+    #[arg(long, value_name = "TEXT")]
+    pub doc_separator: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Recompute each block in the backward pass instead of storing its activations (much less
@@ -175,12 +179,17 @@ pub fn finetune_in_memory(
     docs: &[spans::Document],
     args: &FinetuneArgs,
 ) -> Result<Vec<EpochMetrics>> {
-    let bos = tokens::resolve_bos(tok, ckpt.config.bos_token_id(), args.bos);
+    let framing = tokens::resolve_framing(
+        tok,
+        ckpt.config.bos_token_id(),
+        args.bos,
+        args.doc_separator.as_deref(),
+    )?;
     let corpus = Corpus {
         docs,
         tok,
         labels: spans::label_names(docs),
-        bos,
+        framing,
         max_seq_len: args.max_seq_len.min(ckpt.config.max_positions()),
         stride: None,
     };
@@ -213,5 +222,6 @@ fn train_config(args: &FinetuneArgs) -> TrainConfig {
         max_grad_norm: args.max_grad_norm,
         seed: args.seed,
         checkpoint_activations: args.checkpoint_activations,
+        lora: None,
     }
 }

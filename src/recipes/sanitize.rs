@@ -35,6 +35,27 @@ pub enum RepairTarget {
     Surrogate,
 }
 
+/// What the repair trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Adapter {
+    /// Every tensor of the training scope (full-parameter fine-tuning).
+    #[default]
+    None,
+    /// Low-rank adapters on the frozen model's projections, merged into the weights at the end.
+    Lora,
+}
+
+fn default_lora_rank() -> usize {
+    16
+}
+fn default_lora_alpha() -> f64 {
+    32.0
+}
+fn default_lora_targets() -> String {
+    crate::nn::lora::ALL_LINEAR.to_string()
+}
+
 /// The configuration a run actually used (saved in the report and as `sani_config.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -57,10 +78,21 @@ pub struct ResolvedConfig {
     pub max_grad_norm: f64,
     pub train_scope: String,
     pub bos: BosPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_separator: Option<String>,
     pub seed: u64,
     /// Recompute each block in the backward pass instead of storing its activations.
     #[serde(default)]
     pub checkpoint_activations: bool,
+    #[serde(default)]
+    pub adapter: Adapter,
+    #[serde(default = "default_lora_rank")]
+    pub lora_rank: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub lora_alpha: f64,
+    /// Comma-separated module names, or `all-linear`.
+    #[serde(default = "default_lora_targets")]
+    pub lora_targets: String,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
@@ -82,6 +114,12 @@ impl ResolvedConfig {
         if self.reset == ResetMode::Base && self.base_model.is_none() && self.erase_fraction > 0.0 {
             bail!("--reset base needs --base-model DIR");
         }
+        if self.adapter == Adapter::Lora && self.train_scope != "all" {
+            bail!(
+                "--adapter lora trains adapters in every block; --train-scope {} is not supported with it",
+                self.train_scope
+            );
+        }
         self.scope(usize::MAX)?;
         Ok(())
     }
@@ -98,7 +136,22 @@ impl ResolvedConfig {
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
             checkpoint_activations: self.checkpoint_activations,
+            lora: self.lora(),
         }
+    }
+
+    /// The LoRA settings, when the repair trains adapters.
+    pub fn lora(&self) -> Option<crate::nn::lora::LoraConfig> {
+        (self.adapter == Adapter::Lora).then(|| crate::nn::lora::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            targets: self
+                .lora_targets
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .collect(),
+            seed: self.seed,
+        })
     }
 
     /// The training scope for a model of `n_layers` blocks.
@@ -165,12 +218,18 @@ pub fn sanitize_in_memory(
     }
     let mut timings = Vec::new();
     let labels = spans::label_names(docs);
-    let bos = tokens::resolve_bos(tok, ckpt.config.bos_token_id(), cfg.bos);
+    let framing = tokens::resolve_framing(
+        tok,
+        ckpt.config.bos_token_id(),
+        cfg.bos,
+        cfg.doc_separator.as_deref(),
+    )?;
+    let bos = framing.bos;
     let corpus = Corpus {
         docs,
         tok,
         labels: labels.clone(),
-        bos,
+        framing,
         max_seq_len: cfg.max_seq_len.min(ckpt.config.max_positions()),
         stride: (cfg.stride > 0).then_some(cfg.stride),
     };

@@ -5,7 +5,7 @@
 use super::Example;
 use crate::data::spans::Document;
 use crate::data::surrogate::apply_surrogates;
-use crate::data::tokens::{self, Window};
+use crate::data::tokens::{self, Framing, Window};
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -52,7 +52,7 @@ pub struct Corpus<'a> {
     pub docs: &'a [Document],
     pub tok: &'a Tokenizer,
     pub labels: Vec<String>,
-    pub bos: Option<u32>,
+    pub framing: Framing,
     pub max_seq_len: usize,
     pub stride: Option<usize>,
 }
@@ -64,7 +64,7 @@ impl Corpus<'_> {
             docs,
             &enc,
             &self.labels,
-            self.bos,
+            &self.framing,
             self.max_seq_len,
             self.stride,
         ))

@@ -95,6 +95,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Activation checkpointing (see [`TrainStep::with_checkpointing`]).
     pub checkpoint_activations: bool,
+    /// Train LoRA adapters on a frozen model instead of the tensors of the scope; they are
+    /// merged into the weights at the end.
+    pub lora: Option<crate::nn::lora::LoraConfig>,
 }
 
 impl TrainConfig {
@@ -118,6 +121,9 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("--batch-size and --grad-accum must be at least 1");
         }
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         Ok(())
     }
 }
@@ -131,7 +137,9 @@ fn diverged(what: &str, step: usize) -> anyhow::Error {
 }
 
 /// Loads `ckpt` with the tensors in `scope` trainable and trains them on `data` (the
-/// checkpoint's vars are updated in place). Returns per-epoch metrics.
+/// checkpoint's vars are updated in place). With `cfg.lora`, the checkpoint's tensors are
+/// frozen, adapters on the scope's blocks train, and are merged into the checkpoint at the end.
+/// Returns per-epoch metrics.
 pub fn fit(
     ckpt: &Checkpoint,
     scope: TrainScope,
@@ -141,7 +149,15 @@ pub fn fit(
 ) -> Result<Vec<EpochMetrics>> {
     // Block and norm names come from loading, so the scope needs one frozen load first.
     let probe = Model::load_frozen(ckpt)?;
-    let model = Model::load(ckpt, &scope_predicate(&probe, scope))?;
+    let in_scope = scope_predicate(&probe, scope);
+    drop(probe);
+    let model = match &cfg.lora {
+        None => Model::load(ckpt, &in_scope)?,
+        Some(_) if scope != TrainScope::All => {
+            bail!("LoRA adapters train in every block: use --train-scope all with --adapter lora")
+        }
+        Some(lora) => Model::load_with_lora(ckpt, &|_| false, Some(lora))?,
+    };
     let loop_cfg = LoopConfig {
         epochs: cfg.epochs,
         batch_size: cfg.batch_size,
@@ -157,7 +173,9 @@ pub fn fit(
         max_grad_norm: cfg.max_grad_norm,
         ..OptimConfig::default()
     };
-    train(&model, data, &loop_cfg, &optim, quiet)
+    let metrics = train(&model, data, &loop_cfg, &optim, quiet)?;
+    model.merge_lora()?;
+    Ok(metrics)
 }
 
 /// Trains `model`'s trainable vars for `cfg.epochs` epochs. Returns per-epoch metrics.

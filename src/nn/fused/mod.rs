@@ -653,9 +653,14 @@ struct LmHeadNll {
     /// forward then also computes the input gradients from the logits it has at hand, so the
     /// backward does not recompute them.
     row_grad: Option<Vec<f32>>,
+    /// Whether the head weight takes a gradient (false when it is frozen: half the work).
+    weight_grad: bool,
     /// (dh, dw) computed in the forward for `row_grad`.
-    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    grads: Mutex<Option<HeadGrads>>,
 }
+
+/// The head's input gradients: dh, and dw when the weight takes one.
+type HeadGrads = (Vec<f32>, Option<Vec<f32>>);
 
 /// `logits` [c, v] of rows `r0..` turned in place into their gradient for upstream row
 /// gradients `g`: (softmax - onehot(target)) * g. `lse` holds every row's logsumexp, or is
@@ -687,11 +692,12 @@ fn logits_to_grad(
     });
 }
 
-/// Adds the chunk's contribution to the input gradients: dh[chunk] = dl . w, dw (+)= dl^T . h.
+/// Adds the chunk's contribution to the input gradients: dh[chunk] = dl . w, dw (+)= dl^T . h
+/// (when dw is wanted).
 #[allow(clippy::too_many_arguments)]
 fn head_grads_chunk(
     dh: &mut [f32],
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
     dl: &[f32],
     h: &[f32],
     w: &[f32],
@@ -706,13 +712,15 @@ fn head_grads_chunk(
         (w, d, 1),
         false,
     );
-    gemm_into(
-        dw,
-        (v, d, c),
-        (dl, 1, v),
-        (&h[r0 * d..(r0 + c) * d], d, 1),
-        !first,
-    );
+    if let Some(dw) = dw {
+        gemm_into(
+            dw,
+            (v, d, c),
+            (dl, 1, v),
+            (&h[r0 * d..(r0 + c) * d], d, 1),
+            !first,
+        );
+    }
 }
 
 /// The input gradients for upstream row gradients `g`, chunk by chunk, recomputing the logits.
@@ -723,9 +731,11 @@ fn head_grads(
     g: &[f32],
     lse: &[f32],
     (n, d, v): (usize, usize, usize),
-) -> (Vec<f32>, Vec<f32>) {
+    weight_grad: bool,
+) -> HeadGrads {
     let rows = head_chunk_rows(n, v);
-    let (mut dh, mut dw) = (vec![0f32; n * d], vec![0f32; v * d]);
+    let mut dh = vec![0f32; n * d];
+    let mut dw = weight_grad.then(|| vec![0f32; v * d]);
     let mut dl = vec![0f32; rows.min(n) * v];
     let mut first = true;
     for r0 in (0..n).step_by(rows) {
@@ -735,7 +745,8 @@ fn head_grads(
         }
         head_logits(&mut dl, h, w, (r0, c), d, v);
         logits_to_grad(&mut dl[..c * v], v, r0, g, lse, targets);
-        head_grads_chunk(&mut dh, &mut dw, &dl[..c * v], h, w, (r0, c), (d, v), first);
+        let dw = dw.as_deref_mut();
+        head_grads_chunk(&mut dh, dw, &dl[..c * v], h, w, (r0, c), (d, v), first);
         first = false;
     }
     (dh, dw)
@@ -855,7 +866,8 @@ impl CustomOp3 for LmHeadNll {
         let rows = head_chunk_rows(n, v);
         let mut logits = vec![0f32; rows.min(n) * v];
         let g = self.row_grad.as_deref().filter(|g| g.len() == n);
-        let mut grads = g.map(|_| (vec![0f32; n * d], vec![0f32; v * d]));
+        let weight_grad = self.weight_grad;
+        let mut grads = g.map(|_| (vec![0f32; n * d], weight_grad.then(|| vec![0f32; v * d])));
         let mut first = true;
         for r0 in (0..n).step_by(rows) {
             let c = rows.min(n - r0);
@@ -870,6 +882,7 @@ impl CustomOp3 for LmHeadNll {
             if let (Some(g), Some((dh, dw))) = (g, grads.as_mut()) {
                 if g[r0..r0 + c].iter().any(|&x| x != 0.0) {
                     logits_to_grad(&mut logits[..c * v], v, r0, g, &lse, tg);
+                    let dw = dw.as_deref_mut();
                     head_grads_chunk(dh, dw, &logits[..c * v], h, w, (r0, c), (d, v), first);
                     first = false;
                 }
@@ -911,16 +924,16 @@ impl CustomOp3 for LmHeadNll {
                 }
                 with_f32(&h, self.name(), |hv| {
                     with_f32(&w, self.name(), |wv| {
-                        Ok(head_grads(hv, wv, &targets, &g, &lse, (n, d, v)))
+                        let wg = self.weight_grad;
+                        Ok(head_grads(hv, wv, &targets, &g, &lse, (n, d, v), wg))
                     })
                 })?
             }
         };
-        Ok((
-            Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?),
-            Some(Tensor::from_vec(dw, (v, d), &Device::Cpu)?),
-            None,
-        ))
+        let dw = dw
+            .map(|dw| Tensor::from_vec(dw, (v, d), &Device::Cpu))
+            .transpose()?;
+        Ok((Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?), dw, None))
     }
 }
 
@@ -946,6 +959,7 @@ pub fn lm_head_nll(
         LmHeadNll {
             lse: Mutex::new(Vec::new()),
             row_grad,
+            weight_grad: w.track_op(),
             grads: Mutex::new(None),
         },
     )
@@ -1169,22 +1183,31 @@ impl FusedLinear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    /// (dx, dw) for `grad` of the output.
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// (dx, dw, grad as [n, out]) for `grad` of the output; dx or dw is None when its input
+    /// takes no gradient (a frozen weight, a detached input), and then is not computed.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<LinearGrads> {
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
         let (x, w) = (x.detach(), w.detach());
         let k = x.dim(candle_core::D::Minus1)?;
         let out = grad.dim(candle_core::D::Minus1)?;
         let n = x.elem_count() / k.max(1);
         let g2 = grad.reshape((n, out))?;
         let x2 = x.reshape((n, k))?;
-        let (dx, dw) = if self.transposed {
-            (g2.matmul(&w)?, x2.t()?.matmul(&g2)?.t()?)
-        } else {
-            (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?)
+        let dx = match (want_dx, self.transposed) {
+            (false, _) => None,
+            (true, true) => Some(g2.matmul(&w)?.reshape(x.shape())?),
+            (true, false) => Some(g2.matmul(&w.t()?)?.reshape(x.shape())?),
         };
-        Ok((dx.reshape(x.shape())?, dw, g2))
+        let dw = match (want_dw, self.transposed) {
+            (false, _) => None,
+            (true, true) => Some(x2.t()?.matmul(&g2)?.t()?),
+            (true, false) => Some(x2.t()?.matmul(&g2)?),
+        };
+        Ok((dx, dw, g2))
     }
 }
+
+type LinearGrads = (Option<Tensor>, Option<Tensor>, Tensor);
 
 /// Column sums of a [n, out] tensor (the bias gradient), f32 CPU.
 fn col_sum(g2: &Tensor) -> Result<Tensor> {
@@ -1225,7 +1248,7 @@ impl CustomOp2 for FusedLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, dw))
     }
 }
 
@@ -1251,12 +1274,13 @@ impl CustomOp3 for FusedLinear {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, g2) = self.grads(x, w, grad)?;
-        Ok((Some(dx), Some(dw), Some(col_sum(&g2)?)))
+        let db = b.track_op().then(|| col_sum(&g2)).transpose()?;
+        Ok((dx, dw, db))
     }
 }
 
