@@ -3,12 +3,17 @@
 //! scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|smollm2-135m|all|head-MODE]
-//!     [--steps N] [--threads N] [--json] [--checkpoint]
+//!     [--steps N] [--threads N] [--json] [--checkpoint] [--lora R] [--micro M]
 //!
 //! `--checkpoint` recomputes each block in the backward pass (activation checkpointing).
+//! `--lora R` trains rank-R adapters on every projection of the frozen model (alpha 2R) instead
+//! of every weight. `--micro M` runs the 8 sequences as micro-batches of M (one optimizer step,
+//! gradients summed), as `--batch-size M --grad-accum 8/M` does.
 //!
 //! `smollm2-135m` is SmolLM2-135M's shape (30 layers, hidden 576, vocab 49,152, tied), randomly
-//! initialized, at batch 8 x seq 256. `head-chunked`, `head-announced` and `head-full` time the
+//! initialized, at batch 8 x seq 256; `smollm2-360m` (32 layers, hidden 960) and `llama-1b`
+//! (Llama 3.2 1B: 16 layers, hidden 2048, vocab 128,256, tied) the same way, for the scaling
+//! table. `head-chunked`, `head-announced` and `head-full` time the
 //! language-model head + NLL at that shape (2,040 positions x 49,152), forward and backward, with
 //! the peak-RSS increase: the chunked fused op recomputing logits in the backward, the same op
 //! told the gradient in advance (what training does), and full logits + the fused NLL (before).
@@ -38,6 +43,14 @@ fn config(name: &str) -> serde_json::Value {
             "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
             "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true}),
+        "smollm2-360m" => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560,
+            "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "max_position_embeddings": 2048,
+            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true}),
+        "llama-1b" => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 2048,
+            "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true}),
         "demo" => serde_json::json!({
             "architectures": ["GPT2LMHeadModel"], "vocab_size": 600, "n_positions": 256, "n_embd": 96, "n_layer": 4, "n_head": 4}),
         other => panic!("unknown config {other}"),
@@ -66,6 +79,14 @@ fn main() -> anyhow::Result<()> {
             }
             "--json" => json = true,
             "--checkpoint" => std::env::set_var("SANI_BENCH_CHECKPOINT", "1"),
+            "--lora" => {
+                std::env::set_var("SANI_BENCH_LORA", &args[i + 1]);
+                i += 1;
+            }
+            "--micro" => {
+                std::env::set_var("SANI_BENCH_MICRO", &args[i + 1]);
+                i += 1;
+            }
             s => which = s.to_string(),
         }
         i += 1;
@@ -158,7 +179,7 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
     };
     let (b, t) = (
         8usize,
-        if which == "demo" || which == "smollm2-135m" {
+        if matches!(which, "demo" | "smollm2-135m" | "smollm2-360m" | "llama-1b") {
             256
         } else {
             128
@@ -175,7 +196,22 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
         let cfg = ModelConfig::from_json(&config(name).to_string())?;
         let vocab = cfg.vocab_size();
         let ckpt = sani::io::checkpoint::Checkpoint::fresh(cfg, &Device::Cpu, 0)?;
-        let model = Model::load(&ckpt, &|_| true)?;
+        let lora = std::env::var("SANI_BENCH_LORA")
+            .ok()
+            .map(|r| -> anyhow::Result<_> {
+                let rank: usize = r.parse()?;
+                Ok(sani::nn::lora::LoraConfig {
+                    rank,
+                    alpha: 2.0 * rank as f64,
+                    targets: vec![sani::nn::lora::ALL_LINEAR.into()],
+                    seed: 0,
+                })
+            })
+            .transpose()?;
+        let model = match &lora {
+            None => Model::load(&ckpt, &|_| true)?,
+            Some(l) => Model::load_with_lora(&ckpt, &|_| false, Some(l))?,
+        };
         let mut opt = AdamW::new(
             model.trainable_vars(),
             OptimConfig {
@@ -193,14 +229,24 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
                 sensitive: vec![false; t],
             })
             .collect();
-        let batch = Batch::new(&examples.iter().collect::<Vec<_>>(), &Device::Cpu)?;
+        let micro: usize = std::env::var("SANI_BENCH_MICRO")
+            .ok()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(b)
+            .clamp(1, b);
+        let batches = examples
+            .chunks(micro)
+            .map(|c| Batch::new(&c.iter().collect::<Vec<_>>(), &Device::Cpu))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let micro_batches: Vec<(&Batch, Option<candle_core::Tensor>)> =
+            batches.iter().map(|b| (b, None)).collect();
         let step_fn = TrainStep::new(&model, 0)
             .with_checkpointing(std::env::var("SANI_BENCH_CHECKPOINT").is_ok_and(|v| v == "1"));
         let (mut fwd_bwd, mut optm) = (0f64, 0f64);
         let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {
             let t0 = Instant::now();
-            let out = step_fn.run(&[(&batch, None)])?;
+            let out = step_fn.run(&micro_batches)?;
             let t1 = Instant::now();
             let mut grads = out.grads.expect("every target trains");
             clip_grad_norm(&mut grads, model.trainable_vars(), 0.0)?;

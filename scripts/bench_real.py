@@ -58,7 +58,7 @@ def check(res, cmd):
 
 def evaluate(model, notes, threads):
     js = tempfile.mktemp(suffix=".json")
-    cmd = [SANI, "eval", "--model", model, "--sensitive", f"{notes}/notes.jsonl", "--perplexity",
+    cmd = [SANI, "eval", "--model", model, "--sensitive", f"{notes}/notes.jsonl", "--regurgitation", "--perplexity",
            f"{notes}/heldout.jsonl", "--json", js, "--threads", str(threads), "--quiet", *SEP]
     _, _, wall, rss, _ = check(measured(cmd), cmd)
     with open(js) as f:

@@ -16,8 +16,8 @@ Steps (each skipped when its output exists, so a rerun resumes):
    framed `<|im_end|>` + note + `<|im_end|>` (the chat model's separator; the tokenizer adds no
    BOS), cut into windows of 256 tokens, AdamW lr 5e-4, batch 8, every token trained.  After
    each epoch, from epoch 4 on, the share of spans whose every token is the argmax under teacher
-   forcing is printed; training stops when it reaches --target (default 0.9) or after
-   --max-epochs.  The model is saved in bfloat16 (the dtype SmolLM2 is published in) as
+   forcing is printed; training stops when it reaches --target (default 0.98) or after
+   --max-epochs (24).  The model is saved in bfloat16 (the dtype SmolLM2 is published in) as
    WORK/memorized.
 4. Prints the `sani eval` command that measures it (framing `--doc-separator '<|im_end|>'`).
 """
@@ -202,8 +202,8 @@ def main():
     ap.add_argument("--heldout", type=int, default=20)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--max-epochs", type=int, default=14)
-    ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--max-epochs", type=int, default=24)
+    ap.add_argument("--target", type=float, default=0.98)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     import torch

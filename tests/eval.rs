@@ -586,3 +586,52 @@ fn cli_exit_codes() {
     ]);
     assert_eq!(code, 2, "clap error");
 }
+
+/// Rows stop decoding once their outcome is decided: the output is a prefix of plain greedy
+/// decoding to `max_new_tokens`, and the figures are those of the whole continuation.
+#[test]
+fn early_decided_rows_give_the_figures_of_full_decoding() {
+    let docs = sani::data::synth::generate_notes(&sani::data::synth::SynthConfig {
+        n_notes: 3,
+        seed: 5,
+        id_prefix: "n".into(),
+    });
+    for name in ["gpt2_f32", "llama_gqa"] {
+        let (model, tok) = load(name);
+        let mut docs = docs.clone();
+        // One span the model reproduces, so positive outcomes are covered too.
+        docs.push(memorized_doc(&model, &tok));
+        let r = eval::regurgitation(&model, &tok, &docs, &RegurgitationSettings::default(), true)
+            .unwrap();
+        let mut shorter = 0;
+        for s in &r.spans {
+            let opts = GenerateOptions {
+                max_new_tokens: vec![s.max_new_tokens],
+                stop_tokens: model.config.eos_token_ids(),
+                pad_id: 0,
+                sampling: None,
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let full = generate(&model, std::slice::from_ref(&s.prompt_ids), &opts, &mut rng)
+                .unwrap()
+                .remove(0);
+            assert!(
+                full.starts_with(&s.generated_ids),
+                "{name}: a prefix of greedy"
+            );
+            shorter += usize::from(full.len() > s.generated_ids.len());
+            let text = tok.decode(&full, true).unwrap();
+            assert_eq!(
+                eval::regurgitation::match_span(&text, "", &s.span_text),
+                (s.exact, s.partial),
+                "{name}: span {:?}, full continuation {text:?}",
+                s.span_text
+            );
+        }
+        assert!(r.summary.total.exact >= 1, "{name}");
+        assert!(
+            shorter > r.spans.len() / 2,
+            "{name}: most rows stop early ({shorter})"
+        );
+    }
+}

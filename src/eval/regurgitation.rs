@@ -19,7 +19,9 @@ use tokenizers::Tokenizer;
 
 use crate::data::spans::{CharIndex, Document, Span};
 use crate::data::tokens::{self, BosPolicy};
-use crate::model::generate::{generate, generate_greedy_with_drafts, GenerateOptions, Sampling};
+use crate::model::generate::{
+    generate_greedy_with_drafts_until, generate_until, GenerateOptions, Sampling,
+};
 use crate::model::Model;
 
 /// Settings of the regurgitation measurement.
@@ -228,6 +230,46 @@ pub fn match_span(continuation: &str, gap: &str, span_text: &str) -> (bool, bool
     (exact, partial || exact)
 }
 
+/// Whether every continuation of `continuation` gets the same [`match_span`] answer, so decoding
+/// can stop: it is exact already, or it has left what an exact match needs (the gap, then the
+/// span; the partial answer is then fixed too). A text that ends in an unfinished character
+/// (U+FFFD from a partial byte sequence) is never decided.
+pub fn outcome_decided(continuation: &str, gap: &str, span_text: &str) -> bool {
+    if continuation.contains('\u{fffd}') {
+        return false;
+    }
+    let s = span_text.trim();
+    if s.is_empty() {
+        return true;
+    }
+    let c = continuation.trim_start();
+    let g = gap.trim_start();
+    let rest = if g.is_empty() {
+        c
+    } else if g.starts_with(c) {
+        return false;
+    } else {
+        match c.strip_prefix(g) {
+            Some(rest) => rest,
+            None => return true,
+        }
+    };
+    let r = rest.trim_start();
+    if r.is_empty() {
+        return false;
+    }
+    if r.starts_with(s) {
+        return true;
+    }
+    // Not exact yet: open while the text is still a prefix of the span.
+    if s.starts_with(r) {
+        return false;
+    }
+    // Never exact; partial is fixed as well (a prefix of the span's first half would have
+    // been a prefix of the span).
+    true
+}
+
 /// Does the (trimmed) span text occur in the prompt text (case-sensitive).
 pub fn span_in_prompt(prompt_text: &str, span_text: &str) -> bool {
     let s = span_text.trim();
@@ -415,7 +457,13 @@ pub fn regurgitation(
             sampling: None,
         };
         let drafts: Vec<Vec<u32>> = batch.iter().map(|p| p.span_ids.clone()).collect();
-        let decoded = generate_greedy_with_drafts(model, &prompts, &drafts, &opts)?;
+        // A row stops as soon as its outcome cannot change; decoding to the end would give the
+        // same figures (the output is that of plain greedy decoding, cut there).
+        let decided = |row: usize, ids: &[u32]| {
+            let p = batch[row];
+            decode(tok, ids).is_ok_and(|t| outcome_decided(&t, &p.gap, &p.span_text))
+        };
+        let decoded = generate_greedy_with_drafts_until(model, &prompts, &drafts, &opts, &decided)?;
         let (greedy, correct) = (decoded.tokens, decoded.teacher_forced);
         let mut sampled_hit = vec![false; batch.len()];
         if settings.samples > 0 {
@@ -424,7 +472,7 @@ pub fn regurgitation(
                 top_k: settings.top_k,
             });
             for _ in 0..settings.samples {
-                let outs = generate(model, &prompts, &opts, &mut rng)?;
+                let outs = generate_until(model, &prompts, &opts, &mut rng, &decided)?;
                 for (j, ids) in outs.iter().enumerate() {
                     generated_tokens += ids.len();
                     if sampled_hit[j] {
@@ -541,6 +589,55 @@ pub fn summarize(spans: &[SpanResult], sampled: bool) -> RegurgitationSummary {
 mod tests {
     use super::*;
     use crate::data::spans::char_slice;
+
+    #[test]
+    fn a_decided_outcome_is_the_outcome_of_every_continuation() {
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(3);
+        let alphabet = [' ', 'a', 'b', 'J', '-', '1', '\n'];
+        let word = |rng: &mut StdRng, n: usize| -> String {
+            (0..rng.random_range(0..=n))
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect()
+        };
+        let mut decided_early = 0;
+        for _ in 0..20_000 {
+            let (gap, span) = (word(&mut rng, 2), word(&mut rng, 4));
+            // Continuations that often follow the gap and the span for a while.
+            let mut full = String::new();
+            if rng.random_bool(0.5) {
+                full.push_str(&gap);
+            }
+            if rng.random_bool(0.7) {
+                let keep = rng.random_range(0..=span.chars().count());
+                full.extend(span.chars().take(keep));
+            }
+            full.push_str(&word(&mut rng, 4));
+            let chars: Vec<char> = full.chars().collect();
+            let want = match_span(&full, &gap, &span);
+            for cut in 0..=chars.len() {
+                let prefix: String = chars[..cut].iter().collect();
+                if outcome_decided(&prefix, &gap, &span) {
+                    assert_eq!(
+                        match_span(&prefix, &gap, &span),
+                        want,
+                        "prefix {prefix:?} of {full:?}, gap {gap:?}, span {span:?}"
+                    );
+                    decided_early += usize::from(cut < chars.len());
+                    break;
+                }
+            }
+        }
+        assert!(
+            decided_early > 5_000,
+            "decides early often ({decided_early})"
+        );
+        assert!(!outcome_decided("John Sm\u{fffd}", "", "John Smith"));
+        assert!(outcome_decided(" John Smith", "", "John Smith"));
+        assert!(outcome_decided(" Jane", "", "John Smith"));
+        assert!(!outcome_decided(" Jo", "", "John Smith"));
+        assert!(!outcome_decided("MR", "MRN", "-17"));
+    }
 
     #[test]
     fn matching_rules() {

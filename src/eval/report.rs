@@ -248,6 +248,9 @@ pub fn render_report(r: &EvalReport) -> String {
                 b.source,
                 b.policy
             );
+            if let Some(sep) = &b.doc_separator {
+                s += &format!("; document separator {sep:?} {:?}", b.doc_separator_ids);
+            }
             if let (Some(t), Some(src)) = (b.empty_prompt_token, &b.empty_prompt_source) {
                 s += &format!("; empty prompts use token {t} ({src})");
             }

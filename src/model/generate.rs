@@ -27,6 +27,14 @@ pub struct GenerateOptions {
     pub sampling: Option<Sampling>,
 }
 
+/// Says, from a row's index and its tokens so far, that the row needs no more tokens.
+pub type Decided<'a> = &'a (dyn Fn(usize, &[u32]) -> bool + Sync);
+
+/// Never decided early: rows run to `max_new_tokens` or a stop token.
+pub fn never_decided(_: usize, _: &[u32]) -> bool {
+    false
+}
+
 /// Generates continuations of `prompts` (token ids, each non-empty) in one batch.
 /// Returns the new tokens of each row.
 pub fn generate(
@@ -35,6 +43,18 @@ pub fn generate(
     opts: &GenerateOptions,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_until(model, prompts, opts, rng, &never_decided)
+}
+
+/// [`generate`], where a row also stops as soon as `decided` says so after one of its tokens
+/// (the caller needs no more of it).
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rng: &mut StdRng,
+    decided: Decided,
+) -> Result<Vec<Vec<u32>>> {
     check_prompts(prompts)?;
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -42,7 +62,7 @@ pub fn generate(
     let (ids, valid, max_len) = left_pad(prompts, opts.pad_id);
     let mut state = Decoder::new(model, valid, opts);
     let first = Tensor::from_vec(ids, (prompts.len(), max_len), &model.device)?;
-    state.run(model, first, opts, rng)?;
+    state.run(model, first, opts, rng, decided)?;
     Ok(state.out)
 }
 
@@ -65,6 +85,18 @@ pub fn generate_greedy_with_drafts(
     prompts: &[Vec<u32>],
     drafts: &[Vec<u32>],
     opts: &GenerateOptions,
+) -> Result<DraftedGreedy> {
+    generate_greedy_with_drafts_until(model, prompts, drafts, opts, &never_decided)
+}
+
+/// [`generate_greedy_with_drafts`], where a row stops as soon as `decided` says so (see
+/// [`generate_until`]); rows decided by the prompt's pass cost no decoding step at all.
+pub fn generate_greedy_with_drafts_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    drafts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    decided: Decided,
 ) -> Result<DraftedGreedy> {
     check_prompts(prompts)?;
     if prompts.len() != drafts.len() || opts.sampling.is_some() {
@@ -113,7 +145,7 @@ pub fn generate_greedy_with_drafts(
     // slots, not tokens, so windowed models that could reach the window decode the plain way.
     let longest = max_len + opts.max_new_tokens.iter().copied().max().unwrap_or(0);
     if state.window.is_some_and(|w| w < longest) {
-        let greedy = generate(model, prompts, opts, &mut StdRng::seed_from_u64(0))?;
+        let greedy = generate_until(model, prompts, opts, &mut StdRng::seed_from_u64(0), decided)?;
         return Ok(DraftedGreedy {
             tokens: greedy,
             teacher_forced: teacher,
@@ -125,7 +157,7 @@ pub fn generate_greedy_with_drafts(
         let mut k = 0;
         while !state.done[row] {
             let tok = pred[k];
-            state.push(row, tok, opts);
+            state.push(row, tok, opts, decided);
             if state.done[row] || k == draft.len() || tok != draft[k] {
                 next[row] = tok;
                 break;
@@ -140,7 +172,7 @@ pub fn generate_greedy_with_drafts(
     }
     state.feed_finished_as_padding();
     let input = Tensor::from_vec(next, (b, 1), dev)?;
-    state.run(model, input, opts, &mut StdRng::seed_from_u64(0))?;
+    state.run(model, input, opts, &mut StdRng::seed_from_u64(0), decided)?;
     Ok(DraftedGreedy {
         tokens: state.out,
         teacher_forced: teacher,
@@ -207,13 +239,13 @@ impl Decoder {
     }
 
     /// Appends a generated token to `row` unless it is a stop token; marks the row done.
-    fn push(&mut self, row: usize, tok: u32, opts: &GenerateOptions) {
+    fn push(&mut self, row: usize, tok: u32, opts: &GenerateOptions, decided: Decided) {
         if opts.stop_tokens.contains(&tok) {
             self.done[row] = true;
             return;
         }
         self.out[row].push(tok);
-        if self.out[row].len() >= opts.max_new_tokens[row] {
+        if self.out[row].len() >= opts.max_new_tokens[row] || decided(row, &self.out[row]) {
             self.done[row] = true;
         }
     }
@@ -234,6 +266,7 @@ impl Decoder {
         mut input: Tensor,
         opts: &GenerateOptions,
         rng: &mut StdRng,
+        decided: Decided,
     ) -> Result<()> {
         let dev = &model.device;
         loop {
@@ -267,7 +300,7 @@ impl Decoder {
                 Some(s) => sample(&logits, s, rng)?,
             };
             for (i, &tok) in next.iter().enumerate() {
-                self.push(self.active[i], tok, opts);
+                self.push(self.active[i], tok, opts, decided);
             }
             self.feed_finished_as_padding();
             let b = next.len();
