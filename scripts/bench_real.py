@@ -9,7 +9,8 @@ Not part of CI.  Needs the model from scripts/real_model.py (and torch for --tor
 
 For each variant: `sani sanitize` on WORK/memorized with WORK/notes/notes.jsonl (framing
 `--doc-separator '<|im_end|>'`, as the model was fine-tuned), timed with its peak RSS (wait4),
-then `sani eval` of the output on the same notes (exact regurgitation, worst label) and on
+then `sani eval` of the output on the same notes (exact regurgitation with the whole preceding
+note as the prompt, `--prefix-tokens 256`; worst label) and on
 WORK/notes/heldout.jsonl (perplexity of non-sensitive tokens, against the input model's).
 --torch adds scripts/sanitize_torch.py with the paper config next to sani's paper config.
 --eval-bench times `sani eval --regurgitation` against HF generate (load + generation) on the
@@ -59,7 +60,7 @@ def check(res, cmd):
 def evaluate(model, notes, threads):
     js = tempfile.mktemp(suffix=".json")
     cmd = [SANI, "eval", "--model", model, "--sensitive", f"{notes}/notes.jsonl", "--regurgitation", "--perplexity",
-           f"{notes}/heldout.jsonl", "--json", js, "--threads", str(threads), "--quiet", *SEP]
+           f"{notes}/heldout.jsonl", "--prefix-tokens", "256", "--json", js, "--threads", str(threads), "--quiet", *SEP]
     _, _, wall, rss, _ = check(measured(cmd), cmd)
     with open(js) as f:
         r = json.load(f)

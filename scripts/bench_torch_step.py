@@ -2,7 +2,9 @@
 """PyTorch side of the side-by-side training-step benchmark (CPU, eager mode).
 
 tokens/s from the median step time.  One step = forward + backward (HF loss with labels = input_ids) + AdamW step
-(lr 1e-4, weight_decay 0.01) + zero_grad.  Batch 8 x seq 128, random ids.
+(lr 1e-4, weight_decay 0.01) + zero_grad.  Batch 8 x seq 128, random ids (seq 256 for the real-size
+shapes smollm2-135m, smollm2-360m, llama-1b, as in benches/train_step.rs; `--model DIR` loads
+real weights of such a model instead of a random init).
 
     python3 scripts/bench_torch_step.py --config all --threads 1 --steps 5 [--json]
 
@@ -21,6 +23,14 @@ import time
 BATCH = 8
 SEQ = 128
 CONFIGS = ["gpt2-8k", "gpt2-50k", "llama-32k"]
+REAL = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+    "smollm2-360m": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, rope_theta=100000.0),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+}
 
 
 def build(name):
@@ -40,13 +50,19 @@ def build(name):
                           max_position_embeddings=128, tie_word_embeddings=False,
                           bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(cfg)
+    elif name in REAL:
+        c = REAL[name]
+        vocab = c["vocab_size"]
+        cfg = LlamaConfig(**c, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                          bos_token_id=0, eos_token_id=0)
+        model = LlamaForCausalLM(cfg)
     else:
-        raise SystemExit(f"unknown config {name!r}; choose from {CONFIGS} or all")
+        raise SystemExit(f"unknown config {name!r}; choose from {CONFIGS + list(REAL)} or all")
     model.set_attn_implementation("eager")
     return model, vocab
 
 
-def run_one(name, threads, steps, warmup):
+def run_one(name, threads, steps, warmup, model_dir=None):
     import torch
     import transformers
 
@@ -55,10 +71,16 @@ def run_one(name, threads, steps, warmup):
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, vocab = build(name)
+    if model_dir:
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.set_attn_implementation("eager")
+        vocab = model.config.vocab_size
+    else:
+        model, vocab = build(name)
+    seq = 256 if name in REAL else SEQ
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), dtype=torch.int64)
+    ids = torch.randint(0, vocab, (BATCH, seq), dtype=torch.int64)
 
     def step():
         out = model(input_ids=ids, labels=ids)
@@ -79,7 +101,7 @@ def run_one(name, threads, steps, warmup):
     return {
         "config": name,
         "threads": threads,
-        "tokens_per_s": round(BATCH * SEQ / step_s, 1),
+        "tokens_per_s": round(BATCH * seq / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
         "median_step_ms": round(step_s * 1e3, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -96,20 +118,23 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="one JSON line per config")
+    ap.add_argument("--model", help="real weights for a real-size config (an HF Llama directory)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a._child:
-        print(json.dumps(run_one(a.config, a.threads, a.steps, a.warmup)))
+        print(json.dumps(run_one(a.config, a.threads, a.steps, a.warmup, a.model)))
         return
 
     names = CONFIGS if a.config == "all" else [a.config]
-    if a.config != "all" and a.config not in CONFIGS:
-        raise SystemExit(f"unknown config {a.config!r}; choose from {CONFIGS} or all")
+    if a.config != "all" and a.config not in CONFIGS + list(REAL):
+        raise SystemExit(f"unknown config {a.config!r}; choose from {CONFIGS + list(REAL)} or all")
     results = []
     for n in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", n,
                "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        if a.model:
+            cmd += ["--model", a.model]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stderr)

@@ -606,6 +606,96 @@ fn linear_and_conv1d_match_composed_and_finite_differences() {
 }
 
 #[test]
+fn lora_linear_matches_composed_and_finite_differences() {
+    let mut r = rng(12);
+    let (k, out, rank) = (7usize, 5usize, 3usize);
+    for transposed in [true, false] {
+        for with_bias in [true, false] {
+            let what = format!("lora t={transposed} bias={with_bias}");
+            let xshape = [2usize, 4, k];
+            let xs = randn(&mut r, 2 * 4 * k, 1.0);
+            let wshape = if transposed { [out, k] } else { [k, out] };
+            let w = tensor(randn(&mut r, k * out, 0.5), &wshape);
+            let bias = tensor(randn(&mut r, out, 0.5), &[out]);
+            let bias = with_bias.then_some(&bias);
+            let (a_s, b_s) = (randn(&mut r, rank * k, 0.5), randn(&mut r, out * rank, 0.5));
+            let rs = randn(&mut r, 2 * 4 * out, 1.0);
+            let rw = tensor(rs.clone(), &[2, 4, out]);
+            let x = Var::from_tensor(&tensor(xs.clone(), &xshape)).unwrap();
+            let a = Var::from_tensor(&tensor(a_s.clone(), &[rank, k])).unwrap();
+            let b = Var::from_tensor(&tensor(b_s.clone(), &[out, rank])).unwrap();
+            let fused = |x: &Tensor, a: &Tensor, b: &Tensor| {
+                fused::lora_linear(x, &w, bias, a, b, 1.5, transposed).unwrap()
+            };
+            let yf = fused(&x, &a, &b);
+            // composed: the frozen projection, plus the adapter path
+            let w_out_in = if transposed {
+                w.clone()
+            } else {
+                w.t().unwrap()
+            };
+            let base = ops::linear_composed(&x, &w_out_in, bias).unwrap();
+            let up = ops::linear_composed(&ops::linear_composed(&x, &a, None).unwrap(), &b, None)
+                .unwrap();
+            let yc = (base + (up * 1.5).unwrap()).unwrap();
+            assert_close(&format!("{what} fwd"), &yf, &yc);
+            let yd = ops::lora_linear(&x, &w, bias, (&a, &b, 1.5), transposed).unwrap();
+            assert_close(&format!("{what} dispatch"), &yd, &yc);
+            let gf = weighted_sum(&yf, &rw).backward().unwrap();
+            let gc = weighted_sum(&yc, &rw).backward().unwrap();
+            for (v, name) in [(&x, "x"), (&a, "a"), (&b, "b")] {
+                assert_close(
+                    &format!("{what} grad {name}"),
+                    gf.get(v).unwrap(),
+                    gc.get(v).unwrap(),
+                );
+            }
+            let fx = |t: &Tensor| weighted_sum_f64(&fused(t, &a, &b), &rs);
+            finite_diff(
+                &format!("{what} dx"),
+                &xs,
+                &xshape,
+                gf.get(&x).unwrap(),
+                1e-2,
+                &fx,
+            );
+            let fa = |t: &Tensor| weighted_sum_f64(&fused(&x, t, &b), &rs);
+            finite_diff(
+                &format!("{what} da"),
+                &a_s,
+                &[rank, k],
+                gf.get(&a).unwrap(),
+                1e-2,
+                &fa,
+            );
+            let fb = |t: &Tensor| weighted_sum_f64(&fused(&x, &a, t), &rs);
+            finite_diff(
+                &format!("{what} db"),
+                &b_s,
+                &[out, rank],
+                gf.get(&b).unwrap(),
+                1e-2,
+                &fb,
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_inputs_get_no_gradient_from_linear_and_head() {
+    let mut r = rng(13);
+    let x = Var::from_tensor(&tensor(randn(&mut r, 6 * 4, 1.0), &[6, 4])).unwrap();
+    let w = tensor(randn(&mut r, 3 * 4, 1.0), &[3, 4]); // not a Var: frozen
+    let y = fused::linear(&x, &w, None).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_some() && g.get(&w).is_none());
+    let targets = Tensor::new(&[0u32, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
+    let nll = fused::lm_head_nll(&x, &w, &targets, None).unwrap();
+    let g = nll.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_some() && g.get(&w).is_none());
+}
+
+#[test]
 fn adamw_fused_update_matches_reference() {
     use sani::train::{AdamW, OptimConfig};
     use std::collections::BTreeMap;

@@ -126,10 +126,9 @@ impl Conv1D {
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::conv1d(x, &self.weight, &self.bias)?;
         match &self.lora {
-            Some(lora) => lora.add_to(x, y),
-            None => Ok(y),
+            Some(lora) => lora.forward(x, &self.weight, Some(&self.bias), false),
+            None => ops::conv1d(x, &self.weight, &self.bias),
         }
     }
 }

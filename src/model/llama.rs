@@ -238,10 +238,9 @@ impl Linear {
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
         match &self.lora {
-            Some(lora) => lora.add_to(x, y),
-            None => Ok(y),
+            Some(lora) => lora.forward(x, &self.weight, self.bias.as_ref(), true),
+            None => ops::linear(x, &self.weight, self.bias.as_ref()),
         }
     }
 }

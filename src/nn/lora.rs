@@ -68,11 +68,16 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// `base + scale * (x A^T) B^T`, where `base` is the frozen projection of `x`.
-    pub fn add_to(&self, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor> {
-        let low = ops::linear(x, &self.a, None)?;
-        let up = ops::linear(&low, &self.b, None)?;
-        base + (up * self.scale)?
+    /// The frozen projection of `x` by `w` (stored (out, in) when `transposed`, else (in, out))
+    /// and `bias`, plus `scale (x A^T) B^T`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        transposed: bool,
+    ) -> candle_core::Result<Tensor> {
+        ops::lora_linear(x, w, bias, (&self.a, &self.b, self.scale), transposed)
     }
 }
 
@@ -198,19 +203,19 @@ mod tests {
             let base = Var::from_tensor(&stored)?;
             let (vars, adapter) =
                 LoraVars::new(&cfg(&["m"]), "m", base.clone(), (5, 3), stored_in_out)?;
-            let y0 = adapter.add_to(&x, x.matmul(&w.t()?)?)?;
-            assert_eq!(
-                y0.to_vec2::<f32>()?,
-                x.matmul(&w.t()?)?.to_vec2::<f32>()?,
-                "B = 0"
-            );
+            let y0 = adapter.forward(&x, &stored, None, !stored_in_out)?;
+            let d0 = (y0 - x.matmul(&w.t()?)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d0 < 1e-5, "B = 0: the base projection ({d0})");
             vars.b.set(&Tensor::randn(0f32, 1.0, (3, 2), &dev)?)?;
             let adapter = LoraAdapter {
                 a: vars.a.as_tensor().clone(),
                 b: vars.b.as_tensor().clone(),
                 scale: vars.scale,
             };
-            let y = adapter.add_to(&x, x.matmul(&w.t()?)?)?;
+            let y = adapter.forward(&x, &stored, None, !stored_in_out)?;
             vars.merge()?;
             let merged = if stored_in_out {
                 base.as_tensor().t()?

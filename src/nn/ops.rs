@@ -62,6 +62,25 @@ pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Ten
     y.reshape(shape)
 }
 
+/// A frozen projection plus a LoRA adapter: `x w^T + bias + scale (x a^T) b^T` for `w` stored
+/// (out, in) (`transposed`, PyTorch `Linear`) or `x w + ...` for (in, out) (GPT-2 `Conv1D`).
+/// The fused op keeps no [n, out] intermediates for the backward pass.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    transposed: bool,
+) -> Result<Tensor> {
+    if fused_linear_fits(x, w, bias) && use_fused(&[a, b]) {
+        return fused::lora_linear(x, w, bias, a, b, scale, transposed);
+    }
+    let w_out_in = if transposed { w.clone() } else { w.t()? };
+    let y = linear_composed(x, &w_out_in, bias)?;
+    let up = linear_composed(&linear_composed(x, a, None)?, b, None)?;
+    y + (up * scale)?
+}
+
 /// `x @ w + b` for a GPT-2 `Conv1D` weight stored (in, out).
 pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if fused_linear_fits(x, w, Some(b)) {

@@ -1303,6 +1303,115 @@ fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> 
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// a frozen projection with a LoRA adapter, as one graph node
+
+/// `x W^T + b + s (x A^T) B^T` (`x W + ...` for a weight stored (in, out)), where W and b are
+/// frozen and held by the op instead of being graph inputs: the inputs are x, A [r, in] and
+/// B [out, r], and the backward returns dx, dA and dB. Composed, the adapter's path keeps three
+/// [n, out] tensors per projection alive for the backward pass; here only x is needed.
+struct LoraLinear {
+    base: FusedLinear,
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "sani-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            bail!("{}: CPU tensors only", self.name())
+        };
+        let bias = match &self.bias {
+            Some(t) => Some(t.contiguous()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (y, shape) = self.base.fwd(xs, xl, ws, wl, bias.as_deref())?;
+        let adapter = FusedLinear { transposed: true };
+        let (low, low_shape) = adapter.fwd(xs, xl, a, al, None)?;
+        let (up, _) = adapter.fwd(&low, &Layout::contiguous(low_shape), b, bl, None)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(up)) = (y, up) else {
+            bail!("{}: f32 only", self.name())
+        };
+        let scale = self.scale;
+        y.par_chunks_mut(16384)
+            .zip(up.par_chunks(16384))
+            .for_each(|(y, u)| {
+                for (y, &u) in y.iter_mut().zip(u) {
+                    *y += scale * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let k = x.dim(candle_core::D::Minus1)?;
+        let out = grad.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count() / k.max(1);
+        let g2 = grad.reshape((n, out))?;
+        let x2 = x.reshape((n, k))?;
+        let s = self.scale as f64;
+        // gradient at the adapter's rank-r bottleneck
+        let g_low = (g2.matmul(&b)? * s)?;
+        let dx = {
+            let w = self.w.detach();
+            let base = if self.base.transposed {
+                g2.matmul(&w)?
+            } else {
+                g2.matmul(&w.t()?)?
+            };
+            (base + g_low.matmul(&a)?)?.reshape(x.shape())?
+        };
+        let da = g_low.t()?.matmul(&x2)?;
+        let low = x2.matmul(&a.t()?)?;
+        let db = (g2.t()?.matmul(&low)? * s)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x W^T + b + scale (x A^T) B^T` for a frozen W stored (out, in) (`transposed`) or (in, out),
+/// A [r, in] and B [out, r] trainable; x f32 CPU with any leading dims. Gradients flow to x, A
+/// and B.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    transposed: bool,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = LoraLinear {
+        base: FusedLinear { transposed },
+        w: w.contiguous()?,
+        bias: bias.cloned(),
+        scale: scale as f32,
+    };
+    x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::fast_exp;
