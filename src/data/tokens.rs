@@ -937,28 +937,10 @@ mod tests {
         assert_eq!(counts["ID"], 1);
         assert_eq!(counts["ZIP"], 0);
         // stride >= max_seq_len behaves like no stride
-        assert_eq!(
-            make_windows(
-                &docs,
-                &enc,
-                &labels(),
-                &Framing::bos_only(Some(7)),
-                4,
-                Some(4)
-            ),
-            w
-        );
-        assert_eq!(
-            make_windows(
-                &docs,
-                &enc,
-                &labels(),
-                &Framing::bos_only(Some(7)),
-                4,
-                Some(0)
-            ),
-            w
-        );
+        let bos7 = Framing::bos_only(Some(7));
+        for stride in [Some(4), Some(0)] {
+            assert_eq!(make_windows(&docs, &enc, &labels(), &bos7, 4, stride), w);
+        }
     }
 
     #[test]
