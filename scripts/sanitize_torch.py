@@ -15,8 +15,8 @@ repair-target = "mask", train-scope = "all", stride = 0.  Steps:
    down_proj.  reinit draws normal(0, initializer_range), GPT-2 c_proj with
    initializer_range / sqrt(2 * n_layer); biases are zeroed.
 2. Repair: each note is tokenized with tokenizer.json (no special tokens), the BOS (the
-   tokenizer's own if its post-processor adds one, else config bos_token_id, as sani's
-   bos = "auto") is prepended, the sequence is cut into windows of max-seq-len (capped at the
+   tokenizer's own if its post-processor adds one, else none, as sani's bos = "auto") and the
+   `doc-separator` of the config (before and after the note) frame each note, the sequence is cut into windows of max-seq-len (capped at the
    model's positions), windows shorter than 2 tokens are dropped; every token overlapping a
    sensitive span (char offsets, sani's rule) gets label -100.  AdamW (lr, betas 0.9/0.999,
    eps 1e-8, weight decay only on >=2-D tensors), linear decay to 0 over all steps (after
@@ -181,9 +181,8 @@ def main():
     if len(probe_with.ids) > len(probe_without.ids) and probe_with.special_tokens_mask[0] == 1:
         bos = probe_with.ids[0]
     else:
-        bos = model.config.bos_token_id
-        if isinstance(bos, list):
-            bos = bos[0] if bos else None
+        bos = None  # sani's bos = "auto": only what the tokenizer adds
+    sep = [] if not cfg.get("doc-separator") else tok.encode(cfg["doc-separator"], add_special_tokens=False).ids
     n_pos = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     max_len = max(1, min(int(cfg["max-seq-len"]), n_pos))
     windows = []  # (ids, labels)
@@ -195,6 +194,7 @@ def main():
         sens = mark_sensitive(enc.offsets, d.get("spans", []), len(d["text"]))
         ids, lab = list(enc.ids), [(-100 if s else i) for i, s in zip(enc.ids, sens)]
         masked += sum(sens)
+        ids, lab = sep + ids + sep, sep + lab + sep
         if bos is not None:
             ids, lab = [bos] + ids, [bos] + lab
         for start in range(0, len(ids), max_len):
