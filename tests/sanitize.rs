@@ -514,3 +514,45 @@ fn lora_repair_changes_only_the_targeted_projections_and_is_deterministic() {
     );
     assert!(!tmp.path().join("x").exists());
 }
+
+#[test]
+fn train_modules_limits_repair_to_the_named_modules() {
+    let (tmp, model, spans) = workspace("llama_gqa", 4);
+    let sanitize = |out: &str, modules: &str| {
+        sani(&[
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            tmp.path().join(out).to_str().unwrap(),
+            "--erase-fraction",
+            "0",
+            "--epochs",
+            "1",
+            "--train-modules",
+            modules,
+            "--max-seq-len",
+            "64",
+            "--quiet",
+        ])
+    };
+    let o = sanitize("a", "mlp");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (input, out) = (raw_tensors(&model), raw_tensors(&tmp.path().join("a")));
+    let changed: Vec<&String> = input.keys().filter(|n| out[*n] != input[*n]).collect();
+    assert!(!changed.is_empty());
+    assert!(
+        changed.iter().all(|n| n.contains(".mlp.")),
+        "only MLP tensors train: {changed:?}"
+    );
+    let o = sanitize("b", "feed_forward");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--train-modules feed_forward"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("b").exists());
+}

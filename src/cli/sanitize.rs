@@ -80,6 +80,10 @@ pub struct SanitizeOptions {
     /// memory on deep models, one more forward pass [default.toml: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpoint_activations: Option<bool>,
+    /// Which tensors the repair trains: `all`, or module names (a component of the tensor
+    /// name), comma-separated, e.g. `mlp` or `mlp,self_attn` [default.toml: all]
+    #[arg(long, value_name = "LIST")]
+    pub train_modules: Option<String>,
     /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen
     /// model, merged into the weights at the end) [default.toml: none]
     #[arg(long, value_enum)]

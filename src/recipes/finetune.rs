@@ -223,5 +223,6 @@ fn train_config(args: &FinetuneArgs) -> TrainConfig {
         seed: args.seed,
         checkpoint_activations: args.checkpoint_activations,
         lora: None,
+        modules: Vec::new(),
     }
 }

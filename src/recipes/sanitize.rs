@@ -52,6 +52,9 @@ fn default_lora_rank() -> usize {
 fn default_lora_alpha() -> f64 {
     32.0
 }
+fn default_train_modules() -> String {
+    "all".to_string()
+}
 fn default_lora_targets() -> String {
     crate::nn::lora::ALL_LINEAR.to_string()
 }
@@ -93,6 +96,9 @@ pub struct ResolvedConfig {
     /// Comma-separated module names, or `all-linear`.
     #[serde(default = "default_lora_targets")]
     pub lora_targets: String,
+    /// Comma-separated module names whose tensors train (`mlp`, `self_attn`, ...), or `all`.
+    #[serde(default = "default_train_modules")]
+    pub train_modules: String,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
@@ -113,6 +119,12 @@ impl ResolvedConfig {
         }
         if self.reset == ResetMode::Base && self.base_model.is_none() && self.erase_fraction > 0.0 {
             bail!("--reset base needs --base-model DIR");
+        }
+        if self.adapter == Adapter::Lora && self.train_modules.trim() != "all" {
+            bail!("--train-modules selects tensors for full-parameter repair; with --adapter lora use --lora-targets");
+        }
+        if self.train_modules.split(',').any(|m| m.trim().is_empty()) {
+            bail!("--train-modules needs module names (e.g. mlp) or all");
         }
         if self.adapter == Adapter::Lora && self.train_scope != "all" {
             bail!(
@@ -137,6 +149,10 @@ impl ResolvedConfig {
             seed: self.seed,
             checkpoint_activations: self.checkpoint_activations,
             lora: self.lora(),
+            modules: match self.train_modules.trim() {
+                "all" => Vec::new(),
+                list => list.split(',').map(|m| m.trim().to_string()).collect(),
+            },
         }
     }
 

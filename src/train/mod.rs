@@ -98,6 +98,15 @@ pub struct TrainConfig {
     /// Train LoRA adapters on a frozen model instead of the tensors of the scope; they are
     /// merged into the weights at the end.
     pub lora: Option<crate::nn::lora::LoraConfig>,
+    /// Only tensors with one of these path components train (`mlp`, `self_attn`, `q_proj`,
+    /// ...); empty: every tensor of the scope.
+    pub modules: Vec<String>,
+}
+
+/// Whether tensor `name` belongs to one of `modules` (a dot-separated component of its name);
+/// an empty list takes every tensor.
+pub fn in_modules(name: &str, modules: &[String]) -> bool {
+    modules.is_empty() || name.split('.').any(|c| modules.iter().any(|m| m == c))
 }
 
 impl TrainConfig {
@@ -149,7 +158,14 @@ pub fn fit(
 ) -> Result<Vec<EpochMetrics>> {
     // Block and norm names come from loading, so the scope needs one frozen load first.
     let probe = Model::load_frozen(ckpt)?;
-    let in_scope = scope_predicate(&probe, scope);
+    let scoped = scope_predicate(&probe, scope);
+    let in_scope = |name: &str| scoped(name) && in_modules(name, &cfg.modules);
+    if !cfg.modules.is_empty() && !probe.loaded_names().iter().any(|n| in_scope(n)) {
+        bail!(
+            "--train-modules {}: no tensor of this model matches",
+            cfg.modules.join(",")
+        );
+    }
     drop(probe);
     let model = match &cfg.lora {
         None => Model::load(ckpt, &in_scope)?,
