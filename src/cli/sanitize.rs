@@ -80,8 +80,9 @@ pub struct SanitizeOptions {
     /// memory on deep models, one more forward pass [default.toml: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpoint_activations: Option<bool>,
-    /// Which tensors the repair trains: `all`, or module names (a component of the tensor
-    /// name), comma-separated, e.g. `mlp` or `mlp,self_attn` [default.toml: all]
+    /// Which tensors full-parameter repair trains: `all`, or module names (a component of the
+    /// tensor name), comma-separated, e.g. `mlp` or `mlp,self_attn`; LoRA uses --lora-targets
+    /// instead [default.toml: mlp; paper: all]
     #[arg(long, value_name = "LIST")]
     pub train_modules: Option<String>,
     /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen

@@ -120,9 +120,6 @@ impl ResolvedConfig {
         if self.reset == ResetMode::Base && self.base_model.is_none() && self.erase_fraction > 0.0 {
             bail!("--reset base needs --base-model DIR");
         }
-        if self.adapter == Adapter::Lora && self.train_modules.trim() != "all" {
-            bail!("--train-modules selects tensors for full-parameter repair; with --adapter lora use --lora-targets");
-        }
         if self.train_modules.split(',').any(|m| m.trim().is_empty()) {
             bail!("--train-modules needs module names (e.g. mlp) or all");
         }
