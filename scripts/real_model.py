@@ -2,7 +2,7 @@
 """Builds the real-model benchmark: a pretrained SmolLM2-135M-Instruct that has memorized
 synthetic clinical notes, as an HF directory sani and transformers both load.  Not part of CI.
 
-    pip install torch transformers gguf        # once
+    pip install torch transformers gguf accelerate   # once
     cargo build --release                      # sani writes the notes
     python3 scripts/real_model.py --work /tmp/real [--notes 20] [--threads 2]
 

@@ -396,15 +396,39 @@ fn shape_mismatch() {
     });
     let ckpt = load(dir.path()).unwrap();
     let msg = err_of(Model::load(&ckpt, &|_| true));
-    assert_mentions(
-        &msg,
-        &[
-            &path.display().to_string(),
-            name,
-            "has shape",
-            "config.json implies",
-        ],
-    );
+    let expected = [
+        &path.display().to_string(),
+        name,
+        "has shape",
+        "config.json implies",
+    ];
+    assert_mentions(&msg, &expected);
+    // Headers alone (`sani inspect`) find the same mismatch.
+    let headers = Checkpoint::load_headers(dir.path(), &Device::Cpu).unwrap();
+    assert_mentions(&err_of(Model::load_frozen(&headers)), &expected);
+}
+
+#[test]
+fn headers_only_build_every_model_but_hold_no_tensor() {
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let full = load(&dir).unwrap();
+        let headers = Checkpoint::load_headers(&dir, &Device::Cpu).unwrap();
+        assert!(headers.vars().is_empty(), "{name}");
+        assert_eq!(headers.parameter_count(), full.parameter_count(), "{name}");
+        let model = Model::load_frozen(&headers).unwrap();
+        assert_eq!(model.num_layers(), full.config.num_layers(), "{name}");
+        let first = &full.entries[0];
+        assert_mentions(
+            &err_of(headers.var(&first.name, &first.shape)),
+            &["only the headers were loaded"],
+        );
+        let out = tempfile::tempdir().unwrap();
+        assert_mentions(
+            &err_of(headers.write_to(out.path(), &provenance())),
+            &["only the headers", "nothing to write"],
+        );
+    }
 }
 
 #[test]

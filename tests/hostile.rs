@@ -244,10 +244,18 @@ fn non_finite_weights_are_refused_at_load() {
 fn a_diverging_repair_or_finetune_writes_nothing() {
     let w = Work::new("gpt2_f32");
     let before = snapshot(w.tmp.path());
-    // Every tensor trains, so the weights overflow (training only the MLPs at 1e10 stays
-    // finite behind the norms).
+    // Every tensor trains: the weights overflow to inf.
     let o = w.sanitize(&["--lr", "1e10", "--epochs", "3", "--train-modules", "all"]);
     assert_refused(&o, &["training diverged", "--lr"], &before, w.tmp.path());
+    // Only the MLPs train (the default): behind the norms every value and the loss stay
+    // finite, but the weights grow a billion-fold.
+    let o = w.sanitize(&["--lr", "1e10", "--epochs", "3"]);
+    assert_refused(
+        &o,
+        &["training diverged", "grew from norm"],
+        &before,
+        w.tmp.path(),
+    );
     let out = w.path("ft");
     let o = sani(&[
         "finetune",

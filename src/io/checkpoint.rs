@@ -51,6 +51,9 @@ pub struct Checkpoint {
     /// Directory whose config, tokenizer and other side files are copied on write (None for a
     /// freshly initialized model: its writer supplies them).
     pub side_files: Option<PathBuf>,
+    /// Only names, dtypes and shapes were read (see [`Checkpoint::load_headers`]): no var, no
+    /// write.
+    headers_only: bool,
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -109,6 +112,18 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
 impl Checkpoint {
     /// Loads config and weights from a model directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_impl(dir, device, false)
+    }
+
+    /// The checkpoint's names, dtypes and shapes, with every float tensor checked for NaN and
+    /// Inf as by [`Checkpoint::load`], but no tensor kept: memory stays near one file page
+    /// window, not the model. [`Model::load_frozen`] builds on it (shapes checked, no compute);
+    /// [`Checkpoint::var`] and writing refuse it. For `sani inspect`.
+    pub fn load_headers(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_impl(dir, device, true)
+    }
+
+    fn load_impl(dir: &Path, device: &Device, headers_only: bool) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: not a directory (or not readable)", dir.display());
         }
@@ -118,6 +133,7 @@ impl Checkpoint {
         let varmap = VarMap::new();
         let mut entries = Vec::new();
         let mut raw = HashMap::new();
+        let mut seen = HashSet::new();
         {
             let mut vars = varmap.data().lock().expect("fresh varmap");
             for shard in &shards {
@@ -139,7 +155,7 @@ impl Checkpoint {
                 names.sort();
                 for name in names {
                     let view = st.tensor(&name)?;
-                    if vars.contains_key(&name) || raw.contains_key(&name) {
+                    if !seen.insert(name.clone()) {
                         bail!("{}: tensor `{name}` is stored twice", path.display());
                     }
                     let dtype = view.dtype();
@@ -151,13 +167,15 @@ impl Checkpoint {
                                 path.display()
                             )
                         })?;
+                    }
+                    if !headers_only && candle_dtype(dtype).is_some() {
                         let t = view
                             .load(&Device::Cpu)
                             .and_then(|t| t.to_dtype(DType::F32))
                             .and_then(|t| t.to_device(device))
                             .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
                         vars.insert(name.clone(), Var::from_tensor(&t)?);
-                    } else {
+                    } else if !headers_only {
                         raw.insert(name.clone(), view.data().to_vec());
                     }
                     entries.push(TensorEntry {
@@ -198,6 +216,7 @@ impl Checkpoint {
             index_metadata,
             device: device.clone(),
             side_files: Some(dir.to_path_buf()),
+            headers_only,
         })
     }
 
@@ -232,6 +251,7 @@ impl Checkpoint {
             index_metadata: serde_json::Map::new(),
             device: device.clone(),
             side_files: None,
+            headers_only: false,
         }
     }
 
@@ -240,11 +260,39 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.varmap.data().lock().unwrap().contains_key(name) || self.raw.contains_key(name)
+        self.entry(name).is_some()
+    }
+
+    /// The entry of float tensor `name` if it has `shape`; an error naming the file otherwise.
+    fn float_entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let e = self
+            .entry(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.weights_label()))?;
+        if candle_dtype(e.dtype).is_none() {
+            bail!(
+                "{}: tensor `{name}` is stored as {:?}; sani needs a floating-point tensor \
+                 (F32, F16, BF16 or F64) there",
+                self.file_of(name),
+                e.dtype
+            );
+        }
+        if e.shape != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
+                self.file_of(name),
+                e.shape,
+                shape
+            );
+        }
+        Ok(e)
     }
 
     /// The var stored under `name`; an error naming the file when it is missing or has the wrong shape.
     pub fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        if self.headers_only {
+            self.float_entry(name, shape)?;
+            bail!("{}: only the headers were loaded", self.dir.display());
+        }
         let var = self
             .varmap
             .data()
@@ -341,6 +389,12 @@ impl Checkpoint {
     /// Writes the weights (same names, shapes, dtypes, shards) and copies every other file of the
     /// input directory except weights in other formats. `dir` must exist and be empty.
     pub fn write_to(&self, dir: &Path, provenance: &BTreeMap<String, String>) -> Result<()> {
+        if self.headers_only {
+            bail!(
+                "{}: only the headers were loaded; nothing to write",
+                self.dir.display()
+            );
+        }
         let mut metadata: HashMap<String, String> = provenance
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -401,6 +455,14 @@ impl WeightSource for Checkpoint {
     }
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)
+    }
+    fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.headers_only {
+            return Ok(Checkpoint::var(self, name, shape)?.as_tensor().detach());
+        }
+        self.float_entry(name, shape)?;
+        // One zero seen through a broadcast: the right shape, no memory.
+        Ok(Tensor::zeros((), DType::F32, &self.device)?.broadcast_as(shape)?)
     }
 }
 

@@ -32,7 +32,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 /// Resolves `model` (a directory or a cached hub repo id) and loads its weights and tokenizer;
 /// fails when they disagree (see [`token_id_problems`]).
 pub fn open_model(model: &str, device: &Device) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
-    let (ckpt, tok, problems) = open_model_lenient(model, device)?;
+    let (ckpt, tok, problems) = open_checked(model, device, false)?;
     if let Some(first) = problems.first() {
         let more = match problems.len() {
             1 => String::new(),
@@ -43,14 +43,27 @@ pub fn open_model(model: &str, device: &Device) -> Result<(checkpoint::Checkpoin
     Ok((ckpt, tok))
 }
 
-/// [`open_model`] that returns the consistency problems instead of failing on them (for
-/// `sani inspect`).
+/// [`open_model`] that returns the consistency problems instead of failing on them, with only
+/// the tensors' headers loaded (for `sani inspect`).
 pub fn open_model_lenient(
     model: &str,
     device: &Device,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
+    open_checked(model, device, true)
+}
+
+/// The checkpoint (all tensors, or only their headers), its tokenizer and their problems.
+fn open_checked(
+    model: &str,
+    device: &Device,
+    headers_only: bool,
+) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
     let dir = hub::resolve_model_dir(model)?;
-    let ckpt = checkpoint::Checkpoint::load(&dir, device)?;
+    let ckpt = if headers_only {
+        checkpoint::Checkpoint::load_headers(&dir, device)?
+    } else {
+        checkpoint::Checkpoint::load(&dir, device)?
+    };
     let tok = load_tokenizer(&dir)?;
     let problems = token_id_problems(&ckpt, &tok);
     Ok((ckpt, tok, problems))

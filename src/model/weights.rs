@@ -13,6 +13,11 @@ pub trait WeightSource {
     /// The tensor stored (or created) under `name`; an error when it is missing or has another shape.
     fn var(&self, name: &str, shape: &[usize]) -> Result<Var>;
     fn contains(&self, name: &str) -> bool;
+    /// The tensor under `name`, for use without gradient (a source may give a view that holds
+    /// no data when nothing will be computed with it).
+    fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.var(name, shape)?.as_tensor().detach())
+    }
 }
 
 /// Which part of the model a tensor belongs to (for training scopes).
@@ -96,17 +101,28 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let var = self.source.var(name, shape)?;
-        if self.lora.is_some() {
-            self.loaded.insert(name.to_string(), var.clone());
-        }
+    /// Records that `name` was loaded, under the current part.
+    fn record(&mut self, name: &str) {
         self.names.all.insert(name.to_string());
         match self.part {
             Part::Block(i) => self.names.blocks.entry(i).or_default().push(name.into()),
             Part::FinalNorm => self.names.final_norm.push(name.into()),
             Part::Other => {}
         }
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let frozen = self.lora.is_none() && !(self.trainable)(name);
+        if frozen {
+            let t = self.source.frozen(name, shape)?;
+            self.record(name);
+            return Ok(t);
+        }
+        let var = self.source.var(name, shape)?;
+        if self.lora.is_some() {
+            self.loaded.insert(name.to_string(), var.clone());
+        }
+        self.record(name);
         if (self.trainable)(name) {
             self.vars.insert(name.to_string(), var.clone());
             Ok(var.as_tensor().clone())

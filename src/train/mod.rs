@@ -12,11 +12,12 @@ pub mod step;
 use crate::io::checkpoint::Checkpoint;
 use crate::model::Model;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use data::{windows_to_examples, Corpus, EpochData, FixedData, SurrogateData};
@@ -145,6 +146,46 @@ fn diverged(what: &str, step: usize) -> anyhow::Error {
     )
 }
 
+/// A trained tensor whose norm grew by more than this factor has diverged, even when every
+/// value is finite (behind the norms, a model can blow up its weights and keep a finite loss).
+pub const MAX_NORM_GROWTH: f64 = 100.0;
+
+/// The L2 norm of every var (f64, on the host).
+fn var_norms(vars: &BTreeMap<String, Var>) -> Result<BTreeMap<String, f64>> {
+    vars.iter()
+        .map(|(name, v)| {
+            let sq = v
+                .as_tensor()
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            Ok((name.clone(), sq.sqrt()))
+        })
+        .collect()
+}
+
+/// The first tensor whose norm grew more than [`MAX_NORM_GROWTH`]-fold from `start`, as a
+/// divergence message. A tensor that starts near zero (a bias, a LoRA `B`) is measured against
+/// an RMS of 0.01.
+fn norm_blow_up(
+    start: &BTreeMap<String, f64>,
+    vars: &BTreeMap<String, Var>,
+) -> Result<Option<String>> {
+    let now = var_norms(vars)?;
+    for (name, &after) in &now {
+        let before = start.get(name).copied().unwrap_or(0.0);
+        let floor = 1e-2 * (vars[name].elem_count() as f64).sqrt();
+        if !after.is_finite() || after > MAX_NORM_GROWTH * before.max(floor) {
+            return Ok(Some(format!(
+                "tensor `{name}` grew from norm {before:.3e} to {after:.3e} (more than \
+                 {MAX_NORM_GROWTH}x)"
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Loads `ckpt` with the tensors in `scope` trainable and trains them on `data` (the
 /// checkpoint's vars are updated in place). With `cfg.lora`, the checkpoint's tensors are
 /// frozen, adapters on the scope's blocks train, and are merged into the checkpoint at the end.
@@ -194,6 +235,23 @@ pub fn fit(
     Ok(metrics)
 }
 
+/// The example indices of each optimizer step of an epoch, grouped by length: a random order,
+/// sorted by length (ties stay in random order), cut into steps of `step_size`, the steps
+/// shuffled. A batch is padded to its longest row, so grouping similar lengths leaves little
+/// padding to compute (HF `group_by_length` does the same).
+pub fn length_grouped_steps(
+    examples: &[Example],
+    step_size: usize,
+    rng: &mut StdRng,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(rng);
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    let mut steps: Vec<Vec<usize>> = order.chunks(step_size.max(1)).map(|c| c.to_vec()).collect();
+    steps.shuffle(rng);
+    steps
+}
+
 /// Trains `model`'s trainable vars for `cfg.epochs` epochs. Returns per-epoch metrics.
 pub fn train(
     model: &Model,
@@ -207,6 +265,7 @@ pub fn train(
         bail!("nothing to train: the training scope selects no tensors");
     }
     let mut adam = AdamW::new(&vars, optim.clone())?;
+    let start_norms = var_norms(&vars)?;
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
     let train_step =
         TrainStep::new(model, first_block).with_checkpointing(loop_cfg.checkpoint_activations);
@@ -227,8 +286,7 @@ pub fn train(
         if first_block > 0 && data.is_fixed() && prefix_cache.is_none() {
             prefix_cache = Some(step::frozen_prefix(model, &examples, first_block)?);
         }
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        order.shuffle(&mut rng);
+        let steps = length_grouped_steps(&examples, micro * accum, &mut rng);
         let pb = crate::io::progress::bar(
             steps_per_epoch as u64,
             quiet,
@@ -240,7 +298,7 @@ pub fn train(
             ..Default::default()
         };
         let (mut train_sum, mut sens_sum, mut tokens) = (0f64, 0f64, 0usize);
-        for step_idx in order.chunks(micro * accum) {
+        for step_idx in &steps {
             let batches = step_idx
                 .chunks(micro)
                 .map(|idx| {
@@ -290,6 +348,9 @@ pub fn train(
         m.tokens = tokens;
         m.tokens_per_s = tokens as f64 / m.seconds.max(1e-9);
         metrics.push(m);
+        if let Some(what) = norm_blow_up(&start_norms, &vars)? {
+            return Err(diverged(&what, global_step));
+        }
     }
     for (name, var) in &vars {
         if !crate::nn::ops::all_finite(var.as_tensor())? {
@@ -300,4 +361,49 @@ pub fn train(
         }
     }
     Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(len: usize) -> Example {
+        Example {
+            ids: vec![1; len],
+            train: vec![true; len],
+            sensitive: vec![false; len],
+        }
+    }
+
+    /// Positions computed when each step is padded to its longest row.
+    fn padded(examples: &[Example], steps: &[Vec<usize>]) -> usize {
+        steps
+            .iter()
+            .map(|s| s.len() * s.iter().map(|&i| examples[i].ids.len()).max().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn length_grouping_takes_every_example_once_with_little_padding() {
+        // Documents of two windows: a full one and a shorter tail, as the windows make them.
+        let mut rng = StdRng::seed_from_u64(3);
+        let examples: Vec<Example> = (0..43)
+            .map(|i| example(if i % 2 == 0 { 256 } else { 40 + (i * 7) % 200 }))
+            .collect();
+        let steps = length_grouped_steps(&examples, 8, &mut rng);
+        let mut seen: Vec<usize> = steps.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..43).collect::<Vec<_>>());
+        assert!(steps.iter().all(|s| !s.is_empty() && s.len() <= 8));
+        assert_eq!(steps.iter().filter(|s| s.len() < 8).count(), 1);
+        let real: usize = examples.iter().map(|e| e.ids.len()).sum();
+        let grouped = padded(&examples, &steps);
+        let mut order: Vec<usize> = (0..43).collect();
+        order.shuffle(&mut rng);
+        let random: Vec<Vec<usize>> = order.chunks(8).map(|c| c.to_vec()).collect();
+        assert!(grouped < padded(&examples, &random), "{grouped}");
+        assert!((grouped as f64) < 1.1 * real as f64, "{grouped} vs {real}");
+        // Another epoch draws other groups among equal lengths and another step order.
+        assert_ne!(steps, length_grouped_steps(&examples, 8, &mut rng));
+    }
 }
