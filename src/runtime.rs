@@ -30,3 +30,24 @@ pub fn keep_freed_memory() {
 pub fn on_worker_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
+/// With `SANI_TRACE_RSS` set, prints the resident and peak memory after `what` to stderr (for
+/// memory work: where in a run the peak is reached).
+pub fn trace_rss(what: &str) {
+    if std::env::var_os("SANI_TRACE_RSS").is_none() {
+        return;
+    }
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    eprintln!(
+        "[rss] {what}: {:.0} MB (peak {:.0})",
+        get("VmRSS:"),
+        get("VmHWM:")
+    );
+}

@@ -67,6 +67,80 @@ fn quick_demo_memorizes_then_sanitizes() {
         sani::model::Model::load_frozen(&ckpt).unwrap();
         assert!(dir.join("tokenizer.json").is_file());
     }
+    // The attack suite ran on the sanitized model: every attack, and the worst case over them.
+    let attacks = &after["attacks"];
+    let rows = attacks["attacks"].as_array().unwrap();
+    assert_eq!(rows.len(), 4 + 2 + 4, "{rows:?}");
+    let worst = attacks["worst_total"]["rate"].as_f64().unwrap();
+    for r in rows {
+        assert!(r["total"]["rate"].as_f64().unwrap() <= worst);
+    }
+    assert!(
+        worst >= a,
+        "worst case {worst} below the plain greedy rate {a}"
+    );
+    let after_auc = attacks["membership"]["total"]["auc"].as_f64().unwrap();
+    let after_chance = attacks["control_membership"]["total"]["auc"]
+        .as_f64()
+        .unwrap();
+    // The membership probe (true span against fakes of its label, and the same on never-seen
+    // control spans) on the memorizing model, and on a model that never saw these notes.
+    let probe = |model: &str, gate: &[&str]| {
+        let path = tmp.path().join("probe.json");
+        let status = Command::new(env!("CARGO_BIN_EXE_sani"))
+            .current_dir(&out)
+            .args([
+                "eval",
+                "--model",
+                model,
+                "--sensitive",
+                "notes.jsonl",
+                "--control",
+                "heldout.jsonl",
+                "--attacks",
+                "--attack-prefixes",
+                "32",
+                "--attack-samples",
+                "0",
+                "--attack-quantize",
+                "int4",
+                "--quiet",
+                "--json",
+                path.to_str().unwrap(),
+            ])
+            .args(gate)
+            .status()
+            .unwrap();
+        let r = json(&path);
+        let auc = |k: &str| r["attacks"][k]["total"]["auc"].as_f64().unwrap();
+        (
+            status.code(),
+            auc("membership"),
+            auc("control_membership"),
+            r,
+        )
+    };
+    let (code, mem, chance, r) = probe("med-gpt", &["--max-auc", "0.6"]);
+    assert_eq!(code, Some(1), "a memorizing model fails --max-auc 0.6");
+    assert!(r["gate"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("membership AUC"));
+    let fresh_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_f32");
+    let (_, fresh, _, _) = probe(fresh_dir.to_str().unwrap(), &[]);
+    eprintln!(
+        "membership AUC: memorizing {mem:.3} (control {chance:.3}), sanitized {after_auc:.3} \
+         (control {after_chance:.3}), fresh {fresh:.3}"
+    );
+    assert!(mem > 0.85, "memorizing model: membership AUC {mem}");
+    // Never-seen spans also beat the fakes somewhat (the model learned what real values look
+    // like): that is the chance level, and memorized spans stand above it.
+    assert!(mem > chance + 0.1, "memorizing {mem} vs control {chance}");
+    assert!(
+        (0.35..0.7).contains(&fresh),
+        "fresh model: membership AUC {fresh}"
+    );
     let report = json(&out.join("med-gpt-sanitized/sani_report.json"));
     assert!(!report["epochs"].as_array().unwrap().is_empty());
     assert!(out.join("notes.jsonl").is_file() && out.join("heldout.jsonl").is_file());

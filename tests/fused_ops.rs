@@ -757,6 +757,54 @@ fn adamw_fused_update_matches_reference() {
 }
 
 #[test]
+fn clipping_folded_into_the_update_equals_clipping_the_gradients() {
+    use candle_core::DType;
+    use sani::train::{clip_grad_norm, clip_scale, grad_norm, AdamW, OptimConfig};
+    use std::collections::BTreeMap;
+    let mut r = rng(9);
+    let (ws, zs) = (randn(&mut r, 12, 1.0), randn(&mut r, 5, 1.0));
+    let make = || {
+        // An f32 var takes the fused in-place update, an f64 one the composed path.
+        let w = Var::from_tensor(&tensor(ws.clone(), &[3, 4])).unwrap();
+        let z = Var::from_tensor(&tensor(zs.clone(), &[5]).to_dtype(DType::F64).unwrap()).unwrap();
+        BTreeMap::from([("w".to_string(), w), ("z".to_string(), z)])
+    };
+    let (a, b) = (make(), make());
+    let cfg = OptimConfig::default();
+    let (mut opt_a, mut opt_b) = (
+        AdamW::new(&a, cfg.clone()).unwrap(),
+        AdamW::new(&b, cfg).unwrap(),
+    );
+    let loss = |vars: &BTreeMap<String, Var>| {
+        let w = vars["w"].as_tensor().powf(3.0).unwrap().sum_all().unwrap();
+        let z = vars["z"].as_tensor().sqr().unwrap().sum_all().unwrap();
+        (w + z.to_dtype(DType::F32).unwrap()).unwrap()
+    };
+    for _ in 0..3 {
+        let mut ga = loss(&a).backward().unwrap();
+        clip_grad_norm(&mut ga, &a, 0.5).unwrap();
+        opt_a.step(&ga, 0.05).unwrap();
+        let gb = loss(&b).backward().unwrap();
+        let norm = grad_norm(&gb, &b).unwrap();
+        assert!(clip_scale(norm, 0.5) < 1.0 && clip_scale(norm, 0.0) == 1.0);
+        opt_b.step_scaled(&gb, 0.05, clip_scale(norm, 0.5)).unwrap();
+    }
+    for name in ["w", "z"] {
+        let (x, y) = (a[name].as_tensor(), b[name].as_tensor());
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let d = d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+}
+
+#[test]
 fn clip_grad_norm_matches_composed_norm() {
     use sani::train::clip_grad_norm;
     use std::collections::BTreeMap;

@@ -2,6 +2,7 @@
 
 use super::{RuntimeArgs, SpansArgs};
 use crate::data::tokens::BosPolicy;
+use crate::eval::attacks::{AttackSettings, Quantization, RelearnSettings};
 use crate::eval::{RegurgitationSettings, Verdict};
 use crate::io::hash::SpanKey;
 use crate::recipes::eval::{EvalJob, GateLimits, Measure};
@@ -46,7 +47,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE", requires = "per_span")]
     pub span_key_file: Option<PathBuf>,
 
-    /// Gate: fail when the total exact rate is above R (0..=1).
+    /// Gate: fail when the total exact rate is above R (0..=1); with --attacks, the worst case
+    /// over the attacks.
     #[arg(long, value_name = "R", conflicts_with = "max_count")]
     pub max_rate: Option<f64>,
     /// Gate: fail when more than N spans are reproduced exactly.
@@ -90,6 +92,81 @@ pub struct EvalArgs {
     /// context length).
     #[arg(long, value_name = "N")]
     pub max_seq_len: Option<usize>,
+
+    /// Run the attack suite on the sensitive spans: greedy extraction at several prompt lengths,
+    /// sampled extraction, quantized weights, a membership probe (and relearning with
+    /// --relearn-on). The gate then applies to the worst case. See README "Attack suite".
+    #[arg(long)]
+    pub attacks: bool,
+    /// Prompt lengths of the greedy attacks, in tokens (`whole`: the whole preceding document).
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "8,32,128,whole",
+        requires = "attacks"
+    )]
+    pub attack_prefixes: String,
+    /// Samples per span of the sampled attacks (at T=0.7 and T=1.0; 0: none).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "attacks")]
+    pub attack_samples: usize,
+    /// Weight roundings to attack with: bf16, fp16, int8, int4 (per row, symmetric), or none.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "bf16,fp16,int8,int4",
+        requires = "attacks"
+    )]
+    pub attack_quantize: String,
+    /// Fakes per span in the membership probe (0: no probe).
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "attacks")]
+    pub attack_fakes: usize,
+    /// Relearning attack: fine-tune a copy on these documents (JSONL as --sensitive, e.g. other
+    /// patients' notes), then extract again. It trains: minutes on a real model.
+    #[arg(long, value_name = "FILE", requires = "attacks")]
+    pub relearn_on: Option<PathBuf>,
+    /// Learning rate of the relearning attack.
+    #[arg(long, value_name = "LR", default_value_t = crate::eval::attacks::RELEARN_LR, requires = "relearn_on")]
+    pub relearn_lr: f64,
+    /// Epochs of the relearning attack.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "relearn_on")]
+    pub relearn_epochs: usize,
+    /// Gate: fail when the membership AUC of the attack suite is above A (0.5 is chance).
+    #[arg(long, value_name = "A", requires = "attacks")]
+    pub max_auc: Option<f64>,
+}
+
+/// Parses `--attack-prefixes` (token counts, `whole` for the whole preceding document: 0).
+fn parse_prefixes(list: &str) -> Result<Vec<usize>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| match x {
+            "whole" => Ok(0),
+            n => match n.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(k),
+                _ => bail!("--attack-prefixes: {n:?} is not a token count >= 1 or `whole`"),
+            },
+        })
+        .collect()
+}
+
+/// Parses `--attack-quantize`.
+fn parse_quantizations(list: &str) -> Result<Vec<Quantization>> {
+    if list.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    list.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            Quantization::ALL
+                .into_iter()
+                .find(|q| q.name() == x)
+                .ok_or_else(|| {
+                    anyhow!("--attack-quantize: {x:?} is not one of bf16, fp16, int8, int4, none")
+                })
+        })
+        .collect()
 }
 
 impl EvalArgs {
@@ -111,10 +188,16 @@ impl EvalArgs {
                 bail!("--max-perplexity needs --perplexity FILE (held-out text to measure)");
             }
         }
+        if let Some(a) = self.max_auc {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("--max-auc must be between 0 and 1 (got {a})");
+            }
+        }
         let gate = GateLimits {
             max_rate: self.max_rate,
             max_count: self.max_count,
             max_perplexity: self.max_perplexity,
+            max_auc: self.max_auc,
         };
         if let Some(paths) = &self.compare {
             let [before, after] = paths.as_slice() else {
@@ -145,8 +228,37 @@ impl EvalArgs {
         if self.max_seq_len == Some(0) {
             bail!("--max-seq-len must be at least 1");
         }
+        let attacks = match self.attacks {
+            false => None,
+            true => {
+                if !(self.relearn_lr.is_finite() && self.relearn_lr > 0.0) {
+                    bail!(
+                        "--relearn-lr must be a positive number, got {}",
+                        self.relearn_lr
+                    );
+                }
+                if self.relearn_epochs == 0 {
+                    bail!("--relearn-epochs must be at least 1");
+                }
+                Some(AttackSettings {
+                    prefix_lengths: parse_prefixes(&self.attack_prefixes)?,
+                    samples: self.attack_samples,
+                    temperatures: vec![0.7, 1.0],
+                    quantizations: parse_quantizations(&self.attack_quantize)?,
+                    fakes: self.attack_fakes,
+                    relearn: self.relearn_on.as_ref().map(|file| RelearnSettings {
+                        file: file.clone(),
+                        epochs: self.relearn_epochs,
+                        lr: self.relearn_lr,
+                        batch_size: 8,
+                        max_seq_len: 256,
+                    }),
+                })
+            }
+        };
         // A regurgitation gate implies the measurement it gates.
         let regurgitation = self.regurgitation
+            || attacks.is_some()
             || self.perplexity.is_none()
             || self.control.is_some()
             || self.max_rate.is_some()
@@ -171,6 +283,7 @@ impl EvalArgs {
             per_span: self.per_span.clone(),
             span_key,
             show_text: self.spans.show_text,
+            attacks,
         })))
     }
 }

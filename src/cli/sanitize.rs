@@ -35,10 +35,10 @@ pub struct SanitizeOptions {
     /// Repair target on sensitive spans [default.toml: surrogate; paper: mask]
     #[arg(long, value_enum)]
     pub repair_target: Option<RepairTarget>,
-    /// Repair epochs, 0 disables repair [default.toml: 6; paper: 2]
+    /// Repair epochs, 0 disables repair [default.toml: 2; paper: 2]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Peak learning rate (AdamW) [default.toml: 5e-4]
+    /// Peak learning rate (AdamW) [default.toml: 4e-3]
     #[arg(long)]
     pub lr: Option<f64>,
     /// Sequences per micro-batch [default.toml: 8]
@@ -77,7 +77,7 @@ pub struct SanitizeOptions {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Recompute each block in the backward pass instead of storing its activations: much less
-    /// memory on deep models, one more forward pass [default.toml: false]
+    /// memory on deep models, one more forward pass [default.toml: true]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpoint_activations: Option<bool>,
     /// Which tensors full-parameter repair trains: `all`, or module names (a component of the
@@ -175,4 +175,49 @@ impl SanitizeArgs {
 /// Runs `sani sanitize`.
 pub fn run(args: &SanitizeArgs) -> Result<()> {
     crate::recipes::sanitize::run(&args.resolve()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: SanitizeOptions,
+    }
+
+    /// Every `[default.toml: X]` in the help says what configs/default.toml says.
+    #[test]
+    fn help_defaults_match_default_toml() {
+        let table: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+        let mut checked = 0;
+        for arg in Cli::command().get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(at) = help.find("[default.toml: ") else {
+                continue;
+            };
+            let said = help[at + 15..].split([';', ']']).next().unwrap().trim();
+            let value = table
+                .get(long)
+                .unwrap_or_else(|| panic!("--{long}: not in default.toml"));
+            let actual = match value {
+                toml::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            let same = said == actual
+                || said.parse::<f64>().ok() == actual.parse::<f64>().ok()
+                    && said.parse::<f64>().is_ok();
+            assert!(
+                same,
+                "--{long}: help says {said}, default.toml says {actual}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 15, "{checked}");
+    }
 }

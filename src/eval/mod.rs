@@ -1,8 +1,9 @@
-//! Measurements of a model: regurgitation of sensitive spans ([`regurgitation`]), utility as
-//! perplexity ([`perplexity`]), secrets held by the tokenizer itself ([`vocabulary`]), and the
-//! report with its gate ([`report`]). The `sani eval` recipe
+//! Measurements of a model: regurgitation of sensitive spans ([`regurgitation`]), the attack
+//! suite built on it ([`attacks`]), utility as perplexity ([`perplexity`]), secrets held by the
+//! tokenizer itself ([`vocabulary`]), and the report with its gate ([`report`]). The `sani eval` recipe
 //! that runs them is [`crate::recipes::eval`].
 
+pub mod attacks;
 pub mod perplexity;
 pub mod regurgitation;
 pub mod report;

@@ -289,16 +289,16 @@ pub fn extraction_strength(correct: &[bool]) -> f64 {
 }
 
 /// One prepared span.
-struct Prepared {
-    doc_index: usize,
-    span_index: usize,
-    prompt: Vec<u32>,
-    span_ids: Vec<u32>,
-    span_text: String,
-    gap: String,
-    prompt_text: String,
-    max_new: usize,
-    bos_only: bool,
+pub(crate) struct Prepared {
+    pub(crate) doc_index: usize,
+    pub(crate) span_index: usize,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) span_ids: Vec<u32>,
+    pub(crate) span_text: String,
+    pub(crate) gap: String,
+    pub(crate) prompt_text: String,
+    pub(crate) max_new: usize,
+    pub(crate) bos_only: bool,
 }
 
 fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
@@ -323,7 +323,7 @@ fn window_start(index: &CharIndex, c: usize) -> usize {
         .map_or(c, |i| c + i)
 }
 
-fn prepare(
+pub(crate) fn prepare(
     model: &Model,
     tok: &Tokenizer,
     docs: &[Document],

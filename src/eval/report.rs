@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::attacks::AttackReport;
 use super::perplexity::Perplexity;
 use super::regurgitation::{BosInfo, LabelCounts, RegurgitationSummary, SpanResult};
 use super::vocabulary::{VocabularyCounts, VocabularyExposure};
@@ -87,6 +88,9 @@ pub struct EvalReport {
     pub control_vocabulary: Option<VocabularyExposure>,
     pub gate: Option<GateReport>,
     pub timing: Timing,
+    /// `--attacks`: the attack suite's figures (the gate then applies to its worst case).
+    #[serde(default)]
+    pub attacks: Option<AttackReport>,
 }
 
 /// The gate's limits; a limit whose measurement is missing fails the gate.
@@ -98,19 +102,51 @@ pub struct GateLimits {
     pub max_count: Option<usize>,
     /// Highest perplexity on the held-out text (utility: a broken model fails).
     pub max_perplexity: Option<f64>,
+    /// Highest membership AUC of the attack suite.
+    pub max_auc: Option<f64>,
 }
 
 impl GateLimits {
     pub fn is_set(&self) -> bool {
-        self.max_rate.is_some() || self.max_count.is_some() || self.max_perplexity.is_some()
+        self.max_rate.is_some()
+            || self.max_count.is_some()
+            || self.max_perplexity.is_some()
+            || self.max_auc.is_some()
     }
 }
 
+/// The gate of a report: its exact figures are the attack suite's worst case when the suite
+/// ran, else the plain measurement's.
+pub fn gate_of(r: &EvalReport, limits: &GateLimits) -> Option<GateReport> {
+    let worst = r.attacks.as_ref().map(|a| LabelCounts {
+        n: a.worst_total.measured,
+        measured: a.worst_total.measured,
+        exact: a.worst_total.hits,
+        exact_rate: a.worst_total.rate,
+        ..LabelCounts::default()
+    });
+    let total = worst
+        .as_ref()
+        .or(r.regurgitation.as_ref().map(|g| &g.total));
+    let auc = r
+        .attacks
+        .as_ref()
+        .and_then(|a| a.membership.as_ref())
+        .and_then(|m| m.total.auc);
+    let what = match &r.attacks {
+        Some(a) => format!("worst-case exact ({})", a.worst_total.attack),
+        None => "exact".to_string(),
+    };
+    gate(total, &what, r.perplexity.as_ref(), auc, limits)
+}
+
 /// Applies the limits to a report's measurements; None when no limit is set. Every limit must
-/// hold; a NaN figure never passes.
+/// hold; a NaN figure never passes. `what` names the exact figures ("exact", or the attack).
 pub fn gate(
     total: Option<&LabelCounts>,
+    what: &str,
     perplexity: Option<&Perplexity>,
+    membership_auc: Option<f64>,
     limits: &GateLimits,
 ) -> Option<GateReport> {
     // One check: (passed, message); a limit whose figure is missing (or NaN) fails.
@@ -127,13 +163,13 @@ pub fn gate(
     if let Some(r) = limits.max_rate {
         let v = total.map(|t| t.exact_rate);
         let shown = format!("{:.4}", v.unwrap_or(0.0));
-        checks.push(check("exact rate", v, shown, r.to_string(), r));
+        checks.push(check(&format!("{what} rate"), v, shown, r.to_string(), r));
     }
     if let Some(n) = limits.max_count {
         let v = total.map(|t| t.exact);
         let shown = v.unwrap_or(0).to_string();
         checks.push(check(
-            "exact count",
+            &format!("{what} count"),
             v.map(|x| x as f64),
             shown,
             n.to_string(),
@@ -144,6 +180,16 @@ pub fn gate(
         let v = perplexity.and_then(|p| p.all.perplexity);
         let shown = format!("{:.3}", v.unwrap_or(0.0));
         checks.push(check("perplexity", v, shown, max.to_string(), max));
+    }
+    if let Some(max) = limits.max_auc {
+        let shown = format!("{:.3}", membership_auc.unwrap_or(0.0));
+        checks.push(check(
+            "membership AUC",
+            membership_auc,
+            shown,
+            max.to_string(),
+            max,
+        ));
     }
     if checks.is_empty() {
         return None;
@@ -271,6 +317,9 @@ pub fn render_report(r: &EvalReport) -> String {
             p.sensitive.tokens
         );
     }
+    if let Some(a) = &r.attacks {
+        s += &super::attacks::render_attacks(a);
+    }
     let t = &r.timing;
     s += &format!(
         "time: {:.2}s ({} spans/s, {} generated tokens/s)\n",
@@ -286,7 +335,7 @@ pub fn render_report(r: &EvalReport) -> String {
                 g.message
             )
         }
-        None => s += "gate: none (no --max-rate, --max-count or --max-perplexity)\n",
+        None => s += "gate: none (no --max-rate, --max-count, --max-perplexity or --max-auc)\n",
     }
     s
 }

@@ -4,7 +4,8 @@
 //! 1. writes synthetic notes (train and held-out) in the sensitive-file format;
 //! 2. trains a byte-level BPE tokenizer and a small GPT-2 from scratch until it memorizes them;
 //! 3. measures regurgitation before; 4. sanitizes with the default and the paper configuration;
-//! 5. measures after and compares.
+//! 5. measures after (the default's output also under the attack suite, `--attacks`) and
+//!    compares.
 //!
 //! The evaluation prompts with the whole document text before each span (`--prefix-tokens 256`,
 //! the notes are shorter than that): the model was trained on whole notes, so this is the
@@ -207,7 +208,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     finetune.extend(common.clone());
     sani(&dir, &finetune, quiet, false)?;
 
-    let eval = |model: &str, json: &str| -> Vec<String> {
+    let eval = |model: &str, json: &str, attacks: bool| -> Vec<String> {
         let mut v = vec![
             s("eval"),
             s("--model"),
@@ -223,10 +224,18 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             s("--json"),
             s(json),
         ];
+        if attacks {
+            v.push(s("--attacks"));
+        }
         v.extend(common.clone());
         v
     };
-    sani(&dir, &eval("med-gpt", "eval_before.json"), quiet, true)?;
+    sani(
+        &dir,
+        &eval("med-gpt", "eval_before.json", false),
+        quiet,
+        true,
+    )?;
 
     let mut sanitize_default = vec![
         s("sanitize"),
@@ -241,7 +250,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     sani(&dir, &sanitize_default, quiet, false)?;
     sani(
         &dir,
-        &eval("med-gpt-sanitized", "eval_after.json"),
+        &eval("med-gpt-sanitized", "eval_after.json", true),
         quiet,
         true,
     )?;
@@ -259,7 +268,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     ];
     sanitize_paper.extend(common.clone());
     sani(&dir, &sanitize_paper, quiet, false)?;
-    sani(&dir, &eval("med-gpt-paper", "eval_paper.json"), quiet, true)?;
+    sani(
+        &dir,
+        &eval("med-gpt-paper", "eval_paper.json", false),
+        quiet,
+        true,
+    )?;
 
     sani(
         &dir,

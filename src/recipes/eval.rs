@@ -9,11 +9,12 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 
 use crate::data::spans::{load_documents, SpanSources};
+use crate::eval::attacks::{run_attacks, AttackSettings};
 use crate::eval::perplexity::{perplexity, DEFAULT_PPL_SEQ_LEN};
 use crate::eval::regurgitation::{regurgitation, resolve_bos_info, RegurgitationSettings};
 pub use crate::eval::report::GateLimits;
 use crate::eval::report::{
-    gate, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
+    gate_of, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
     ReportSettings, Timing, Verdict,
 };
 use crate::eval::vocabulary::vocabulary_exposure;
@@ -55,6 +56,8 @@ pub struct Measure {
     /// Key of the per-span hashes (random per run unless the user gives one).
     pub span_key: SpanKey,
     pub show_text: bool,
+    /// `--attacks`: the attack suite's settings (None: not run).
+    pub attacks: Option<AttackSettings>,
 }
 
 fn path_str(p: &Option<PathBuf>) -> Option<String> {
@@ -65,12 +68,7 @@ fn compare(before: &Path, after: &Path, limits: &GateLimits) -> Result<Verdict> 
     let before = read_report(before)?;
     let after = read_report(after)?;
     print!("{}", render_compare(&before, &after));
-    let g = gate(
-        after.regurgitation.as_ref().map(|r| &r.total),
-        after.perplexity.as_ref(),
-        limits,
-    );
-    Ok(match g {
+    Ok(match gate_of(&after, limits) {
         Some(g) => {
             println!(
                 "gate (after): {} ({})",
@@ -168,12 +166,20 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         .map(|r| r.summary.generated_tokens)
         .sum();
     let per_s = |x: usize| (reg_seconds > 0.0 && n_spans > 0).then(|| x as f64 / reg_seconds);
-    let gate_report = gate(
-        reg.as_ref().map(|r| &r.summary.total),
-        ppl.as_ref(),
-        &m.gate,
-    );
-    let report = EvalReport {
+    let attacks = match (&m.attacks, &docs) {
+        (Some(a), Some(docs)) => Some(run_attacks(
+            &ckpt,
+            &model,
+            &tok,
+            docs,
+            control_docs.as_deref(),
+            settings,
+            a,
+            quiet,
+        )?),
+        _ => None,
+    };
+    let mut report = EvalReport {
         sani_version: env!("CARGO_PKG_VERSION").to_string(),
         model: Some(ModelInfo {
             path: ckpt.dir.display().to_string(),
@@ -212,7 +218,7 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         perplexity: ppl,
         vocabulary: reg.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
         control_vocabulary: ctl.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
-        gate: gate_report.clone(),
+        gate: None,
         timing: Timing {
             seconds: started.elapsed().as_secs_f64(),
             regurgitation_seconds: reg_seconds,
@@ -220,7 +226,10 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             spans_per_second: per_s(n_spans),
             generated_tokens_per_second: per_s(gen_tokens),
         },
+        attacks,
     };
+    report.gate = gate_of(&report, &m.gate);
+    let gate_report = report.gate.clone();
     print!("{}", render_report(&report));
     if let Some(path) = &m.json {
         json::write_json(path, &report)?;

@@ -355,7 +355,9 @@ pub struct SanitizeJob {
 pub fn run(job: &SanitizeJob) -> Result<()> {
     let cfg = &job.config;
     let docs = job.spans.load()?;
+    crate::runtime::trace_rss("start");
     let (ckpt, tok) = crate::io::open_model(&job.model, &job.device)?;
+    crate::runtime::trace_rss("model open");
     let model_dir = ckpt.dir.clone();
     let staged = StagedDir::create(&job.out, job.force, &[&model_dir])?;
     let input_sha = ckpt.weights_sha256()?;

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use data::{windows_to_examples, Corpus, EpochData, FixedData, SurrogateData};
-pub use optim::{clip_grad_norm, lr_at, AdamW, OptimConfig};
+pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, OptimConfig};
 pub use step::{Batch, Example, TrainStep};
 
 /// Which blocks are trained; the others are frozen (no gradient computed).
@@ -265,6 +265,7 @@ pub fn train(
         bail!("nothing to train: the training scope selects no tensors");
     }
     let mut adam = AdamW::new(&vars, optim.clone())?;
+    crate::runtime::trace_rss("optimizer state allocated");
     let start_norms = var_norms(&vars)?;
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
     let train_step =
@@ -319,6 +320,7 @@ pub fn train(
             let micro_batches: Vec<(&Batch, Option<Tensor>)> =
                 batches.iter().map(|(b, p)| (b, p.clone())).collect();
             let out = train_step.run(&micro_batches)?;
+            crate::runtime::trace_rss("forward and backward done");
             if !(out.train_nll.is_finite() && out.sensitive_nll.is_finite()) {
                 return Err(diverged("the loss is not finite", global_step + 1));
             }
@@ -327,12 +329,15 @@ pub fn train(
             m.trained_tokens += out.trained_tokens;
             m.sensitive_tokens += out.sensitive_tokens;
             tokens += out.tokens;
-            if let Some(mut g) = out.grads {
-                let norm = clip_grad_norm(&mut g, &vars, optim.max_grad_norm)?;
+            if let Some(g) = out.grads {
+                let norm = grad_norm(&g, &vars)?;
                 if !norm.is_finite() {
                     return Err(diverged("the gradient norm is not finite", global_step + 1));
                 }
-                adam.step(&g, lr_at(optim, global_step, total))?;
+                let lr = lr_at(optim, global_step, total);
+                adam.step_scaled(&g, lr, clip_scale(norm, optim.max_grad_norm))?;
+                drop(g);
+                crate::runtime::trace_rss("optimizer step done");
             }
             global_step += 1;
             m.steps += 1;

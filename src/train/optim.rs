@@ -35,10 +35,23 @@ impl Default for OptimConfig {
 /// HF Trainer does.
 pub struct AdamW {
     cfg: OptimConfig,
-    state: Vec<(Var, Tensor, Tensor, bool)>,
-    /// Host copies of the moments (m, v) for vars updated by the fused f32 CPU path.
-    host: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Per var: the var, its moments, and whether weight decay applies.
+    state: Vec<(Var, Moments, bool)>,
     step: usize,
+}
+
+/// The first and second moments of one var.
+enum Moments {
+    /// An f32 CPU var, updated in place by one fused pass: host vectors, allocated zeroed (the
+    /// pages are only touched by the first update).
+    Host(Vec<f32>, Vec<f32>),
+    /// Any other var: tensors on its device, updated by composed ops.
+    Device(Tensor, Tensor),
+}
+
+/// Whether `v` takes the fused in-place update.
+fn fused_update_fits(v: &Var) -> bool {
+    v.dtype() == DType::F32 && v.device().is_cpu() && v.as_tensor().is_contiguous()
 }
 
 /// The AdamW update of one f32 CPU parameter, in place, with its gradient as the second input.
@@ -51,6 +64,8 @@ struct AdamWUpdate<'a> {
     eps: f32,
     lr: f32,
     keep: f32,
+    /// Multiplies the gradient (clipping), so clipping needs no scaled copy.
+    grad_scale: f32,
 }
 
 impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
@@ -81,6 +96,7 @@ impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
         }
         let (ib1, ib2) = (1.0 - self.b1, 1.0 - self.b2);
         for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let gi = gi * self.grad_scale;
             *mi = *mi * self.b1 + gi * ib1;
             *vi = *vi * self.b2 + gi * gi * ib2;
             let update = (*mi * self.rbc1) / ((*vi * self.rbc2).sqrt() + self.eps);
@@ -95,13 +111,18 @@ impl AdamW {
         let state = vars
             .values()
             .map(|v| {
-                let z = v.zeros_like()?;
-                Ok((v.clone(), z.clone(), z, v.rank() >= 2))
+                let moments = if fused_update_fits(v) {
+                    let n = v.elem_count();
+                    Moments::Host(vec![0f32; n], vec![0f32; n])
+                } else {
+                    let z = v.zeros_like()?;
+                    Moments::Device(z.clone(), z)
+                };
+                Ok((v.clone(), moments, v.rank() >= 2))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             cfg,
-            host: vec![None; state.len()],
             state,
             step: 0,
         })
@@ -109,58 +130,54 @@ impl AdamW {
 
     /// One update with learning rate `lr` from gradients in `grads` (vars without one are skipped).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (see [`clip_scale`]).
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (i, (var, m, v, decay)) in self.state.iter_mut().enumerate() {
+        for (var, moments, decay) in self.state.iter_mut() {
             // Gradients carry the op graph of the step that made them: detach so the moments
             // do not keep every step's graph alive.
             let Some(g) = grads.get(var).map(Tensor::detach) else {
                 continue;
             };
             let mut p = var.as_tensor().detach();
-            let host = &mut self.host[i];
-            if g.dtype() == DType::F32
-                && p.dtype() == DType::F32
-                && g.device().is_cpu()
-                && p.device().is_cpu()
-                && p.is_contiguous()
-            {
-                // One fused pass, in place on the host: no per-op temporaries. The moments
-                // live in host vectors from the first such step on.
-                if host.is_none() {
-                    *host = Some((
-                        m.flatten_all()?.to_vec1::<f32>()?,
-                        v.flatten_all()?.to_vec1::<f32>()?,
-                    ));
+            match moments {
+                Moments::Host(mv, vv) => {
+                    // One fused pass, in place on the host: no per-op temporaries.
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
+                    let op = AdamWUpdate {
+                        moments: std::sync::Mutex::new((mv, vv)),
+                        b1: c.beta1 as f32,
+                        b2: c.beta2 as f32,
+                        rbc1: (1.0 / bc1) as f32,
+                        rbc2: (1.0 / bc2) as f32,
+                        eps: c.eps as f32,
+                        lr: lr as f32,
+                        keep: if *decay && c.weight_decay > 0.0 {
+                            (1.0 - lr * c.weight_decay) as f32
+                        } else {
+                            1.0
+                        },
+                        grad_scale: grad_scale as f32,
+                    };
+                    var.as_tensor().inplace_op2(&g, &op)?;
                 }
-                let (mv, vv) = host.as_mut().expect("set above");
-                let op = AdamWUpdate {
-                    moments: std::sync::Mutex::new((mv, vv)),
-                    b1: c.beta1 as f32,
-                    b2: c.beta2 as f32,
-                    rbc1: (1.0 / bc1) as f32,
-                    rbc2: (1.0 / bc2) as f32,
-                    eps: c.eps as f32,
-                    lr: lr as f32,
-                    keep: if *decay && c.weight_decay > 0.0 {
-                        (1.0 - lr * c.weight_decay) as f32
-                    } else {
-                        1.0
-                    },
-                };
-                var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
-                continue;
+                Moments::Device(m, v) => {
+                    let g = &(g * grad_scale)?;
+                    *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+                    *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                    let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
+                    if *decay && c.weight_decay > 0.0 {
+                        p = (&p * (1.0 - lr * c.weight_decay))?;
+                    }
+                    var.set(&(p - (update * lr)?)?)?;
+                }
             }
-            let g = &g;
-            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
-            if *decay && c.weight_decay > 0.0 {
-                p = (&p * (1.0 - lr * c.weight_decay))?;
-            }
-            var.set(&(p - (update * lr)?)?)?;
         }
         Ok(())
     }
@@ -194,12 +211,36 @@ fn sum_sq_f32_cpu(g: &Tensor) -> Result<Option<f64>> {
     Ok(Some(total))
 }
 
+/// The factor that brings gradients of global norm `norm` to at most `max_norm` (1 when they
+/// are within it, or when `max_norm` is 0: no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// Scales gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(
     grads: &mut GradStore,
     vars: &BTreeMap<String, Var>,
     max_norm: f64,
 ) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
+        for v in vars.values() {
+            if let Some(g) = grads.remove(v) {
+                grads.insert(v, (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// The global L2 norm of the gradients of `vars`.
+pub fn grad_norm(grads: &GradStore, vars: &BTreeMap<String, Var>) -> Result<f64> {
     let mut total = 0f64;
     for v in vars.values() {
         if let Some(g) = grads.get(v) {
@@ -214,16 +255,7 @@ pub fn clip_grad_norm(
                 .to_scalar::<f64>()?;
         }
     }
-    let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for v in vars.values() {
-            if let Some(g) = grads.remove(v) {
-                grads.insert(v, (g * scale)?);
-            }
-        }
-    }
-    Ok(norm)
+    Ok(total.sqrt())
 }
 
 /// Learning rate at `step` (0-based): linear warmup, then linear decay to zero at `total`.

@@ -1,0 +1,627 @@
+//! The attack suite (`sani eval --attacks`): what anybody who holds the model can try to get a
+//! sensitive span out of it, each attack's figures per label, and the worst case per label, which
+//! the gate applies to.
+//!
+//! 1. **Greedy extraction at several prompt lengths** (8, 32, 128 tokens and the whole preceding
+//!    document by default), as in [`super::regurgitation`].
+//! 2. **Sampled extraction**: a span counts when any of N samples (top-k as for `--samples`)
+//!    reproduces it exactly, at each temperature.
+//! 3. **Quantized weights**: greedy extraction from the weights rounded to bf16 or fp16, or
+//!    quantized to int8 / int4 per row, symmetric (every matrix; vectors such as norms kept):
+//!    the model an attacker gets from a quantized release. Computed in memory.
+//! 4. **Membership**: for each span, the log-probability of its true text after the prompt
+//!    against K fakes of its label from the surrogate generators (format kept). The AUC is the
+//!    share of (true, fake) pairs where the true text is the likelier, ties half. 0.5 means no
+//!    signal; the same score on the control set (spans the model never saw) is the chance level,
+//!    since real values and fakes are not equally plausible.
+//! 5. **Relearning** (opt-in, it trains): a copy is fine-tuned for one epoch on a text file the
+//!    user gives (every token trained, lr [`RELEARN_LR`]), then greedy extraction again.
+//!
+//! Extraction figures count spans not already in the prompt, as the plain measurement does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::regurgitation::{
+    prepare, regurgitation, resolve_bos_info, RegurgitationSettings, SpanResult,
+};
+use crate::data::spans::{Document, Span};
+use crate::data::surrogate::surrogate_for;
+use crate::data::tokens;
+use crate::io::checkpoint::Checkpoint;
+use crate::model::{AttnContext, Model};
+
+/// Learning rate of the relearning attack (a common fine-tuning rate for small models).
+pub const RELEARN_LR: f64 = 5e-4;
+
+/// How an attacker may round the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    Bf16,
+    Fp16,
+    Int8,
+    Int4,
+}
+
+impl Quantization {
+    pub const ALL: [Quantization; 4] = [
+        Quantization::Bf16,
+        Quantization::Fp16,
+        Quantization::Int8,
+        Quantization::Int4,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Quantization::Bf16 => "bf16",
+            Quantization::Fp16 => "fp16",
+            Quantization::Int8 => "int8",
+            Quantization::Int4 => "int4",
+        }
+    }
+
+    /// The tensor as an attacker would load it after rounding (f32 again).
+    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.to_dtype(DType::F32)?;
+        Ok(match self {
+            Quantization::Bf16 => t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+            Quantization::Fp16 => t.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
+            Quantization::Int8 if t.rank() == 2 => per_row_symmetric(&t, 127.0)?,
+            Quantization::Int4 if t.rank() == 2 => per_row_symmetric(&t, 7.0)?,
+            _ => t.copy()?,
+        })
+    }
+}
+
+/// Each row scaled so its largest magnitude is `qmax`, rounded to integers, scaled back.
+fn per_row_symmetric(t: &Tensor, qmax: f64) -> Result<Tensor> {
+    let scale = (t.abs()?.max_keepdim(1)? / qmax)?.maximum(1e-30)?;
+    let q = t.broadcast_div(&scale)?.round()?.clamp(-qmax, qmax)?;
+    Ok(q.broadcast_mul(&scale)?)
+}
+
+/// The relearning attack's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelearnSettings {
+    /// Documents (JSONL, as `--sensitive`; spans are ignored) the copy is fine-tuned on.
+    pub file: PathBuf,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+}
+
+/// Which attacks run, and how hard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackSettings {
+    /// Prompt lengths of greedy extraction in tokens; 0 is the whole preceding document.
+    pub prefix_lengths: Vec<usize>,
+    /// Samples per span and temperature.
+    pub samples: usize,
+    pub temperatures: Vec<f64>,
+    pub quantizations: Vec<Quantization>,
+    /// Fakes per span in the membership probe.
+    pub fakes: usize,
+    pub relearn: Option<RelearnSettings>,
+}
+
+impl Default for AttackSettings {
+    fn default() -> Self {
+        AttackSettings {
+            prefix_lengths: vec![8, 32, 128, 0],
+            samples: 10,
+            temperatures: vec![0.7, 1.0],
+            quantizations: Quantization::ALL.to_vec(),
+            fakes: 4,
+            relearn: None,
+        }
+    }
+}
+
+/// Spans an attack got out, of those it measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hits {
+    pub measured: usize,
+    pub hits: usize,
+    /// hits / measured (0 when nothing was measured).
+    pub rate: f64,
+}
+
+impl Hits {
+    fn add(&mut self, hit: bool) {
+        self.measured += 1;
+        self.hits += hit as usize;
+        self.rate = self.hits as f64 / self.measured as f64;
+    }
+}
+
+/// One attack's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackRow {
+    /// e.g. "greedy, prompt 8 tokens", "sampled, 10 at T=0.7", "int4 weights".
+    pub attack: String,
+    pub per_label: BTreeMap<String, Hits>,
+    pub total: Hits,
+    pub seconds: f64,
+}
+
+/// The worst case of a label (or of all spans) over the attacks that ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Worst {
+    pub rate: f64,
+    pub hits: usize,
+    pub measured: usize,
+    pub attack: String,
+}
+
+/// Membership AUC of a set of spans.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Auc {
+    pub spans: usize,
+    /// Mean over spans of the share of fakes the true text beats (ties half); None without spans.
+    pub auc: Option<f64>,
+}
+
+/// The membership probe's result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Membership {
+    pub fakes: usize,
+    pub per_label: BTreeMap<String, Auc>,
+    pub total: Auc,
+}
+
+/// Everything the suite measured (the report's `attacks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackReport {
+    pub settings: AttackSettings,
+    pub attacks: Vec<AttackRow>,
+    /// Per label, the attack that got the most out.
+    pub worst: BTreeMap<String, Worst>,
+    /// The attack with the highest overall rate.
+    pub worst_total: Worst,
+    pub membership: Option<Membership>,
+    /// The same probe on the control set: its chance level.
+    pub control_membership: Option<Membership>,
+    pub seconds: f64,
+}
+
+/// An attack's figures from span results; `sampled`: a hit is any sample's, else greedy's.
+fn row_of(attack: String, spans: &[SpanResult], sampled: bool, seconds: f64) -> AttackRow {
+    let mut per_label: BTreeMap<String, Hits> = BTreeMap::new();
+    let mut total = Hits::default();
+    for s in spans.iter().filter(|s| s.measured()) {
+        let hit = match sampled {
+            true => s.sampled_exact.unwrap_or(false),
+            false => s.exact,
+        };
+        per_label.entry(s.label.clone()).or_default().add(hit);
+        total.add(hit);
+    }
+    AttackRow {
+        attack,
+        per_label,
+        total,
+        seconds,
+    }
+}
+
+fn worst_of<'a>(rows: impl Iterator<Item = (&'a str, &'a Hits)>) -> Worst {
+    let mut w = Worst::default();
+    for (attack, h) in rows {
+        if w.attack.is_empty() || h.rate > w.rate {
+            w = Worst {
+                rate: h.rate,
+                hits: h.hits,
+                measured: h.measured,
+                attack: attack.to_string(),
+            };
+        }
+    }
+    w
+}
+
+/// Runs the suite on the model of `ckpt` (`model` is it, loaded frozen) and the spans of
+/// `docs`; `control` (never-seen spans) gives the membership chance level.
+#[allow(clippy::too_many_arguments)]
+pub fn run_attacks(
+    ckpt: &Checkpoint,
+    model: &Model,
+    tok: &Tokenizer,
+    docs: &[Document],
+    control: Option<&[Document]>,
+    base: &RegurgitationSettings,
+    settings: &AttackSettings,
+    quiet: bool,
+) -> Result<AttackReport> {
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let greedy = RegurgitationSettings {
+        samples: 0,
+        ..base.clone()
+    };
+    let say = |what: &str| {
+        if !quiet {
+            eprintln!("attack: {what}");
+        }
+    };
+    for &k in &settings.prefix_lengths {
+        let name = match k {
+            0 => "greedy, whole preceding document".to_string(),
+            k => format!("greedy, prompt {k} tokens"),
+        };
+        say(&name);
+        let s = RegurgitationSettings {
+            prefix_tokens: if k == 0 { usize::MAX } else { k },
+            ..greedy.clone()
+        };
+        let t = Instant::now();
+        let r = regurgitation(model, tok, docs, &s, quiet)?;
+        rows.push(row_of(name, &r.spans, false, t.elapsed().as_secs_f64()));
+    }
+    if settings.samples > 0 {
+        for &temperature in &settings.temperatures {
+            let name = format!("sampled, any of {} at T={temperature}", settings.samples);
+            say(&name);
+            let s = RegurgitationSettings {
+                samples: settings.samples,
+                temperature,
+                ..base.clone()
+            };
+            s.validate()?;
+            let t = Instant::now();
+            let r = regurgitation(model, tok, docs, &s, quiet)?;
+            rows.push(row_of(name, &r.spans, true, t.elapsed().as_secs_f64()));
+        }
+    }
+    for q in &settings.quantizations {
+        let name = format!("{} weights, greedy", q.name());
+        say(&name);
+        let t = Instant::now();
+        let vars = ckpt
+            .vars()
+            .into_iter()
+            .map(|(n, v)| Ok((n, Var::from_tensor(&q.apply(v.as_tensor())?)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let rounded = Checkpoint::from_vars(ckpt.config.clone(), vars, &ckpt.device);
+        let qm = Model::load_frozen(&rounded)?;
+        let r = regurgitation(&qm, tok, docs, &greedy, quiet)?;
+        rows.push(row_of(name, &r.spans, false, t.elapsed().as_secs_f64()));
+    }
+    if let Some(rl) = &settings.relearn {
+        let name = format!(
+            "relearned ({} epoch{} on {} at lr {}), greedy",
+            rl.epochs,
+            if rl.epochs == 1 { "" } else { "s" },
+            rl.file.display(),
+            rl.lr
+        );
+        say(&name);
+        let t = Instant::now();
+        let copy = relearned(ckpt, model, tok, base, rl, quiet)?;
+        let rm = Model::load_frozen(&copy)?;
+        let r = regurgitation(&rm, tok, docs, &greedy, quiet)?;
+        rows.push(row_of(name, &r.spans, false, t.elapsed().as_secs_f64()));
+    }
+    let probe = match settings.fakes {
+        0 => None,
+        k => {
+            say(&format!("membership, true span against {k} fakes"));
+            Some(membership(model, tok, docs, base, k)?)
+        }
+    };
+    let control_probe = match (settings.fakes, control) {
+        (k @ 1.., Some(c)) => Some(membership(model, tok, c, base, k)?),
+        _ => None,
+    };
+    let mut labels: Vec<&String> = rows.iter().flat_map(|r| r.per_label.keys()).collect();
+    labels.sort();
+    labels.dedup();
+    let worst = labels
+        .into_iter()
+        .map(|l| {
+            let w = worst_of(
+                rows.iter()
+                    .filter_map(|r| r.per_label.get(l).map(|h| (r.attack.as_str(), h))),
+            );
+            (l.clone(), w)
+        })
+        .collect();
+    let worst_total = worst_of(rows.iter().map(|r| (r.attack.as_str(), &r.total)));
+    Ok(AttackReport {
+        settings: settings.clone(),
+        attacks: rows,
+        worst,
+        worst_total,
+        membership: probe,
+        control_membership: control_probe,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A copy of the model fine-tuned on `rl.file` (every token, every tensor).
+fn relearned(
+    ckpt: &Checkpoint,
+    model: &Model,
+    tok: &Tokenizer,
+    base: &RegurgitationSettings,
+    rl: &RelearnSettings,
+    quiet: bool,
+) -> Result<Checkpoint> {
+    let docs = crate::data::spans::load_documents(Some(&rl.file), None, None)?;
+    if docs.iter().all(|d| d.text.is_empty()) {
+        bail!("{}: no text to relearn on", rl.file.display());
+    }
+    let vars = ckpt
+        .vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, Var::from_tensor(&v.as_tensor().copy()?)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let copy = Checkpoint::from_vars(ckpt.config.clone(), vars, &ckpt.device);
+    let framing = resolve_bos_info(model, tok, base.bos, base.doc_separator.as_deref())?.framing();
+    let corpus = crate::train::Corpus {
+        docs: &docs,
+        tok,
+        labels: Vec::new(),
+        framing,
+        max_seq_len: rl.max_seq_len.min(model.config.max_positions()),
+        stride: None,
+    };
+    let examples = crate::train::windows_to_examples(&corpus.windows(&docs)?, false);
+    let cfg = crate::train::TrainConfig {
+        epochs: rl.epochs,
+        batch_size: rl.batch_size,
+        grad_accum: 1,
+        lr: rl.lr,
+        warmup_steps: 0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: base.seed,
+        checkpoint_activations: true,
+        lora: None,
+        modules: Vec::new(),
+    };
+    cfg.validate()?;
+    let mut data = crate::train::FixedData(examples);
+    crate::train::fit(&copy, crate::train::TrainScope::All, &mut data, &cfg, quiet)?;
+    Ok(copy)
+}
+
+/// The tokens of `candidate` after `before` (tokenized together, so in context).
+fn candidate_tokens(tok: &Tokenizer, before: &str, candidate: &str) -> Result<Vec<u32>> {
+    let start = before.chars().count();
+    let doc = Document {
+        id: String::new(),
+        text: format!("{before}{candidate}"),
+        spans: vec![Span {
+            start,
+            end: start + candidate.chars().count(),
+            label: String::new(),
+        }],
+    };
+    let enc = tokens::encode_document(tok, &doc, 0)?;
+    Ok(enc
+        .ids
+        .iter()
+        .zip(&enc.span_of_token)
+        .filter(|(_, s)| s.is_some())
+        .map(|(&id, _)| id)
+        .collect())
+}
+
+/// Log-probability of each row's continuation after its prompt (teacher forced, batched).
+fn continuation_log_probs(
+    model: &Model,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let dev = &model.device;
+    let max_pos = model.config.max_positions();
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let seqs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(p, c)| {
+                let mut s = p.clone();
+                s.extend_from_slice(c);
+                s.truncate(max_pos);
+                s
+            })
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let (ids, valid, t) = tokens::right_pad(&refs);
+        let input = Tensor::from_vec(ids, (chunk.len(), t), dev)?;
+        let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
+        let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
+        for (r, ((prompt, _), seq)) in chunk.iter().zip(&seqs).enumerate() {
+            let n = seq.len().saturating_sub(prompt.len());
+            if n == 0 || prompt.is_empty() {
+                out.push(0.0);
+                continue;
+            }
+            // Logits only where a continuation token is predicted.
+            let hid = h.narrow(0, r, 1)?.narrow(1, prompt.len() - 1, n)?;
+            let logits = model.logits(&hid)?.squeeze(0)?.to_dtype(DType::F32)?;
+            let targets = Tensor::from_slice(&seq[prompt.len()..], n, dev)?;
+            let nll = crate::nn::ops::token_nll(&logits, &targets)?.to_vec1::<f32>()?;
+            out.push(-nll.iter().map(|&x| x as f64).sum::<f64>());
+        }
+    }
+    Ok(out)
+}
+
+/// The membership probe on the spans of `docs` (see the module doc).
+pub fn membership(
+    model: &Model,
+    tok: &Tokenizer,
+    docs: &[Document],
+    base: &RegurgitationSettings,
+    fakes: usize,
+) -> Result<Membership> {
+    let mut bos = resolve_bos_info(model, tok, base.bos, base.doc_separator.as_deref())?;
+    let prepared = prepare(model, tok, docs, base, &mut bos)?;
+    let plain = tokens::plain_tokenizer(tok)?;
+    let mut rng = StdRng::seed_from_u64(base.seed ^ 0x6d65_6d62);
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for p in &prepared {
+        if !p.bos_only && super::regurgitation::span_in_prompt(&p.prompt_text, &p.span_text) {
+            continue;
+        }
+        let label = &docs[p.doc_index].spans[p.span_index].label;
+        let before = format!("{}{}", p.prompt_text, p.gap);
+        let truth = candidate_tokens(&plain, &before, &p.span_text)?;
+        if truth.is_empty() {
+            continue;
+        }
+        rows.push((p.prompt.clone(), truth));
+        for _ in 0..fakes {
+            let fake = surrogate_for(label, &p.span_text, &mut rng);
+            rows.push((p.prompt.clone(), candidate_tokens(&plain, &before, &fake)?));
+        }
+        labels.push(label.clone());
+    }
+    let scores = continuation_log_probs(model, &rows, base.batch_size)?;
+    let mut sums: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+    let (mut n, mut total) = (0usize, 0f64);
+    for (label, group) in labels.iter().zip(scores.chunks(fakes + 1)) {
+        let truth = group[0];
+        let wins: f64 = group[1..]
+            .iter()
+            .map(|&f| match truth.partial_cmp(&f) {
+                Some(std::cmp::Ordering::Greater) => 1.0,
+                Some(std::cmp::Ordering::Equal) => 0.5,
+                _ => 0.0,
+            })
+            .sum();
+        let auc = wins / fakes as f64;
+        let e = sums.entry(label.clone()).or_default();
+        e.0 += 1;
+        e.1 += auc;
+        n += 1;
+        total += auc;
+    }
+    let mean = |n: usize, s: f64| Auc {
+        spans: n,
+        auc: (n > 0).then(|| s / n as f64),
+    };
+    Ok(Membership {
+        fakes,
+        per_label: sums
+            .into_iter()
+            .map(|(l, (n, s))| (l, mean(n, s)))
+            .collect(),
+        total: mean(n, total),
+    })
+}
+
+/// The suite's table: per label, the worst extraction rate and which attack, next to the
+/// membership AUC and its chance level; then every attack's overall rate.
+pub fn render_attacks(a: &AttackReport) -> String {
+    let fmt_auc = |m: &Option<Membership>, label: Option<&str>| -> String {
+        let auc = m.as_ref().and_then(|m| match label {
+            Some(l) => m.per_label.get(l).and_then(|x| x.auc),
+            None => m.total.auc,
+        });
+        auc.map_or("-".to_string(), |v| format!("{v:.3}"))
+    };
+    let mut s = format!(
+        "attacks ({} run, {:.1}s): worst case per label\n{:<16} {:>12} {:>8} {:>8}  attack\n",
+        a.attacks.len(),
+        a.seconds,
+        "label",
+        "worst exact",
+        "AUC",
+        "chance"
+    );
+    for (label, w) in &a.worst {
+        s += &format!(
+            "{label:<16} {:>5}/{:<3} {:.3} {:>8} {:>8}  {}\n",
+            w.hits,
+            w.measured,
+            w.rate,
+            fmt_auc(&a.membership, Some(label)),
+            fmt_auc(&a.control_membership, Some(label)),
+            w.attack
+        );
+    }
+    let w = &a.worst_total;
+    s += &format!(
+        "{:<16} {:>5}/{:<3} {:.3} {:>8} {:>8}  {}\n",
+        "WORST TOTAL",
+        w.hits,
+        w.measured,
+        w.rate,
+        fmt_auc(&a.membership, None),
+        fmt_auc(&a.control_membership, None),
+        w.attack
+    );
+    for r in &a.attacks {
+        s += &format!(
+            "  {:<64} exact {:>4}/{:<4} {:.4}  ({:.1}s)\n",
+            r.attack, r.total.hits, r.total.measured, r.total.rate, r.seconds
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_row_quantization_keeps_the_row_maximum_and_the_levels() {
+        let t = Tensor::new(
+            &[[0.55f32, -1.0, 0.26], [0.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let q = Quantization::Int4
+            .apply(&t)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Row 0: scale 1/7; 0.55 -> 3.85 rounds to 4/7; 0.26 -> 1.82 rounds to 2/7.
+        let want = [4.0 / 7.0, -1.0, 2.0 / 7.0];
+        for (a, b) in q[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(q[1], vec![0.0, 0.0, 0.0]);
+        let v = Tensor::new(&[0.123456f32], &candle_core::Device::Cpu).unwrap();
+        // Vectors are kept under int quantization, rounded under bf16.
+        assert_eq!(
+            Quantization::Int8
+                .apply(&v)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![0.123456]
+        );
+        let b = Quantization::Bf16
+            .apply(&v)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert!(b != 0.123456 && (b - 0.123456).abs() < 1e-3);
+    }
+
+    #[test]
+    fn the_worst_case_names_the_attack() {
+        let h = |hits, measured| Hits {
+            measured,
+            hits,
+            rate: hits as f64 / measured as f64,
+        };
+        let (a, b) = (h(1, 10), h(3, 10));
+        let w = worst_of([("greedy", &a), ("int4", &b)].into_iter());
+        assert_eq!((w.attack.as_str(), w.hits), ("int4", 3));
+    }
+}
