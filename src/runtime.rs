@@ -19,8 +19,12 @@ extern "C" {
 
 /// Never purge freed memory back to the OS (see the module docs). Call once at start-up.
 pub fn keep_freed_memory() {
+    let ms = std::env::var("SANI_PURGE_MS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(-1);
     // SAFETY: mi_option_set only stores an option value; 15 is a valid option index.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, ms as std::ffi::c_long) }
 }
 
 /// Runs `work` on a thread of rayon's global pool (sized by `RAYON_NUM_THREADS`, so set that

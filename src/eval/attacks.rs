@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::regurgitation::{
-    prepare, regurgitation, resolve_bos_info, RegurgitationSettings, SpanResult,
+    prepare, regurgitation, resolve_bos_info, RegurgitationSettings, RegurgitationSummary,
+    SpanResult,
 };
 use crate::data::spans::{Document, Span};
 use crate::data::surrogate::surrogate_for;
@@ -154,7 +155,8 @@ pub struct AttackRow {
     pub seconds: f64,
 }
 
-/// The worst case of a label (or of all spans) over the attacks that ran.
+/// The worst case of a label (or of all spans) over the attacks that ran (`attack` is empty
+/// when none got a span out).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Worst {
     pub rate: f64,
@@ -214,9 +216,15 @@ fn row_of(attack: String, spans: &[SpanResult], sampled: bool, seconds: f64) -> 
     }
 }
 
+/// The attack with the highest rate; when none got a span, the largest count measured and no
+/// attack named.
 fn worst_of<'a>(rows: impl Iterator<Item = (&'a str, &'a Hits)>) -> Worst {
     let mut w = Worst::default();
     for (attack, h) in rows {
+        if h.hits == 0 {
+            w.measured = w.measured.max(h.measured);
+            continue;
+        }
         if w.attack.is_empty() || h.rate > w.rate {
             w = Worst {
                 rate: h.rate,
@@ -524,8 +532,16 @@ pub fn membership(
 }
 
 /// The suite's table: per label, the worst extraction rate and which attack, next to the
-/// membership AUC and its chance level; then every attack's overall rate.
-pub fn render_attacks(a: &AttackReport) -> String {
+/// chance levels (the control set's greedy exact rate, when measured) and the membership AUC
+/// with its chance level; then every attack's overall rate.
+pub fn render_attacks(a: &AttackReport, control: Option<&RegurgitationSummary>) -> String {
+    let chance_exact = |label: Option<&str>| -> String {
+        let c = control.and_then(|c| match label {
+            Some(l) => c.per_label.get(l),
+            None => Some(&c.total),
+        });
+        c.map_or("-".to_string(), |c| format!("{:.3}", c.exact_rate))
+    };
     let fmt_auc = |m: &Option<Membership>, label: Option<&str>| -> String {
         let auc = m.as_ref().and_then(|m| match label {
             Some(l) => m.per_label.get(l).and_then(|x| x.auc),
@@ -534,36 +550,32 @@ pub fn render_attacks(a: &AttackReport) -> String {
         auc.map_or("-".to_string(), |v| format!("{v:.3}"))
     };
     let mut s = format!(
-        "attacks ({} run, {:.1}s): worst case per label\n{:<16} {:>12} {:>8} {:>8}  attack\n",
+        "attacks ({} run, {:.1}s): worst case per label (chance: the control set)\n\
+         {:<16} {:>13} {:>7} {:>7} {:>7}  attack\n",
         a.attacks.len(),
         a.seconds,
         "label",
         "worst exact",
+        "chance",
         "AUC",
         "chance"
     );
-    for (label, w) in &a.worst {
-        s += &format!(
-            "{label:<16} {:>5}/{:<3} {:.3} {:>8} {:>8}  {}\n",
+    let line = |name: &str, w: &Worst, label: Option<&str>| {
+        format!(
+            "{name:<16} {:>5}/{:<3} {:.3} {:>7} {:>7} {:>7}  {}\n",
             w.hits,
             w.measured,
             w.rate,
-            fmt_auc(&a.membership, Some(label)),
-            fmt_auc(&a.control_membership, Some(label)),
-            w.attack
-        );
+            chance_exact(label),
+            fmt_auc(&a.membership, label),
+            fmt_auc(&a.control_membership, label),
+            if w.attack.is_empty() { "-" } else { &w.attack }
+        )
+    };
+    for (label, w) in &a.worst {
+        s += &line(label, w, Some(label));
     }
-    let w = &a.worst_total;
-    s += &format!(
-        "{:<16} {:>5}/{:<3} {:.3} {:>8} {:>8}  {}\n",
-        "WORST TOTAL",
-        w.hits,
-        w.measured,
-        w.rate,
-        fmt_auc(&a.membership, None),
-        fmt_auc(&a.control_membership, None),
-        w.attack
-    );
+    s += &line("WORST TOTAL", &a.worst_total, None);
     for r in &a.attacks {
         s += &format!(
             "  {:<64} exact {:>4}/{:<4} {:.4}  ({:.1}s)\n",
@@ -623,5 +635,10 @@ mod tests {
         let (a, b) = (h(1, 10), h(3, 10));
         let w = worst_of([("greedy", &a), ("int4", &b)].into_iter());
         assert_eq!((w.attack.as_str(), w.hits), ("int4", 3));
+        let none = worst_of([("greedy", &h(0, 9)), ("int4", &h(0, 10))].into_iter());
+        assert_eq!(
+            (none.attack.as_str(), none.hits, none.measured),
+            ("", 0, 10)
+        );
     }
 }

@@ -318,7 +318,7 @@ pub fn render_report(r: &EvalReport) -> String {
         );
     }
     if let Some(a) = &r.attacks {
-        s += &super::attacks::render_attacks(a);
+        s += &super::attacks::render_attacks(a, r.control.as_ref());
     }
     let t = &r.timing;
     s += &format!(
