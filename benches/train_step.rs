@@ -224,6 +224,7 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let examples: Vec<Example> = (0..b)
             .map(|_| Example {
+                forget: Vec::new(),
                 ids: (0..t).map(|_| rng.random_range(0..vocab as u32)).collect(),
                 train: vec![true; t],
                 sensitive: vec![false; t],

@@ -253,6 +253,39 @@ fn config_file_then_command_line() {
         "{}",
         stderr(&o)
     );
+    // The committed hardened config: forgetting on, and the true windows trained with it.
+    let hardened = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hardened.toml");
+    let out = tmp.path().join("hardened");
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        hardened.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-seq-len",
+        "48",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resolved = std::fs::read_to_string(out.join("sani_config.toml")).unwrap();
+    assert!(resolved.contains("forget-weight = 0.5"), "{resolved}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sani_report.json")).unwrap())
+            .unwrap();
+    let windows = report["windows"].as_u64().unwrap();
+    let tokens = report["total_tokens"].as_u64().unwrap();
+    let seen = report["epochs"][0]["tokens"].as_u64().unwrap();
+    // Surrogate windows plus the true windows that hold spans: more than one pass of the corpus.
+    assert!(
+        seen > tokens,
+        "{seen} tokens through the model, corpus {tokens} ({windows} windows)"
+    );
 }
 
 #[test]
@@ -290,6 +323,26 @@ fn bad_input_exits_2_and_writes_nothing() {
                 "top",
             ],
             vec!["--train-scope"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--forget-weight",
+                "-0.5",
+            ],
+            vec!["--forget-weight", "-0.5"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--forget-weight",
+                "0.5",
+                "--repair-target",
+                "mask",
+            ],
+            vec!["--forget-weight needs --repair-target surrogate"],
         ),
     ];
     for (extra, wanted) in cases {

@@ -85,6 +85,11 @@ pub struct SanitizeOptions {
     /// instead [default.toml: mlp; paper: all]
     #[arg(long, value_name = "LIST")]
     pub train_modules: Option<String>,
+    /// Bounded unlikelihood on the true sensitive tokens: repair also pushes each one's NLL up,
+    /// with this weight, until it is no likelier than the surrogates' (0: off; with surrogate
+    /// repair, the true windows join each epoch) [default.toml: 0.0]
+    #[arg(long, value_name = "W")]
+    pub forget_weight: Option<f64>,
     /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen
     /// model, merged into the weights at the end) [default.toml: none]
     #[arg(long, value_enum)]

@@ -385,6 +385,7 @@ fn relearned(
     };
     let examples = crate::train::windows_to_examples(&corpus.windows(&docs)?, false);
     let cfg = crate::train::TrainConfig {
+        forget_weight: 0.0,
         epochs: rl.epochs,
         batch_size: rl.batch_size,
         grad_accum: 1,

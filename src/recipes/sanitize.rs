@@ -99,6 +99,9 @@ pub struct ResolvedConfig {
     /// Comma-separated module names whose tensors train (`mlp`, `self_attn`, ...), or `all`.
     #[serde(default = "default_train_modules")]
     pub train_modules: String,
+    /// Weight of the bounded unlikelihood term on the true sensitive tokens (0: off).
+    #[serde(default)]
+    pub forget_weight: f64,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
@@ -123,6 +126,12 @@ impl ResolvedConfig {
         if self.train_modules.split(',').any(|m| m.trim().is_empty()) {
             bail!("--train-modules needs module names (e.g. mlp) or all");
         }
+        if self.forget_weight > 0.0 && self.repair_target != RepairTarget::Surrogate {
+            bail!(
+                "--forget-weight needs --repair-target surrogate: the true tokens are pushed up to \
+                 the surrogates' NLL, which mask repair does not have"
+            );
+        }
         if self.adapter == Adapter::Lora && self.train_scope != "all" {
             bail!(
                 "--adapter lora trains adapters in every block; --train-scope {} is not supported with it",
@@ -136,6 +145,7 @@ impl ResolvedConfig {
     /// The repair's training hyperparameters.
     pub fn train_config(&self) -> TrainConfig {
         TrainConfig {
+            forget_weight: self.forget_weight,
             epochs: self.epochs,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
@@ -297,6 +307,7 @@ pub fn sanitize_in_memory(
                 let mut data = SurrogateData {
                     corpus: &corpus,
                     seed: cfg.seed,
+                    forget: cfg.forget_weight > 0.0,
                 };
                 train::fit(ckpt, scope, &mut data, &train_cfg, quiet)?
             }

@@ -36,6 +36,7 @@ pub fn windows_to_examples(windows: &[Window], mask_sensitive: bool) -> Vec<Exam
         .iter()
         .filter(|w| w.ids.len() >= 2)
         .map(|w| Example {
+            forget: Vec::new(),
             ids: w.ids.clone(),
             train: w
                 .sensitive
@@ -71,10 +72,27 @@ impl Corpus<'_> {
     }
 }
 
+/// The windows as forget examples: the true sensitive tokens are the forget targets, nothing
+/// else is trained (see [`super::TrainStep::with_forgetting`]).
+pub fn windows_to_forget_examples(windows: &[Window]) -> Vec<Example> {
+    windows
+        .iter()
+        .filter(|w| w.ids.len() >= 2 && w.sensitive.iter().any(|&s| s))
+        .map(|w| Example {
+            ids: w.ids.clone(),
+            train: vec![false; w.ids.len()],
+            sensitive: vec![false; w.ids.len()],
+            forget: w.sensitive.clone(),
+        })
+        .collect()
+}
+
 /// Surrogate repair data: every epoch the spans get fresh fake values before tokenization.
+/// With `forget`, the true windows that hold spans join every epoch as forget examples.
 pub struct SurrogateData<'a> {
     pub corpus: &'a Corpus<'a>,
     pub seed: u64,
+    pub forget: bool,
 }
 
 impl EpochData for SurrogateData<'_> {
@@ -87,7 +105,12 @@ impl EpochData for SurrogateData<'_> {
             .iter()
             .map(|d| apply_surrogates(d, &mut rng))
             .collect();
-        Ok(windows_to_examples(&self.corpus.windows(&docs)?, false))
+        let mut examples = windows_to_examples(&self.corpus.windows(&docs)?, false);
+        if self.forget {
+            let truth = self.corpus.windows(self.corpus.docs)?;
+            examples.extend(windows_to_forget_examples(&truth));
+        }
+        Ok(examples)
     }
     fn is_fixed(&self) -> bool {
         false

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-pub use data::{windows_to_examples, Corpus, EpochData, FixedData, SurrogateData};
+pub use data::{
+    windows_to_examples, windows_to_forget_examples, Corpus, EpochData, FixedData, SurrogateData,
+};
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, OptimConfig};
 pub use step::{Batch, Example, TrainStep};
 
@@ -63,6 +65,8 @@ pub struct LoopConfig {
     pub scope: TrainScope,
     /// Recompute blocks in the backward pass (activation memory of one block).
     pub checkpoint_activations: bool,
+    /// See [`TrainConfig::forget_weight`].
+    pub forget_weight: f64,
 }
 
 /// Metrics of one epoch.
@@ -102,6 +106,9 @@ pub struct TrainConfig {
     /// Only tensors with one of these path components train (`mlp`, `self_attn`, `q_proj`,
     /// ...); empty: every tensor of the scope.
     pub modules: Vec<String>,
+    /// Weight of the bounded unlikelihood term on the true sensitive tokens (0: none; see
+    /// [`TrainStep::with_forgetting`]).
+    pub forget_weight: f64,
 }
 
 /// Whether tensor `name` belongs to one of `modules` (a dot-separated component of its name);
@@ -133,6 +140,12 @@ impl TrainConfig {
         }
         if let Some(l) = &self.lora {
             l.validate()?;
+        }
+        if !(self.forget_weight.is_finite() && self.forget_weight >= 0.0) {
+            bail!(
+                "--forget-weight must be zero (off) or positive, got {}",
+                self.forget_weight
+            );
         }
         Ok(())
     }
@@ -222,6 +235,7 @@ pub fn fit(
         seed: cfg.seed,
         scope,
         checkpoint_activations: cfg.checkpoint_activations,
+        forget_weight: cfg.forget_weight,
     };
     let optim = OptimConfig {
         lr: cfg.lr,
@@ -251,8 +265,9 @@ pub fn train(
     crate::runtime::trace_rss("optimizer state allocated");
     let start_norms = var_norms(&vars)?;
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
-    let train_step =
-        TrainStep::new(model, first_block).with_checkpointing(loop_cfg.checkpoint_activations);
+    let train_step = TrainStep::new(model, first_block)
+        .with_checkpointing(loop_cfg.checkpoint_activations)
+        .with_forgetting(loop_cfg.forget_weight);
     let mut rng = StdRng::seed_from_u64(loop_cfg.seed);
     let mut metrics = Vec::new();
     let micro = loop_cfg.batch_size.max(1);

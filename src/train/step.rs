@@ -12,12 +12,14 @@ use candle_core::{backprop::GradStore, Device, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// One training sequence: token ids and, per position, whether its token is a training target
-/// (`train`) and whether it is sensitive (reported separately, never trained on in mask mode).
+/// (`train`), whether it is sensitive (reported separately, never trained on in mask mode), and
+/// whether it is a true sensitive token to make less likely (`forget`; empty: none).
 #[derive(Debug, Clone)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub train: Vec<bool>,
     pub sensitive: Vec<bool>,
+    pub forget: Vec<bool>,
 }
 
 /// A batch on the device: right-padded ids with target weights (shifted: row i predicts i+1).
@@ -28,6 +30,9 @@ pub struct Batch {
     /// `train_w` on the host.
     train_weights: Vec<f32>,
     sens_w: Tensor,
+    /// 1 where the target is a token to forget (shifted like `train_w`).
+    forget: Vec<bool>,
+    pub n_forget: usize,
     pub n_train: usize,
     pub n_sens: usize,
     pub n_tokens: usize,
@@ -40,15 +45,19 @@ impl Batch {
         let b = examples.len();
         let mut train_w = Vec::with_capacity(b * (t - 1));
         let mut sens_w = Vec::with_capacity(b * (t - 1));
-        let (mut n_train, mut n_sens, mut n_tokens) = (0, 0, 0);
+        let mut forget = Vec::with_capacity(b * (t - 1));
+        let (mut n_train, mut n_sens, mut n_tokens, mut n_forget) = (0, 0, 0, 0);
         for e in examples {
             let n = e.ids.len();
             n_tokens += n;
             for i in 1..t {
                 let tr = i < n && e.train[i];
                 let se = i < n && e.sensitive[i];
+                let fo = i < n && e.forget.get(i).copied().unwrap_or(false);
                 n_train += tr as usize;
                 n_sens += se as usize;
+                n_forget += fo as usize;
+                forget.push(fo);
                 train_w.push(tr as u8 as f32);
                 sens_w.push(se as u8 as f32);
             }
@@ -59,6 +68,8 @@ impl Batch {
             train_w: Tensor::from_vec(train_w.clone(), b * (t - 1), device)?,
             train_weights: train_w,
             sens_w: Tensor::from_vec(sens_w, b * (t - 1), device)?,
+            forget,
+            n_forget,
             n_train,
             n_sens,
             n_tokens,
@@ -87,6 +98,11 @@ pub struct TrainStep<'a> {
     first_block: usize,
     /// Recompute each block in the backward pass instead of keeping its activations.
     checkpoint: bool,
+    /// Weight of the bounded unlikelihood term on `forget` targets (0: none).
+    forget_weight: f64,
+    /// The mean NLL of the surrogate (sensitive) targets last seen: the level up to which a
+    /// forget target's NLL is pushed.
+    forget_level: std::cell::Cell<Option<f64>>,
 }
 
 /// Adds every gradient of `new` for `vars` into `acc`.
@@ -109,7 +125,19 @@ impl<'a> TrainStep<'a> {
             model,
             first_block,
             checkpoint: false,
+            forget_weight: 0.0,
+            forget_level: std::cell::Cell::new(None),
         }
+    }
+
+    /// Bounded unlikelihood on the true sensitive tokens (`Example::forget`): the objective
+    /// gains `-weight * mean(NLL)` over the forget targets whose NLL is still below the mean NLL
+    /// of the surrogate tokens (fresh fakes): the true value is pushed until it is no likelier
+    /// than a fake, not beyond, so fluency holds and the true value does not stand out as
+    /// unlikely either.
+    pub fn with_forgetting(mut self, weight: f64) -> Self {
+        self.forget_weight = weight;
+        self
     }
 
     /// Activation checkpointing: the forward keeps only each block's input; the backward
@@ -119,16 +147,22 @@ impl<'a> TrainStep<'a> {
         self
     }
 
-    /// The NLL sums of the final hidden states `h` (see [`TrainStep::loss`]).
+    /// The NLL sums of the final hidden states `h` (see [`TrainStep::loss`]); with forget
+    /// targets, the differentiable sum also holds the unlikelihood term, divided by
+    /// `grad_scale` so that the caller's scaling leaves it as its own mean (the third value is
+    /// then the plain trained sum).
     fn head_loss(
         &self,
         batch: &Batch,
         h: &Tensor,
         grad_scale: Option<f64>,
-    ) -> Result<(Tensor, f64)> {
+    ) -> Result<(Tensor, f64, f64)> {
         let t = batch.ids.dim(1)?;
         let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
-        let row_grad = grad_scale.map(|s| {
+        let forgetting = self.forget_weight > 0.0 && batch.n_forget > 0;
+        // The head computes its gradient in the forward when it is known beforehand; the
+        // unlikelihood weights depend on the NLL, so not with forget targets.
+        let row_grad = grad_scale.filter(|_| !forgetting).map(|s| {
             let s = s as f32;
             batch.train_weights.iter().map(|w| w * s).collect()
         });
@@ -139,7 +173,28 @@ impl<'a> TrainStep<'a> {
         let sens_sum = (nll.detach() * &batch.sens_w)?
             .sum_all()?
             .to_scalar::<f32>()? as f64;
-        Ok((train_sum, sens_sum))
+        let train_value = train_sum.to_scalar::<f32>()? as f64;
+        if batch.n_sens > 0 {
+            self.forget_level.set(Some(sens_sum / batch.n_sens as f64));
+        }
+        let (Some(scale), true, Some(level)) = (grad_scale, forgetting, self.forget_level.get())
+        else {
+            return Ok((train_sum, train_value, sens_sum));
+        };
+        let values = nll.detach().to_vec1::<f32>()?;
+        let push = -(self.forget_weight / batch.n_forget as f64 / scale) as f32;
+        let w: Vec<f32> = values
+            .iter()
+            .zip(&batch.forget)
+            .map(|(&v, &f)| if f && (v as f64) < level { push } else { 0.0 })
+            .collect();
+        let n = w.len();
+        let w = Tensor::from_vec(w, n, nll.device())?;
+        Ok((
+            (train_sum + (&nll * &w)?.sum_all()?)?,
+            train_value,
+            sens_sum,
+        ))
     }
 
     /// Loss sums and the gradients of `sum * scale`, block by block: a forward without a graph
@@ -165,8 +220,7 @@ impl<'a> TrainStep<'a> {
             h = model.block(layer, &h, &ctx, None, None)?.detach();
         }
         let top = Var::from_tensor(&h)?;
-        let (sum, sens) = self.head_loss(batch, top.as_tensor(), Some(scale))?;
-        let train_nll = sum.to_scalar::<f32>()? as f64;
+        let (sum, train_nll, sens) = self.head_loss(batch, top.as_tensor(), Some(scale))?;
         let mut grads = (sum * scale)?.backward()?;
         let mut g = grads
             .remove(&top)
@@ -189,16 +243,17 @@ impl<'a> TrainStep<'a> {
         Ok((train_nll, sens, grads))
     }
 
-    /// (sum of NLL over trained targets — differentiable, sum over sensitive targets — detached).
-    /// `prefix`: the hidden states entering `first_block`, when precomputed.
-    /// `grad_scale`: the gradient the caller will send back to the sum (1 / trained targets of
-    /// the step), which lets the head compute its gradients in the forward pass.
+    /// (the objective: sum of NLL over trained targets plus the unlikelihood term, see
+    /// [`TrainStep::with_forgetting`] — differentiable; that NLL sum; the sum over sensitive
+    /// targets). `prefix`: the hidden states entering `first_block`, when precomputed.
+    /// `grad_scale`: the gradient the caller will send back to the objective (1 / trained
+    /// targets of the step), which lets the head compute its gradients in the forward pass.
     pub fn loss(
         &self,
         batch: &Batch,
         prefix: Option<&Tensor>,
         grad_scale: Option<f64>,
-    ) -> Result<(Tensor, f64)> {
+    ) -> Result<(Tensor, f64, f64)> {
         let model = self.model;
         let (b, t) = batch.ids.dims2()?;
         let ctx = AttnContext::for_training(&batch.valid, model.sliding_window(), &model.device)?;
@@ -232,8 +287,8 @@ impl<'a> TrainStep<'a> {
                     g
                 }
                 _ => {
-                    let (sum, sens) = self.loss(batch, prefix.as_ref(), scale)?;
-                    out.train_nll += sum.to_scalar::<f32>()? as f64;
+                    let (sum, train_nll, sens) = self.loss(batch, prefix.as_ref(), scale)?;
+                    out.train_nll += train_nll;
                     out.sensitive_nll += sens;
                     if step_train == 0 {
                         continue;
@@ -316,6 +371,7 @@ mod tests {
                 .map(|r| {
                     let n = 9 + 4 * r;
                     Example {
+                        forget: Vec::new(),
                         ids: (0..n)
                             .map(|i| (i as u32 * 7 + r as u32 * 13) % vocab)
                             .collect(),
@@ -355,6 +411,71 @@ mod tests {
                     }
                 }
                 assert!(compared > 4, "{name}: {compared}");
+            }
+        }
+    }
+
+    #[test]
+    fn forgetting_pushes_true_tokens_only_up_to_the_surrogate_level() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let ckpt =
+            crate::io::checkpoint::Checkpoint::load(&root.join("llama_gqa"), &Device::Cpu).unwrap();
+        let model = Model::load(&ckpt, &|_| true).unwrap();
+        let vocab = ckpt.config.vocab_size() as u32;
+        let n = 12;
+        let ids: Vec<u32> = (0..n).map(|i| (i as u32 * 11 + 3) % vocab).collect();
+        // A surrogate window (every token trained, positions 4..7 sensitive) and the true window
+        // (nothing trained, the same positions to forget).
+        let surrogate = |sensitive: bool| Example {
+            ids: ids.clone(),
+            train: vec![true; n],
+            sensitive: (0..n).map(|i| sensitive && (4..7).contains(&i)).collect(),
+            forget: Vec::new(),
+        };
+        // The same ids: the forget targets' NLLs are the sensitive ones, so those below their
+        // mean are pushed.
+        let truth = Example {
+            ids: ids.clone(),
+            train: vec![false; n],
+            sensitive: vec![false; n],
+            forget: (0..n).map(|i| (4..7).contains(&i)).collect(),
+        };
+        let grads_of = |step: &TrainStep, examples: &[&Example]| {
+            let batch = Batch::new(examples, &Device::Cpu).unwrap();
+            assert_eq!(batch.n_forget, 3);
+            step.run(&[(&batch, None)]).unwrap()
+        };
+        let (s, plain_s) = (surrogate(true), surrogate(false));
+        for checkpoint in [false, true] {
+            let plain = TrainStep::new(&model, 0).with_checkpointing(checkpoint);
+            let forgetting = TrainStep::new(&model, 0)
+                .with_checkpointing(checkpoint)
+                .with_forgetting(0.5);
+            let base = grads_of(&plain, &[&s, &truth]);
+            let pushed = grads_of(&forgetting, &[&s, &truth]);
+            // The trained NLL is reported the same; the gradients differ by the push.
+            assert!((base.train_nll - pushed.train_nll).abs() < 1e-4 * base.train_nll);
+            let (gb, gp) = (base.grads.unwrap(), pushed.grads.unwrap());
+            let moved = model
+                .trainable_vars()
+                .values()
+                .map(|v| max_diff(gb.get(v).unwrap(), gp.get(v).unwrap()))
+                .fold(0f32, f32::max);
+            assert!(
+                moved > 1e-6,
+                "checkpoint {checkpoint}: the push changed nothing"
+            );
+            // Without surrogate tokens there is no level, so no push: the plain gradients.
+            let none = grads_of(
+                &TrainStep::new(&model, 0)
+                    .with_checkpointing(checkpoint)
+                    .with_forgetting(0.5),
+                &[&plain_s, &truth],
+            );
+            let reference = grads_of(&plain, &[&plain_s, &truth]);
+            let (gn, gr) = (none.grads.unwrap(), reference.grads.unwrap());
+            for v in model.trainable_vars().values() {
+                assert!(max_diff(gn.get(v).unwrap(), gr.get(v).unwrap()) < 1e-6);
             }
         }
     }
