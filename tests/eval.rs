@@ -538,6 +538,63 @@ fn cli_exit_codes() {
     let (code, _, _) = sani(&["--model", m, "--sensitive", sp_, "-q"]);
     assert_eq!(code, 0);
 
+    // The attack suite: its gate reads the worst case, and its flags are checked.
+    let (code, out, err) = sani(&[
+        "--model",
+        m,
+        "--sensitive",
+        sp_,
+        "--attacks",
+        "--attack-samples",
+        "1",
+        "--attack-prefixes",
+        "8,whole",
+        "--attack-quantize",
+        "int8",
+        "--max-rate",
+        "1.0",
+        "--max-auc",
+        "1.0",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("WORST TOTAL") && out.contains("worst-case exact"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: Vec<&str> = r["attacks"]["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["attack"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2 + 2 + 1, "{names:?}");
+    assert!(names.iter().any(|n| n.contains("whole")) && names.iter().any(|n| n.contains("int8")));
+    for (flags, wanted) in [
+        (
+            vec!["--attacks", "--attack-prefixes", "8,0"],
+            "--attack-prefixes",
+        ),
+        (
+            vec!["--attacks", "--attack-quantize", "int3"],
+            "--attack-quantize",
+        ),
+        (vec!["--attacks", "--max-auc", "1.5"], "--max-auc"),
+    ] {
+        let mut args = vec!["--model", m, "--sensitive", sp_, "-q"];
+        args.extend(flags);
+        let (code, _, err) = sani(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
+    // --max-auc without the suite is refused by the argument parser.
+    let (code, _, _) = sani(&["--model", m, "--sensitive", sp_, "--max-auc", "0.6", "-q"]);
+    assert_eq!(code, 2);
+
     // bad spans file: exit 2 with file:line
     let bad = s.dir.join("bad.jsonl");
     std::fs::write(

@@ -267,8 +267,14 @@ pub fn run_attacks(
             k => format!("greedy, prompt {k} tokens"),
         };
         say(&name);
+        // The whole document, as far as the context reaches (so tokenizing the text before a
+        // span stays bounded, however long the document).
         let s = RegurgitationSettings {
-            prefix_tokens: if k == 0 { usize::MAX } else { k },
+            prefix_tokens: if k == 0 {
+                model.config.max_positions()
+            } else {
+                k
+            },
             ..greedy.clone()
         };
         let t = Instant::now();
