@@ -42,8 +42,9 @@ pub struct AdamW {
 
 /// The first and second moments of one var.
 enum Moments {
-    /// An f32 CPU var, updated in place by one fused pass: host vectors, allocated zeroed (the
-    /// pages are only touched by the first update).
+    /// An f32 CPU var, updated in place by one fused pass: host vectors, allocated (zeroed) at
+    /// the first update, after the first backward pass, so that they can take memory the
+    /// activations of that pass freed instead of new pages.
     Host(Vec<f32>, Vec<f32>),
     /// Any other var: tensors on its device, updated by composed ops.
     Device(Tensor, Tensor),
@@ -112,8 +113,7 @@ impl AdamW {
             .values()
             .map(|v| {
                 let moments = if fused_update_fits(v) {
-                    let n = v.elem_count();
-                    Moments::Host(vec![0f32; n], vec![0f32; n])
+                    Moments::Host(Vec::new(), Vec::new())
                 } else {
                     let z = v.zeros_like()?;
                     Moments::Device(z.clone(), z)
@@ -148,6 +148,10 @@ impl AdamW {
             let mut p = var.as_tensor().detach();
             match moments {
                 Moments::Host(mv, vv) => {
+                    if mv.is_empty() {
+                        *mv = vec![0f32; var.elem_count()];
+                        *vv = vec![0f32; var.elem_count()];
+                    }
                     // One fused pass, in place on the host: no per-op temporaries.
                     let g = g.to_dtype(DType::F32)?.contiguous()?;
                     let op = AdamWUpdate {

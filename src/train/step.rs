@@ -226,7 +226,12 @@ impl<'a> TrainStep<'a> {
             .remove(&top)
             .ok_or_else(|| anyhow::anyhow!("checkpointing: no gradient reached the top"))?;
         for (k, layer) in (first..model.num_layers()).enumerate().rev() {
-            let x = Var::from_tensor(&inputs[k])?;
+            // Taken, not borrowed: each block input is freed once its block is done, and its
+            // memory serves the gradients of the blocks below.
+            let x = Var::from_tensor(&std::mem::replace(
+                &mut inputs[k],
+                Tensor::zeros((), candle_core::DType::F32, &model.device)?,
+            ))?;
             let out = model.block(layer, x.as_tensor(), &ctx, None, None)?;
             let gb = (out * &g)?.sum_all()?.backward()?;
             merge_grads(&mut grads, &gb, vars)?;
