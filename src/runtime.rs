@@ -18,6 +18,8 @@ extern "C" {
 }
 
 /// Never purge freed memory back to the OS (see the module docs). Call once at start-up.
+/// `SANI_PURGE_MS=N` purges memory unused for N ms instead, for memory experiments (measured on
+/// the real-model default sanitize: 1000 ms lowers the peak by 3% for 25% more time).
 pub fn keep_freed_memory() {
     let ms = std::env::var("SANI_PURGE_MS")
         .ok()
