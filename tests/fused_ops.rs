@@ -790,16 +790,8 @@ fn clipping_folded_into_the_update_equals_clipping_the_gradients() {
         opt_b.step_scaled(&gb, 0.05, clip_scale(norm, 0.5)).unwrap();
     }
     for name in ["w", "z"] {
-        let (x, y) = (a[name].as_tensor(), b[name].as_tensor());
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let d = d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let f32_of = |v: &Var| v.as_tensor().to_dtype(DType::F32).unwrap();
+        let d = max_abs_diff(&f32_of(&a[name]), &f32_of(&b[name]));
         assert!(d < 1e-6, "{name}: {d}");
     }
 }

@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::regurgitation::{
-    prepare, regurgitation, resolve_bos_info, RegurgitationSettings, RegurgitationSummary,
-    SpanResult,
+    prepare, regurgitation, resolve_bos_info, RegurgitationResult, RegurgitationSettings,
+    RegurgitationSummary, SpanResult,
 };
 use crate::data::spans::{Document, Span};
 use crate::data::surrogate::surrogate_for;
@@ -238,7 +238,9 @@ fn worst_of<'a>(rows: impl Iterator<Item = (&'a str, &'a Hits)>) -> Worst {
 }
 
 /// Runs the suite on the model of `ckpt` (`model` is it, loaded frozen) and the spans of
-/// `docs`; `control` (never-seen spans) gives the membership chance level.
+/// `docs`; `control` (never-seen spans) gives the membership chance level. `plain`: the plain
+/// measurement with `base` already made, reused by the greedy attack with the same prompt
+/// length.
 #[allow(clippy::too_many_arguments)]
 pub fn run_attacks(
     ckpt: &Checkpoint,
@@ -247,6 +249,7 @@ pub fn run_attacks(
     docs: &[Document],
     control: Option<&[Document]>,
     base: &RegurgitationSettings,
+    plain: Option<&RegurgitationResult>,
     settings: &AttackSettings,
     quiet: bool,
 ) -> Result<AttackReport> {
@@ -278,8 +281,12 @@ pub fn run_attacks(
             ..greedy.clone()
         };
         let t = Instant::now();
-        let r = regurgitation(model, tok, docs, &s, quiet)?;
-        rows.push(row_of(name, &r.spans, false, t.elapsed().as_secs_f64()));
+        let spans = match plain {
+            // Greedy figures do not depend on the sampling settings.
+            Some(p) if s.prefix_tokens == base.prefix_tokens => p.spans.clone(),
+            _ => regurgitation(model, tok, docs, &s, quiet)?.spans,
+        };
+        rows.push(row_of(name, &spans, false, t.elapsed().as_secs_f64()));
     }
     if settings.samples > 0 {
         for &temperature in &settings.temperatures {

@@ -174,6 +174,7 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             docs,
             control_docs.as_deref(),
             settings,
+            reg.as_ref(),
             a,
             quiet,
         )?),

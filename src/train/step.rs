@@ -216,7 +216,7 @@ impl<'a> TrainStep<'a> {
         };
         let mut inputs = Vec::with_capacity(model.num_layers() - first);
         for layer in first..model.num_layers() {
-            inputs.push(h.clone());
+            inputs.push(Some(h.clone()));
             h = model.block(layer, &h, &ctx, None, None)?.detach();
         }
         let top = Var::from_tensor(&h)?;
@@ -228,10 +228,9 @@ impl<'a> TrainStep<'a> {
         for (k, layer) in (first..model.num_layers()).enumerate().rev() {
             // Taken, not borrowed: each block input is freed once its block is done, and its
             // memory serves the gradients of the blocks below.
-            let x = Var::from_tensor(&std::mem::replace(
-                &mut inputs[k],
-                Tensor::zeros((), candle_core::DType::F32, &model.device)?,
-            ))?;
+            let input = inputs[k].take().expect("each block input is taken once");
+            let x = Var::from_tensor(&input)?;
+            drop(input);
             let out = model.block(layer, x.as_tensor(), &ctx, None, None)?;
             let gb = (out * &g)?.sum_all()?.backward()?;
             merge_grads(&mut grads, &gb, vars)?;
