@@ -4,7 +4,7 @@ demo's GPT-2 and a Llama of the same size trained the same way.  Not part of CI.
 
     cargo build --release
     python3 scripts/bench_attacks.py --work /tmp/attacks [--variants default,hardened]
-        [--samples 10] [--threads 2]
+        [--samples 10] [--threads 2] [--variant NAME='--forget-weight 0.5 ...']
 
 Steps (each skipped when its output exists, so a rerun resumes):
 1. `sani demo --out WORK/demo`: the notes, the held-out notes, the tokenizer and the memorizing
@@ -12,7 +12,8 @@ Steps (each skipped when its output exists, so a rerun resumes):
 2. `sani finetune --init` a Llama config (4 layers, hidden 96, 4 heads / 2 KV heads, tied head)
    on the same notes with the demo's fine-tuning settings: `med-llama`.
 3. For each model, the input and each sanitize variant (`default`; `hardened` is
-   configs/hardened.toml): `sani eval --attacks --relearn-on heldout.jsonl` with whole-note
+   configs/hardened.toml; `--variant NAME=ARGS` adds one with those sanitize flags, and
+   `--models med-gpt` restricts the models): `sani eval --attacks --relearn-on heldout.jsonl` with whole-note
    prompts, the held-out notes as control and perplexity set.  The relearning attack is the
    issue's: one epoch on the held-out notes of other patients at lr 5e-4.
 
@@ -23,6 +24,7 @@ the relearned rate, the membership AUC with its chance level, held-out perplexit
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -48,7 +50,13 @@ def main():
     ap.add_argument("--variants", default="default,hardened")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="an extra variant: NAME and the sanitize flags it adds (repeatable)")
+    ap.add_argument("--models", default="med-gpt,med-llama")
     a = ap.parse_args()
+    for v in a.variant:
+        name, _, flags = v.partition("=")
+        VARIANTS[name] = shlex.split(flags)
     common = ["--threads", str(a.threads), "--quiet"]
     demo = os.path.join(a.work, "demo")
     if not os.path.isdir(demo):
@@ -70,8 +78,9 @@ def main():
              "--data", "notes.jsonl", "--out", "med-llama", "--epochs", "40", "--lr", "3e-3",
              "--warmup-steps", "20", "--seed", "7"] + common, demo)
     rows = []
-    for model in ["med-gpt", "med-llama"]:
-        for variant in ["input"] + [v for v in a.variants.split(",") if v]:
+    extra = [v.partition("=")[0] for v in a.variant]
+    for model in a.models.split(","):
+        for variant in ["input"] + [v for v in a.variants.split(",") if v] + extra:
             target, seconds = model, None
             if variant != "input":
                 target = f"{model}-{variant}"

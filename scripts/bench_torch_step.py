@@ -6,7 +6,10 @@ tokens/s from the median step time.  One step = forward + backward (HF loss with
 shapes smollm2-135m, smollm2-360m, llama-1b, as in benches/train_step.rs; `--model DIR` loads
 real weights of such a model instead of a random init).
 
-    python3 scripts/bench_torch_step.py --config all --threads 1 --steps 5 [--json]
+    python3 scripts/bench_torch_step.py --config all --threads 1 --steps 5 [--json] [--checkpoint]
+
+`--checkpoint` turns on transformers' gradient checkpointing (each block recomputed in the
+backward pass), the counterpart of the Rust bench's `--checkpoint`.
 
 With --config all each config runs in its own subprocess so peak_rss_mb is per config.
 peak_rss_mb is the process's ru_maxrss (includes the Python/torch runtime; the table also
@@ -62,7 +65,7 @@ def build(name):
     return model, vocab
 
 
-def run_one(name, threads, steps, warmup, model_dir=None):
+def run_one(name, threads, steps, warmup, model_dir=None, checkpoint=False):
     import torch
     import transformers
 
@@ -78,6 +81,8 @@ def run_one(name, threads, steps, warmup, model_dir=None):
     else:
         model, vocab = build(name)
     seq = 256 if name in REAL else SEQ
+    if checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     ids = torch.randint(0, vocab, (BATCH, seq), dtype=torch.int64)
@@ -108,6 +113,7 @@ def run_one(name, threads, steps, warmup, model_dir=None):
         "params": nparams,
         "min_step_ms": round(min(times) * 1e3, 2),
         "import_rss_mb": round(base_rss, 1),
+        "checkpoint": checkpoint,
     }
 
 
@@ -119,11 +125,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="one JSON line per config")
     ap.add_argument("--model", help="real weights for a real-size config (an HF Llama directory)")
+    ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a._child:
-        print(json.dumps(run_one(a.config, a.threads, a.steps, a.warmup, a.model)))
+        print(json.dumps(run_one(a.config, a.threads, a.steps, a.warmup, a.model, a.checkpoint)))
         return
 
     names = CONFIGS if a.config == "all" else [a.config]
@@ -135,6 +142,8 @@ def main():
                "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup)]
         if a.model:
             cmd += ["--model", a.model]
+        if a.checkpoint:
+            cmd += ["--checkpoint"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stderr)
@@ -142,7 +151,7 @@ def main():
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results.append(r)
         if a.json:
-            keys = ("config", "threads", "tokens_per_s", "step_ms", "min_step_ms", "peak_rss_mb")
+            keys = ("config", "threads", "tokens_per_s", "step_ms", "min_step_ms", "peak_rss_mb", "checkpoint")
             print(json.dumps({k: r[k] for k in keys}), flush=True)
 
     if not a.json:

@@ -2,7 +2,7 @@
 
 use super::{RuntimeArgs, SpansArgs};
 use crate::data::tokens::BosPolicy;
-use crate::eval::attacks::{AttackSettings, Quantization, RelearnSettings};
+use crate::eval::attacks::{AttackSettings, FakeSource, Quantization, RelearnSettings};
 use crate::eval::{RegurgitationSettings, Verdict};
 use crate::io::hash::SpanKey;
 use crate::recipes::eval::{EvalJob, GateLimits, Measure};
@@ -120,6 +120,10 @@ pub struct EvalArgs {
     /// Fakes per span in the membership probe (0: no probe).
     #[arg(long, value_name = "K", default_value_t = 4, requires = "attacks")]
     pub attack_fakes: usize,
+    /// Where the membership fakes come from: corpus (the same label's values in the file's other
+    /// documents; a never-trained model scores 0.5) or generators (the surrogate generators)
+    #[arg(long, value_name = "SOURCE", default_value = "corpus", value_parser = ["corpus", "generators"], requires = "attacks")]
+    pub attack_fakes_from: String,
     /// Relearning attack: fine-tune a copy on these documents (JSONL as --sensitive, e.g. other
     /// patients' notes), then extract again. It trains: minutes on a real model.
     #[arg(long, value_name = "FILE", requires = "attacks")]
@@ -246,6 +250,10 @@ impl EvalArgs {
                     temperatures: vec![0.7, 1.0],
                     quantizations: parse_quantizations(&self.attack_quantize)?,
                     fakes: self.attack_fakes,
+                    fakes_from: match self.attack_fakes_from.as_str() {
+                        "generators" => FakeSource::Generators,
+                        _ => FakeSource::Corpus,
+                    },
                     relearn: self.relearn_on.as_ref().map(|file| RelearnSettings {
                         file: file.clone(),
                         epochs: self.relearn_epochs,

@@ -90,6 +90,11 @@ pub struct SanitizeOptions {
     /// repair, the true windows join each epoch) [default.toml: 0.0]
     #[arg(long, value_name = "W")]
     pub forget_weight: Option<f64>,
+    /// With --forget-weight: each epoch, this share of the documents trains in its true form
+    /// (sensitive tokens pushed, the rest trained as usual) instead of with surrogates, so
+    /// forgetting costs no extra work [default: none, the true windows are added]
+    #[arg(long, value_name = "S")]
+    pub forget_share: Option<f64>,
     /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen
     /// model, merged into the weights at the end) [default.toml: none]
     #[arg(long, value_enum)]

@@ -10,10 +10,10 @@
 //!    quantized to int8 / int4 per row, symmetric (every matrix; vectors such as norms kept):
 //!    the model an attacker gets from a quantized release. Computed in memory.
 //! 4. **Membership**: for each span, the log-probability of its true text after the prompt
-//!    against K fakes of its label from the surrogate generators (format kept). The AUC is the
-//!    share of (true, fake) pairs where the true text is the likelier, ties half. 0.5 means no
-//!    signal; the same score on the control set (spans the model never saw) is the chance level,
-//!    since real values and fakes are not equally plausible.
+//!    against K fakes of its label: by default the same label's values in the file's other
+//!    documents ([`FakeSource::Corpus`]), else the surrogate generators. The AUC is the share
+//!    of (true, fake) pairs where the true text is the likelier, ties half. 0.5 means no signal;
+//!    the same score on the control set (spans the model never saw) is the chance level.
 //! 5. **Relearning** (opt-in, it trains): a copy is fine-tuned for one epoch on a text file the
 //!    user gives (every token trained, lr [`RELEARN_LR`]), then greedy extraction again.
 //!
@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -112,7 +112,34 @@ pub struct AttackSettings {
     pub quantizations: Vec<Quantization>,
     /// Fakes per span in the membership probe.
     pub fakes: usize,
+    /// Where the membership probe's fakes come from.
+    #[serde(default)]
+    pub fakes_from: FakeSource,
     pub relearn: Option<RelearnSettings>,
+}
+
+/// Where the membership probe draws its fakes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FakeSource {
+    /// The values of the same label in the other documents of the probed file (spans of the
+    /// same text excluded): the true value and its fakes then come from one distribution, so a
+    /// model that never saw the file scores 0.5. A label with fewer than two such distinct
+    /// values takes the generators.
+    #[default]
+    Corpus,
+    /// The surrogate generators (format kept): a model that learned what real values look like
+    /// tells them from generated ones, so the chance level is the control set's score.
+    Generators,
+}
+
+impl FakeSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            FakeSource::Corpus => "corpus",
+            FakeSource::Generators => "generators",
+        }
+    }
 }
 
 impl Default for AttackSettings {
@@ -123,6 +150,7 @@ impl Default for AttackSettings {
             temperatures: vec![0.7, 1.0],
             quantizations: Quantization::ALL.to_vec(),
             fakes: 4,
+            fakes_from: FakeSource::Corpus,
             relearn: None,
         }
     }
@@ -177,6 +205,8 @@ pub struct Auc {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Membership {
     pub fakes: usize,
+    #[serde(default)]
+    pub fakes_from: FakeSource,
     pub per_label: BTreeMap<String, Auc>,
     pub total: Auc,
 }
@@ -336,11 +366,11 @@ pub fn run_attacks(
         0 => None,
         k => {
             say(&format!("membership, true span against {k} fakes"));
-            Some(membership(model, tok, docs, base, k)?)
+            Some(membership(model, tok, docs, base, k, settings.fakes_from)?)
         }
     };
     let control_probe = match (settings.fakes, control) {
-        (k @ 1.., Some(c)) => Some(membership(model, tok, c, base, k)?),
+        (k @ 1.., Some(c)) => Some(membership(model, tok, c, base, k, settings.fakes_from)?),
         _ => None,
     };
     let mut labels: Vec<&String> = rows.iter().flat_map(|r| r.per_label.keys()).collect();
@@ -399,6 +429,7 @@ fn relearned(
     let examples = crate::train::windows_to_examples(&corpus.windows(&docs)?, false);
     let cfg = crate::train::TrainConfig {
         forget_weight: 0.0,
+        forget_per_token: false,
         epochs: rl.epochs,
         batch_size: rl.batch_size,
         grad_accum: 1,
@@ -480,6 +511,63 @@ fn continuation_log_probs(
     Ok(out)
 }
 
+/// Every span's text by label and document, for drawing fakes from the file itself.
+struct ValuePool<'a> {
+    by_label: BTreeMap<&'a str, Vec<(usize, String)>>,
+}
+
+impl<'a> ValuePool<'a> {
+    fn of(docs: &'a [Document]) -> Self {
+        let mut by_label: BTreeMap<&str, Vec<(usize, String)>> = BTreeMap::new();
+        for (d, doc) in docs.iter().enumerate() {
+            let chars: Vec<char> = doc.text.chars().collect();
+            for s in &doc.spans {
+                let (a, b) = (s.start.min(chars.len()), s.end.min(chars.len()));
+                let text: String = chars[a..b.max(a)].iter().collect();
+                by_label
+                    .entry(s.label.as_str())
+                    .or_default()
+                    .push((d, text));
+            }
+        }
+        ValuePool { by_label }
+    }
+
+    /// The label's values in documents other than `doc` that differ from `truth` (one entry
+    /// per occurrence, so common values are drawn as often as they occur), of the same number
+    /// of words where at least two distinct ones are (a surname is not scored against full
+    /// names); empty when fewer than two distinct values qualify.
+    fn others(&self, label: &str, doc: usize, truth: &str) -> Vec<&str> {
+        let all: Vec<&str> = self
+            .by_label
+            .get(label)
+            .into_iter()
+            .flatten()
+            .filter(|(d, t)| *d != doc && t.trim() != truth.trim() && !t.trim().is_empty())
+            .map(|(_, t)| t.as_str())
+            .collect();
+        let words = truth.split_whitespace().count();
+        let same_shape: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|t| t.split_whitespace().count() == words)
+            .collect();
+        let distinct = |v: &[&str]| {
+            let mut d = v.to_vec();
+            d.sort_unstable();
+            d.dedup();
+            d.len()
+        };
+        if distinct(&same_shape) >= 2 {
+            same_shape
+        } else if distinct(&all) >= 2 {
+            all
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// The membership probe on the spans of `docs` (see the module doc).
 pub fn membership(
     model: &Model,
@@ -487,7 +575,9 @@ pub fn membership(
     docs: &[Document],
     base: &RegurgitationSettings,
     fakes: usize,
+    fakes_from: FakeSource,
 ) -> Result<Membership> {
+    let pool = ValuePool::of(docs);
     let mut bos = resolve_bos_info(model, tok, base.bos, base.doc_separator.as_deref())?;
     let prepared = prepare(model, tok, docs, base, &mut bos)?;
     let plain = tokens::plain_tokenizer(tok)?;
@@ -505,8 +595,15 @@ pub fn membership(
             continue;
         }
         rows.push((p.prompt.clone(), truth));
+        let others = match fakes_from {
+            FakeSource::Corpus => pool.others(label, p.doc_index, &p.span_text),
+            FakeSource::Generators => Vec::new(),
+        };
         for _ in 0..fakes {
-            let fake = surrogate_for(label, &p.span_text, &mut rng);
+            let fake = match others.len() {
+                0 => surrogate_for(label, &p.span_text, &mut rng),
+                n => others[rng.random_range(0..n)].to_string(),
+            };
             rows.push((p.prompt.clone(), candidate_tokens(&plain, &before, &fake)?));
         }
         labels.push(label.clone());
@@ -537,6 +634,7 @@ pub fn membership(
     };
     Ok(Membership {
         fakes,
+        fakes_from,
         per_label: sums
             .into_iter()
             .map(|(l, (n, s))| (l, mean(n, s)))

@@ -214,6 +214,7 @@ pub fn finetune_in_memory(
 fn train_config(args: &FinetuneArgs) -> TrainConfig {
     TrainConfig {
         forget_weight: 0.0,
+        forget_per_token: false,
         epochs: args.epochs,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,

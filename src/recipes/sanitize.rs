@@ -14,8 +14,8 @@ use crate::io::staged::StagedDir;
 use crate::model::Model;
 use crate::recipes::PhaseTiming;
 use crate::train::{
-    self, windows_to_examples, Corpus, EpochMetrics, FixedData, SurrogateData, TrainConfig,
-    TrainScope,
+    self, windows_to_examples, Corpus, EpochMetrics, FixedData, Forgetting, SurrogateData,
+    TrainConfig, TrainScope,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -102,6 +102,10 @@ pub struct ResolvedConfig {
     /// Weight of the bounded unlikelihood term on the true sensitive tokens (0: off).
     #[serde(default)]
     pub forget_weight: f64,
+    /// With `forget_weight`: the share of documents trained in their true form each epoch
+    /// instead of with surrogates (absent: the true windows are added to every epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget_share: Option<f64>,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
@@ -132,6 +136,14 @@ impl ResolvedConfig {
                  the surrogates' NLL, which mask repair does not have"
             );
         }
+        if let Some(q) = self.forget_share {
+            if !(q > 0.0 && q <= 1.0) {
+                bail!("--forget-share must be in (0, 1], got {q}");
+            }
+            if self.forget_weight <= 0.0 {
+                bail!("--forget-share needs --forget-weight above 0");
+            }
+        }
         if self.adapter == Adapter::Lora && self.train_scope != "all" {
             bail!(
                 "--adapter lora trains adapters in every block; --train-scope {} is not supported with it",
@@ -142,10 +154,20 @@ impl ResolvedConfig {
         Ok(())
     }
 
+    /// How surrogate repair forgets the true values.
+    pub fn forgetting(&self) -> Forgetting {
+        match (self.forget_weight > 0.0, self.forget_share) {
+            (false, _) => Forgetting::Off,
+            (true, None) => Forgetting::Added,
+            (true, Some(q)) => Forgetting::Share(q),
+        }
+    }
+
     /// The repair's training hyperparameters.
     pub fn train_config(&self) -> TrainConfig {
         TrainConfig {
             forget_weight: self.forget_weight,
+            forget_per_token: self.forget_share.is_some(),
             epochs: self.epochs,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
@@ -307,7 +329,7 @@ pub fn sanitize_in_memory(
                 let mut data = SurrogateData {
                     corpus: &corpus,
                     seed: cfg.seed,
-                    forget: cfg.forget_weight > 0.0,
+                    forgetting: cfg.forgetting(),
                 };
                 train::fit(ckpt, scope, &mut data, &train_cfg, quiet)?
             }

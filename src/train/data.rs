@@ -8,7 +8,7 @@ use crate::data::surrogate::apply_surrogates;
 use crate::data::tokens::{self, Framing, Window};
 use anyhow::Result;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use tokenizers::Tokenizer;
 
 /// Makes the examples of one epoch (called each epoch, so surrogates can be redrawn).
@@ -87,32 +87,157 @@ pub fn windows_to_forget_examples(windows: &[Window]) -> Vec<Example> {
         .collect()
 }
 
-/// Surrogate repair data: every epoch the spans get fresh fake values before tokenization.
-/// With `forget`, the true windows that hold spans join every epoch as forget examples.
+/// The true windows as examples that train their non-sensitive tokens as usual and push their
+/// sensitive ones as forget targets.
+pub fn windows_to_mixed_forget_examples(windows: &[Window]) -> Vec<Example> {
+    windows
+        .iter()
+        .filter(|w| w.ids.len() >= 2)
+        .map(|w| Example {
+            ids: w.ids.clone(),
+            train: w.sensitive.iter().map(|&s| !s).collect(),
+            sensitive: vec![false; w.ids.len()],
+            forget: w.sensitive.clone(),
+        })
+        .collect()
+}
+
+/// How surrogate repair forgets the true values (besides training on fakes in their place).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Forgetting {
+    /// Surrogates only.
+    Off,
+    /// The true windows that hold spans join every epoch as forget examples (twice the work).
+    Added,
+    /// Each epoch, this share of the documents is trained in its true form instead of with
+    /// surrogates: their sensitive tokens are forget targets, the rest trains as usual (the
+    /// same work as surrogates only).
+    Share(f64),
+}
+
+/// Surrogate repair data: every epoch the spans get fresh fake values before tokenization,
+/// with the true values forgotten as `forgetting` says.
 pub struct SurrogateData<'a> {
     pub corpus: &'a Corpus<'a>,
     pub seed: u64,
-    pub forget: bool,
+    pub forgetting: Forgetting,
 }
 
 impl EpochData for SurrogateData<'_> {
     fn examples(&mut self, epoch: usize) -> Result<Vec<Example>> {
         let mut rng =
             StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        let docs: Vec<Document> = self
-            .corpus
-            .docs
-            .iter()
-            .map(|d| apply_surrogates(d, &mut rng))
-            .collect();
+        // Which documents stay true this epoch: drawn from their own stream, so the surrogates
+        // of the others are those of a run without forgetting.
+        let mut pick =
+            StdRng::seed_from_u64(self.seed.wrapping_mul(7_000_003).wrapping_add(epoch as u64));
+        let mut docs = Vec::with_capacity(self.corpus.docs.len());
+        let mut kept_true = Vec::new();
+        for d in self.corpus.docs {
+            let fake = apply_surrogates(d, &mut rng);
+            match self.forgetting {
+                Forgetting::Share(q) if pick.random_bool(q.clamp(0.0, 1.0)) => {
+                    kept_true.push(d.clone())
+                }
+                _ => docs.push(fake),
+            }
+        }
         let mut examples = windows_to_examples(&self.corpus.windows(&docs)?, false);
-        if self.forget {
-            let truth = self.corpus.windows(self.corpus.docs)?;
-            examples.extend(windows_to_forget_examples(&truth));
+        match self.forgetting {
+            Forgetting::Off => {}
+            Forgetting::Added => {
+                let truth = self.corpus.windows(self.corpus.docs)?;
+                examples.extend(windows_to_forget_examples(&truth));
+            }
+            Forgetting::Share(_) => {
+                if !kept_true.is_empty() {
+                    let truth = self.corpus.windows(&kept_true)?;
+                    examples.extend(windows_to_mixed_forget_examples(&truth));
+                }
+            }
         }
         Ok(examples)
     }
     fn is_fixed(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::spans::Span;
+    use crate::data::tokens::train_test_tokenizer;
+
+    fn docs() -> Vec<Document> {
+        (0..40)
+            .map(|i| {
+                let text = format!("Patient Ann Lee{i} was seen on the ward today.");
+                Document {
+                    id: format!("d{i}"),
+                    spans: vec![Span {
+                        start: 8,
+                        end: text.find(" was").unwrap(),
+                        label: "NAME".into(),
+                    }],
+                    text,
+                }
+            })
+            .collect()
+    }
+
+    fn epoch(forgetting: Forgetting, docs: &[Document], tok: &Tokenizer) -> Vec<Example> {
+        let corpus = Corpus {
+            docs,
+            tok,
+            labels: vec!["NAME".into()],
+            framing: Framing::bos_only(None),
+            max_seq_len: 64,
+            stride: None,
+        };
+        SurrogateData {
+            corpus: &corpus,
+            seed: 3,
+            forgetting,
+        }
+        .examples(0)
+        .unwrap()
+    }
+
+    #[test]
+    fn a_share_of_documents_trains_true_with_its_spans_as_forget_targets() {
+        let docs = docs();
+        let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+        let tok = train_test_tokenizer(&texts, 300);
+        let off = epoch(Forgetting::Off, &docs, &tok);
+        let added = epoch(Forgetting::Added, &docs, &tok);
+        let share = epoch(Forgetting::Share(0.5), &docs, &tok);
+        assert_eq!(off.len(), 40);
+        assert_eq!(added.len(), 80, "every true window added");
+        assert_eq!(share.len(), 40, "the same work as surrogates only");
+        let truth: Vec<&Example> = share.iter().filter(|e| e.forget.contains(&true)).collect();
+        assert!((10..=30).contains(&truth.len()), "{}", truth.len());
+        for e in &truth {
+            // Sensitive tokens are forget targets only; everything else trains.
+            for i in 0..e.ids.len() {
+                assert_eq!(e.train[i], !e.forget[i]);
+                assert!(!e.sensitive[i]);
+            }
+        }
+        // The documents kept true are the originals, the others get the same surrogates as
+        // without forgetting.
+        let true_ids: Vec<Vec<u32>> = tokens::encode_documents(&tok, &docs)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.ids)
+            .collect();
+        for e in &truth {
+            assert!(true_ids.contains(&e.ids));
+        }
+        let fakes: Vec<&Example> = share.iter().filter(|e| !e.forget.contains(&true)).collect();
+        for e in fakes {
+            assert!(off.iter().any(|o| o.ids == e.ids));
+            assert!(e.sensitive.contains(&true));
+        }
     }
 }

@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use data::{
-    windows_to_examples, windows_to_forget_examples, Corpus, EpochData, FixedData, SurrogateData,
+    windows_to_examples, windows_to_forget_examples, Corpus, EpochData, FixedData, Forgetting,
+    SurrogateData,
 };
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, OptimConfig};
 pub use step::{Batch, Example, TrainStep};
@@ -67,6 +68,8 @@ pub struct LoopConfig {
     pub checkpoint_activations: bool,
     /// See [`TrainConfig::forget_weight`].
     pub forget_weight: f64,
+    /// See [`TrainConfig::forget_per_token`].
+    pub forget_per_token: bool,
 }
 
 /// Metrics of one epoch.
@@ -109,6 +112,9 @@ pub struct TrainConfig {
     /// Weight of the bounded unlikelihood term on the true sensitive tokens (0: none; see
     /// [`TrainStep::with_forgetting`]).
     pub forget_weight: f64,
+    /// The unlikelihood term per forget target rather than as a batch mean (see
+    /// [`TrainStep::forget_per_token`]).
+    pub forget_per_token: bool,
 }
 
 /// Whether tensor `name` belongs to one of `modules` (a dot-separated component of its name);
@@ -236,6 +242,7 @@ pub fn fit(
         scope,
         checkpoint_activations: cfg.checkpoint_activations,
         forget_weight: cfg.forget_weight,
+        forget_per_token: cfg.forget_per_token,
     };
     let optim = OptimConfig {
         lr: cfg.lr,
@@ -267,7 +274,8 @@ pub fn train(
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
     let train_step = TrainStep::new(model, first_block)
         .with_checkpointing(loop_cfg.checkpoint_activations)
-        .with_forgetting(loop_cfg.forget_weight);
+        .with_forgetting(loop_cfg.forget_weight)
+        .forget_per_token(loop_cfg.forget_per_token);
     let mut rng = StdRng::seed_from_u64(loop_cfg.seed);
     let mut metrics = Vec::new();
     let micro = loop_cfg.batch_size.max(1);

@@ -100,6 +100,9 @@ pub struct TrainStep<'a> {
     checkpoint: bool,
     /// Weight of the bounded unlikelihood term on `forget` targets (0: none).
     forget_weight: f64,
+    /// Whether the unlikelihood term weighs each forget target like a trained token (times
+    /// the weight) instead of being the mean over the batch's forget targets.
+    forget_per_token: bool,
     /// The mean NLL of the surrogate (sensitive) targets last seen: the level up to which a
     /// forget target's NLL is pushed.
     forget_level: std::cell::Cell<Option<f64>>,
@@ -126,6 +129,7 @@ impl<'a> TrainStep<'a> {
             first_block,
             checkpoint: false,
             forget_weight: 0.0,
+            forget_per_token: false,
             forget_level: std::cell::Cell::new(None),
         }
     }
@@ -137,6 +141,15 @@ impl<'a> TrainStep<'a> {
     /// unlikely either.
     pub fn with_forgetting(mut self, weight: f64) -> Self {
         self.forget_weight = weight;
+        self
+    }
+
+    /// The unlikelihood term as `-weight * NLL` per forget target, normalized like the trained
+    /// tokens (by their count), instead of a mean over the batch's forget targets: a batch
+    /// with few forget targets then pushes each of them no harder than one with many (used
+    /// when true documents are mixed into the epoch, see [`crate::train::Forgetting::Share`]).
+    pub fn forget_per_token(mut self, on: bool) -> Self {
+        self.forget_per_token = on;
         self
     }
 
@@ -182,7 +195,10 @@ impl<'a> TrainStep<'a> {
             return Ok((train_sum, train_value, sens_sum));
         };
         let values = nll.detach().to_vec1::<f32>()?;
-        let push = -(self.forget_weight / batch.n_forget as f64 / scale) as f32;
+        let push = match self.forget_per_token {
+            true => -self.forget_weight as f32,
+            false => -(self.forget_weight / batch.n_forget as f64 / scale) as f32,
+        };
         let w: Vec<f32> = values
             .iter()
             .zip(&batch.forget)
