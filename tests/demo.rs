@@ -98,8 +98,10 @@ fn quick_demo_memorizes_then_sanitizes() {
                 "--control",
                 "heldout.jsonl",
                 "--attacks",
+                "--prefix-tokens",
+                "256",
                 "--attack-prefixes",
-                "32",
+                "whole",
                 "--attack-samples",
                 "0",
                 "--attack-quantize",
@@ -134,11 +136,15 @@ fn quick_demo_memorizes_then_sanitizes() {
          (control {after_chance:.3}), fresh {fresh:.3}"
     );
     assert!(mem > 0.85, "memorizing model: membership AUC {mem}");
-    // Never-seen spans also beat the fakes somewhat (the model learned what real values look
-    // like): that is the chance level, and memorized spans stand above it.
-    assert!(mem > chance + 0.1, "memorizing {mem} vs control {chance}");
+    // The fakes are other notes' values of the same label: never-seen spans are no likelier
+    // than them (chance is about 0.5), memorized spans stand far above.
     assert!(
-        (0.35..0.7).contains(&fresh),
+        (0.35..0.65).contains(&chance),
+        "memorizing model, control spans: membership AUC {chance}"
+    );
+    assert!(mem > chance + 0.2, "memorizing {mem} vs control {chance}");
+    assert!(
+        (0.35..0.65).contains(&fresh),
         "fresh model: membership AUC {fresh}"
     );
     let report = json(&out.join("med-gpt-sanitized/sani_report.json"));

@@ -253,39 +253,47 @@ fn config_file_then_command_line() {
         "{}",
         stderr(&o)
     );
-    // The committed hardened config: forgetting on, and the true windows trained with it.
+    // The committed hardened config: a share of the documents trains true, with forgetting,
+    // in place of its surrogate version (about one pass of the corpus); `--forget-weight`
+    // alone adds the true windows to each epoch (more than one pass).
     let hardened = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hardened.toml");
-    let out = tmp.path().join("hardened");
-    let o = sani(&[
-        "sanitize",
-        "--model",
-        model.to_str().unwrap(),
-        "--sensitive",
-        spans.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        hardened.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--max-seq-len",
-        "48",
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let resolved = std::fs::read_to_string(out.join("sani_config.toml")).unwrap();
-    assert!(resolved.contains("forget-weight = 0.5"), "{resolved}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sani_report.json")).unwrap())
-            .unwrap();
-    let windows = report["windows"].as_u64().unwrap();
-    let tokens = report["total_tokens"].as_u64().unwrap();
-    let seen = report["epochs"][0]["tokens"].as_u64().unwrap();
-    // Surrogate windows plus the true windows that hold spans: more than one pass of the corpus.
+    let seen_with = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "48",
+            "--quiet",
+        ];
+        args.extend(extra);
+        let o = sani(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let resolved = std::fs::read_to_string(out.join("sani_config.toml")).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("sani_report.json")).unwrap())
+                .unwrap();
+        let tokens = report["total_tokens"].as_u64().unwrap() as f64;
+        let seen = report["epochs"][0]["tokens"].as_u64().unwrap() as f64;
+        (resolved, seen / tokens)
+    };
+    let (resolved, share) = seen_with("hardened", &["--config", hardened.to_str().unwrap()]);
+    assert!(resolved.contains("forget-weight = 1.0"), "{resolved}");
+    assert!(resolved.contains("forget-share = 0.75"), "{resolved}");
     assert!(
-        seen > tokens,
-        "{seen} tokens through the model, corpus {tokens} ({windows} windows)"
+        (0.7..1.3).contains(&share),
+        "one pass of the corpus, got {share}"
     );
+    let (resolved, added) = seen_with("added", &["--forget-weight", "0.5"]);
+    assert!(!resolved.contains("forget-share"), "{resolved}");
+    assert!(added > 1.3, "surrogate and true windows, got {added}");
 }
 
 #[test]
@@ -343,6 +351,26 @@ fn bad_input_exits_2_and_writes_nothing() {
                 "mask",
             ],
             vec!["--forget-weight needs --repair-target surrogate"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--forget-weight",
+                "1",
+                "--forget-share",
+                "1.5",
+            ],
+            vec!["--forget-share must be in (0, 1], got 1.5"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--forget-share",
+                "0.5",
+            ],
+            vec!["--forget-share needs --forget-weight above 0"],
         ),
     ];
     for (extra, wanted) in cases {

@@ -701,6 +701,58 @@ pub fn render_attacks(a: &AttackReport, control: Option<&RegurgitationSummary>) 
 mod tests {
     use super::*;
 
+    fn doc(id: &str, text: &str, spans: &[(&str, &str)]) -> Document {
+        Document {
+            id: id.into(),
+            text: text.into(),
+            spans: spans
+                .iter()
+                .map(|(label, value)| {
+                    let start = text.find(value).unwrap();
+                    Span {
+                        start,
+                        end: start + value.len(),
+                        label: label.to_string(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn corpus_fakes_are_other_documents_values_of_the_same_shape() {
+        let docs = vec![
+            doc(
+                "a",
+                "Ann Lee, Lee, Oak Ward",
+                &[("NAME", "Ann Lee"), ("WARD", "Oak Ward")],
+            ),
+            doc(
+                "b",
+                "Bo Kim, Elm Ward",
+                &[("NAME", "Bo Kim"), ("WARD", "Elm Ward")],
+            ),
+            doc("c", "Cy Park, Kim", &[("NAME", "Cy Park"), ("NAME", "Kim")]),
+            doc("d", "Ann Lee again", &[("NAME", "Ann Lee")]),
+        ];
+        let pool = ValuePool::of(&docs);
+        // Two-word names from the other documents, never the true text (doc d's "Ann Lee").
+        let mut fakes = pool.others("NAME", 0, "Ann Lee");
+        fakes.sort_unstable();
+        assert_eq!(fakes, vec!["Bo Kim", "Cy Park"]);
+        // Fewer than two one-word names elsewhere: every other shape is taken.
+        let mut fakes = pool.others("NAME", 2, "Kim");
+        fakes.sort_unstable();
+        assert_eq!(
+            fakes,
+            vec!["Ann Lee", "Ann Lee", "Bo Kim"],
+            "one entry per occurrence"
+        );
+        // One distinct ward elsewhere is not enough: the generators take over.
+        assert!(pool.others("WARD", 0, "Oak Ward").is_empty());
+        assert!(pool.others("EMAIL", 0, "x@y.z").is_empty());
+    }
+
     #[test]
     fn per_row_quantization_keeps_the_row_maximum_and_the_levels() {
         let t = Tensor::new(
