@@ -173,15 +173,15 @@ impl<'a> TrainStep<'a> {
         let t = batch.ids.dim(1)?;
         let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
         let forgetting = self.forget_weight > 0.0 && batch.n_forget > 0;
-        // The head computes its gradient in the forward when it is known beforehand; the
-        // unlikelihood weights depend on the NLL, so not with forget targets.
-        let row_grad = grad_scale.filter(|_| !forgetting).map(|s| {
+        // The head computes its gradient in the forward when it is known beforehand: the
+        // trained tokens' weights. Forget targets take no part in it (their train weight is 0);
+        // their unlikelihood weights depend on the NLL, so they get a second, small head pass.
+        let row_grad = grad_scale.map(|s| {
             let s = s as f32;
             batch.train_weights.iter().map(|w| w * s).collect()
         });
-        let nll =
-            self.model
-                .token_nll(&h.narrow(1, 0, t - 1)?.contiguous()?, &targets, row_grad)?;
+        let hidden = h.narrow(1, 0, t - 1)?.contiguous()?;
+        let nll = self.model.token_nll(&hidden, &targets, row_grad)?;
         let train_sum = (&nll * &batch.train_w)?.sum_all()?;
         let sens_sum = (nll.detach() * &batch.sens_w)?
             .sum_all()?
@@ -199,15 +199,27 @@ impl<'a> TrainStep<'a> {
             true => -self.forget_weight as f32,
             false => -(self.forget_weight / batch.n_forget as f64 / scale) as f32,
         };
-        let w: Vec<f32> = values
+        let rows: Vec<u32> = values
             .iter()
             .zip(&batch.forget)
-            .map(|(&v, &f)| if f && (v as f64) < level { push } else { 0.0 })
+            .enumerate()
+            .filter(|(_, (&v, &f))| f && (v as f64) < level)
+            .map(|(i, _)| i as u32)
             .collect();
-        let n = w.len();
-        let w = Tensor::from_vec(w, n, nll.device())?;
+        if rows.is_empty() {
+            return Ok((train_sum, train_value, sens_sum));
+        }
+        let n = rows.len();
+        let index = Tensor::from_vec(rows, n, nll.device())?;
+        let d = hidden.dim(2)?;
+        let picked = hidden.reshape(((), d))?.index_select(&index, 0)?;
+        let picked_targets = targets.index_select(&index, 0)?;
+        let announced = vec![push * scale as f32; n];
+        let forget_nll = self
+            .model
+            .token_nll(&picked, &picked_targets, Some(announced))?;
         Ok((
-            (train_sum + (&nll * &w)?.sum_all()?)?,
+            (train_sum + (forget_nll.sum_all()? * push as f64)?)?,
             train_value,
             sens_sum,
         ))
