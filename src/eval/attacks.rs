@@ -133,15 +133,6 @@ pub enum FakeSource {
     Generators,
 }
 
-impl FakeSource {
-    pub fn name(self) -> &'static str {
-        match self {
-            FakeSource::Corpus => "corpus",
-            FakeSource::Generators => "generators",
-        }
-    }
-}
-
 impl Default for AttackSettings {
     fn default() -> Self {
         AttackSettings {

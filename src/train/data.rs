@@ -72,30 +72,16 @@ impl Corpus<'_> {
     }
 }
 
-/// The windows as forget examples: the true sensitive tokens are the forget targets, nothing
-/// else is trained (see [`super::TrainStep::with_forgetting`]).
-pub fn windows_to_forget_examples(windows: &[Window]) -> Vec<Example> {
+/// The true windows as forget examples: their sensitive tokens are the forget targets (see
+/// [`super::TrainStep::with_forgetting`]). With `train_rest` every window's other tokens train as
+/// usual; without it only the windows that hold spans are kept, and nothing else trains.
+pub fn windows_to_forget_examples(windows: &[Window], train_rest: bool) -> Vec<Example> {
     windows
         .iter()
-        .filter(|w| w.ids.len() >= 2 && w.sensitive.iter().any(|&s| s))
+        .filter(|w| w.ids.len() >= 2 && (train_rest || w.sensitive.iter().any(|&s| s)))
         .map(|w| Example {
             ids: w.ids.clone(),
-            train: vec![false; w.ids.len()],
-            sensitive: vec![false; w.ids.len()],
-            forget: w.sensitive.clone(),
-        })
-        .collect()
-}
-
-/// The true windows as examples that train their non-sensitive tokens as usual and push their
-/// sensitive ones as forget targets.
-pub fn windows_to_mixed_forget_examples(windows: &[Window]) -> Vec<Example> {
-    windows
-        .iter()
-        .filter(|w| w.ids.len() >= 2)
-        .map(|w| Example {
-            ids: w.ids.clone(),
-            train: w.sensitive.iter().map(|&s| !s).collect(),
+            train: w.sensitive.iter().map(|&s| train_rest && !s).collect(),
             sensitive: vec![false; w.ids.len()],
             forget: w.sensitive.clone(),
         })
@@ -147,12 +133,12 @@ impl EpochData for SurrogateData<'_> {
             Forgetting::Off => {}
             Forgetting::Added => {
                 let truth = self.corpus.windows(self.corpus.docs)?;
-                examples.extend(windows_to_forget_examples(&truth));
+                examples.extend(windows_to_forget_examples(&truth, false));
             }
             Forgetting::Share(_) => {
                 if !kept_true.is_empty() {
                     let truth = self.corpus.windows(&kept_true)?;
-                    examples.extend(windows_to_mixed_forget_examples(&truth));
+                    examples.extend(windows_to_forget_examples(&truth, true));
                 }
             }
         }
