@@ -150,4 +150,92 @@ fn quick_demo_memorizes_then_sanitizes() {
     let report = json(&out.join("med-gpt-sanitized/sani_report.json"));
     assert!(!report["epochs"].as_array().unwrap().is_empty());
     assert!(out.join("notes.jsonl").is_file() && out.join("heldout.jsonl").is_file());
+    sharded_eval_merges_into_the_unsharded_report(&out);
+}
+
+/// Drops every timing from a report, so that two runs of the same measurement compare equal.
+fn without_timings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|k, _| k != "seconds" && k != "timing");
+            m.values_mut().for_each(without_timings);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_timings),
+        _ => {}
+    }
+}
+
+/// `sani eval --shard K/N` on the memorizing model (so spans are reproduced, sampled and
+/// probed), then `sani eval merge`: the same JSON as one unsharded run apart from timings, and
+/// the same gate verdict.
+fn sharded_eval_merges_into_the_unsharded_report(out: &Path) {
+    let eval = |extra: &[&str], json_name: &str| {
+        let status = Command::new(env!("CARGO_BIN_EXE_sani"))
+            .current_dir(out)
+            .args([
+                "eval",
+                "--model",
+                "med-gpt",
+                "--sensitive",
+                "notes.jsonl",
+                "--control",
+                "heldout.jsonl",
+                "--perplexity",
+                "heldout.jsonl",
+                "--samples",
+                "2",
+                "--attacks",
+                "--attack-prefixes",
+                "8,whole",
+                "--attack-samples",
+                "2",
+                "--attack-quantize",
+                "int4",
+                "--quiet",
+                "--json",
+                json_name,
+            ])
+            .args(extra)
+            .status()
+            .unwrap();
+        status.code()
+    };
+    assert_eq!(eval(&["--max-rate", "0.03"], "whole.json"), Some(1));
+    let shards: Vec<String> = (0..3).map(|k| format!("shard{k}.json")).collect();
+    for (k, name) in shards.iter().enumerate() {
+        assert_eq!(eval(&["--shard", &format!("{k}/3")], name), Some(0));
+    }
+    let sizes: Vec<u64> = shards
+        .iter()
+        .map(|s| {
+            json(&out.join(s))["regurgitation"]["total"]["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let whole = json(&out.join("whole.json"));
+    assert_eq!(
+        sizes.iter().sum::<u64>(),
+        whole["regurgitation"]["total"]["n"].as_u64().unwrap()
+    );
+    assert!(
+        sizes.iter().all(|&n| n > 0),
+        "every shard measures spans: {sizes:?}"
+    );
+    let merge = Command::new(env!("CARGO_BIN_EXE_sani"))
+        .current_dir(out)
+        .args(["eval", "merge", &shards[2], &shards[0], &shards[1]])
+        .args(["--max-rate", "0.03", "--json", "merged.json"])
+        .output()
+        .unwrap();
+    assert_eq!(merge.status.code(), Some(1), "{merge:?}");
+    let (mut a, mut b) = (whole, json(&out.join("merged.json")));
+    assert!(
+        a["regurgitation"]["total"]["exact"].as_u64().unwrap() > 0
+            && a["attacks"]["membership"]["total"]["auc"].as_f64().unwrap() > 0.6,
+        "the memorizing model gives figures worth merging"
+    );
+    without_timings(&mut a);
+    without_timings(&mut b);
+    assert_eq!(a, b, "merged shards differ from the unsharded run");
 }

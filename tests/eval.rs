@@ -591,9 +591,60 @@ fn cli_exit_codes() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(wanted), "{args:?}: {err}");
     }
-    // --max-auc without the suite is refused by the argument parser.
-    let (code, _, _) = sani(&["--model", m, "--sensitive", sp_, "--max-auc", "0.6", "-q"]);
+    // --max-auc without the suite is refused.
+    let (code, _, err) = sani(&["--model", m, "--sensitive", sp_, "--max-auc", "0.6", "-q"]);
     assert_eq!(code, 2);
+    assert!(err.contains("--attacks"), "{err}");
+
+    // Shards: bad specs and a gate on a shard exit 2; merge names what is wrong.
+    for (flags, wanted) in [
+        (vec!["--shard", "2/2"], "0..=1"),
+        (vec!["--shard", "1"], "K/N"),
+        (vec!["--shard", "0/2", "--max-rate", "0.1"], "eval merge"),
+    ] {
+        let mut args = vec!["--model", m, "--sensitive", sp_, "-q"];
+        args.extend(flags);
+        let (code, _, err) = sani(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
+    let shard_json = |k: usize| s.dir.join(format!("shard{k}.json"));
+    for k in 0..2 {
+        let spec = format!("{k}/2");
+        let path = shard_json(k);
+        let (code, _, err) = sani(&[
+            "--model",
+            m,
+            "--sensitive",
+            sp_,
+            "--shard",
+            &spec,
+            "-q",
+            "--json",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (s0, s1) = (shard_json(0), shard_json(1));
+    let (s0, s1, whole) = (
+        s0.to_str().unwrap(),
+        s1.to_str().unwrap(),
+        json.to_str().unwrap(),
+    );
+    for (reports, wanted) in [
+        (vec![s0], "1/2 is missing"),
+        (vec![s0, s1, s1], "both are shard 1/2"),
+        (vec![s0, whole], "not a shard's report"),
+    ] {
+        let mut args = vec!["merge"];
+        args.extend(reports);
+        let (code, _, err) = sani(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
+    let (code, out, err) = sani(&["merge", s1, s0, "--max-rate", "1.0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("gate: PASS"), "{out}");
 
     // bad spans file: exit 2 with file:line
     let bad = s.dir.join("bad.jsonl");

@@ -3,6 +3,7 @@
 use super::{RuntimeArgs, SpansArgs};
 use crate::data::tokens::BosPolicy;
 use crate::eval::attacks::{AttackSettings, FakeSource, Quantization, RelearnSettings};
+use crate::eval::shard::Shard;
 use crate::eval::{RegurgitationSettings, Verdict};
 use crate::io::hash::SpanKey;
 use crate::recipes::eval::{EvalJob, GateLimits, Measure};
@@ -47,17 +48,12 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE", requires = "per_span")]
     pub span_key_file: Option<PathBuf>,
 
-    /// Gate: fail when the total exact rate is above R (0..=1); with --attacks, the worst case
-    /// over the attacks.
-    #[arg(long, value_name = "R", conflicts_with = "max_count")]
-    pub max_rate: Option<f64>,
-    /// Gate: fail when more than N spans are reproduced exactly.
-    #[arg(long, value_name = "N")]
-    pub max_count: Option<usize>,
-    /// Gate: fail when the perplexity on --perplexity FILE is above P (or not finite), so a
-    /// model broken by sanitizing cannot pass.
-    #[arg(long, value_name = "P")]
-    pub max_perplexity: Option<f64>,
+    #[command(flatten)]
+    pub gate: GateArgs,
+    /// Measure shard K of N (0-based): the spans of a deterministic 1/N of the documents,
+    /// documents kept whole; combine the shards' --json reports with `sani eval merge`.
+    #[arg(long, value_name = "K/N", conflicts_with = "compare")]
+    pub shard: Option<Shard>,
 
     /// Tokens of document text before the span used as the prompt.
     #[arg(long, default_value_t = 32)]
@@ -134,9 +130,80 @@ pub struct EvalArgs {
     /// Epochs of the relearning attack.
     #[arg(long, value_name = "N", default_value_t = 1, requires = "relearn_on")]
     pub relearn_epochs: usize,
+
+    #[command(subcommand)]
+    pub command: Option<EvalCommand>,
+}
+
+/// The gate's limits (on `sani eval` and `sani eval merge`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GateArgs {
+    /// Gate: fail when the total exact rate is above R (0..=1); with --attacks, the worst case
+    /// over the attacks.
+    #[arg(long, value_name = "R", conflicts_with = "max_count")]
+    pub max_rate: Option<f64>,
+    /// Gate: fail when more than N spans are reproduced exactly.
+    #[arg(long, value_name = "N")]
+    pub max_count: Option<usize>,
+    /// Gate: fail when the perplexity on --perplexity FILE is above P (or not finite), so a
+    /// model broken by sanitizing cannot pass.
+    #[arg(long, value_name = "P")]
+    pub max_perplexity: Option<f64>,
     /// Gate: fail when the membership AUC of the attack suite is above A (0.5 is chance).
-    #[arg(long, value_name = "A", requires = "attacks")]
+    #[arg(long, value_name = "A")]
     pub max_auc: Option<f64>,
+}
+
+impl GateArgs {
+    /// The limits, each checked once.
+    pub fn limits(&self) -> Result<GateLimits> {
+        if let Some(r) = self.max_rate {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("--max-rate must be between 0 and 1 (got {r})");
+            }
+        }
+        if self.max_rate.is_some() && self.max_count.is_some() {
+            bail!("--max-rate and --max-count cannot be used together");
+        }
+        if let Some(p) = self.max_perplexity {
+            if !(p.is_finite() && p >= 1.0) {
+                bail!("--max-perplexity must be a number of at least 1 (got {p})");
+            }
+        }
+        if let Some(a) = self.max_auc {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("--max-auc must be between 0 and 1 (got {a})");
+            }
+        }
+        Ok(GateLimits {
+            max_rate: self.max_rate,
+            max_count: self.max_count,
+            max_perplexity: self.max_perplexity,
+            max_auc: self.max_auc,
+        })
+    }
+}
+
+/// `sani eval`'s own subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum EvalCommand {
+    /// Combine the --json reports of `sani eval --shard K/N` runs (every K of 0..N once) into
+    /// the report, figures and gate verdict of one unsharded run
+    #[command(allow_negative_numbers = true)]
+    Merge(MergeArgs),
+}
+
+/// `sani eval merge`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MergeArgs {
+    /// The shards' JSON reports, in any order.
+    #[arg(required = true, value_name = "SHARD.json")]
+    pub reports: Vec<PathBuf>,
+    #[command(flatten)]
+    pub gate: GateArgs,
+    /// Write the merged JSON report here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
 }
 
 /// Parses `--attack-prefixes` (token counts, `whole` for the whole preceding document: 0).
@@ -176,33 +243,26 @@ fn parse_quantizations(list: &str) -> Result<Vec<Quantization>> {
 impl EvalArgs {
     /// Validates the flags (each once) and resolves them into a job.
     pub fn resolve(&self) -> Result<EvalJob> {
-        if let Some(r) = self.max_rate {
-            if !(0.0..=1.0).contains(&r) {
-                bail!("--max-rate must be between 0 and 1 (got {r})");
-            }
+        if let Some(EvalCommand::Merge(m)) = &self.command {
+            return Ok(EvalJob::Merge {
+                reports: m.reports.clone(),
+                gate: m.gate.limits()?,
+                json: m.json.clone(),
+            });
         }
-        if self.max_rate.is_some() && self.max_count.is_some() {
-            bail!("--max-rate and --max-count cannot be used together");
+        let gate = self.gate.limits()?;
+        if gate.max_perplexity.is_some() && self.perplexity.is_none() && self.compare.is_none() {
+            bail!("--max-perplexity needs --perplexity FILE (held-out text to measure)");
         }
-        if let Some(p) = self.max_perplexity {
-            if !(p.is_finite() && p >= 1.0) {
-                bail!("--max-perplexity must be a number of at least 1 (got {p})");
-            }
-            if self.perplexity.is_none() && self.compare.is_none() {
-                bail!("--max-perplexity needs --perplexity FILE (held-out text to measure)");
-            }
+        if gate.max_auc.is_some() && !self.attacks && self.compare.is_none() {
+            bail!("--max-auc needs --attacks (the membership AUC comes from the attack suite)");
         }
-        if let Some(a) = self.max_auc {
-            if !(0.0..=1.0).contains(&a) {
-                bail!("--max-auc must be between 0 and 1 (got {a})");
-            }
+        if self.shard.is_some() && gate.is_set() {
+            bail!(
+                "--shard: a shard's figures are a part of the run's, so the gate (--max-rate, \
+                 --max-count, --max-perplexity, --max-auc) belongs to `sani eval merge`"
+            );
         }
-        let gate = GateLimits {
-            max_rate: self.max_rate,
-            max_count: self.max_count,
-            max_perplexity: self.max_perplexity,
-            max_auc: self.max_auc,
-        };
         if let Some(paths) = &self.compare {
             let [before, after] = paths.as_slice() else {
                 bail!("--compare needs two reports: BEFORE AFTER");
@@ -227,6 +287,7 @@ impl EvalArgs {
             batch_size: self.batch_size,
             bos: self.bos,
             doc_separator: self.doc_separator.clone(),
+            shard: self.shard,
         };
         settings.validate()?;
         if self.max_seq_len == Some(0) {
@@ -269,8 +330,8 @@ impl EvalArgs {
             || attacks.is_some()
             || self.perplexity.is_none()
             || self.control.is_some()
-            || self.max_rate.is_some()
-            || self.max_count.is_some();
+            || gate.max_rate.is_some()
+            || gate.max_count.is_some();
         let span_key = match &self.span_key_file {
             Some(path) => SpanKey::from_file(path)?,
             None => SpanKey::random(),

@@ -141,7 +141,7 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Sanitize(Box<sanitize::SanitizeArgs>),
     /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
-    #[command(allow_negative_numbers = true)]
+    #[command(allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
     Eval(Box<eval::EvalArgs>),
     /// Plain causal-LM fine-tuning (or training from a fresh config)
     #[command(allow_negative_numbers = true)]

@@ -25,13 +25,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::regurgitation::{
-    prepare, regurgitation, resolve_bos_info, RegurgitationResult, RegurgitationSettings,
+    prepare, regurgitation, resolve_bos_info, span_rng, RegurgitationResult, RegurgitationSettings,
     RegurgitationSummary, SpanResult,
 };
 use crate::data::spans::{Document, Span};
@@ -200,6 +199,52 @@ pub struct Membership {
     pub fakes_from: FakeSource,
     pub per_label: BTreeMap<String, Auc>,
     pub total: Auc,
+    /// Each span's score, which the figures come from (kept for a shard's report, not printed).
+    #[serde(skip)]
+    pub outcomes: Vec<AucOutcome>,
+}
+
+/// One span's membership score: the share of its fakes the true text beats (ties half).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AucOutcome {
+    pub doc_index: usize,
+    pub span_index: usize,
+    pub label: String,
+    pub auc: f64,
+}
+
+impl Membership {
+    /// The figures of span scores (in file order; shards merged in order give one run's).
+    pub fn of(fakes: usize, fakes_from: FakeSource, outcomes: &[AucOutcome]) -> Membership {
+        let mut sums: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        let (mut n, mut total) = (0usize, 0f64);
+        for o in outcomes {
+            let e = sums.entry(o.label.clone()).or_default();
+            e.0 += 1;
+            e.1 += o.auc;
+            n += 1;
+            total += o.auc;
+        }
+        let mean = |n: usize, s: f64| Auc {
+            spans: n,
+            auc: (n > 0).then(|| s / n as f64),
+        };
+        Membership {
+            fakes,
+            fakes_from,
+            per_label: sums
+                .into_iter()
+                .map(|(l, (n, s))| (l, mean(n, s)))
+                .collect(),
+            total: mean(n, total),
+            outcomes: Vec::new(),
+        }
+    }
+
+    fn with_outcomes(mut self, outcomes: Vec<AucOutcome>) -> Membership {
+        self.outcomes = outcomes;
+        self
+    }
 }
 
 /// Everything the suite measured (the report's `attacks`).
@@ -364,29 +409,81 @@ pub fn run_attacks(
         (k @ 1.., Some(c)) => Some(membership(model, tok, c, base, k, settings.fakes_from)?),
         _ => None,
     };
-    let mut labels: Vec<&String> = rows.iter().flat_map(|r| r.per_label.keys()).collect();
-    labels.sort();
-    labels.dedup();
-    let worst = labels
-        .into_iter()
-        .map(|l| {
-            let w = worst_of(
-                rows.iter()
-                    .filter_map(|r| r.per_label.get(l).map(|h| (r.attack.as_str(), h))),
-            );
-            (l.clone(), w)
-        })
-        .collect();
-    let worst_total = worst_of(rows.iter().map(|r| (r.attack.as_str(), &r.total)));
-    Ok(AttackReport {
-        settings: settings.clone(),
-        attacks: rows,
-        worst,
-        worst_total,
-        membership: probe,
-        control_membership: control_probe,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(AttackReport::assemble(
+        settings.clone(),
+        rows,
+        probe,
+        control_probe,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+impl AttackReport {
+    /// The report of the attacks' rows and probes: the worst case per label and overall.
+    pub fn assemble(
+        settings: AttackSettings,
+        rows: Vec<AttackRow>,
+        membership: Option<Membership>,
+        control_membership: Option<Membership>,
+        seconds: f64,
+    ) -> AttackReport {
+        let mut labels: Vec<&String> = rows.iter().flat_map(|r| r.per_label.keys()).collect();
+        labels.sort();
+        labels.dedup();
+        let worst = labels
+            .into_iter()
+            .map(|l| {
+                let w = worst_of(
+                    rows.iter()
+                        .filter_map(|r| r.per_label.get(l).map(|h| (r.attack.as_str(), h))),
+                );
+                (l.clone(), w)
+            })
+            .collect();
+        let worst_total = worst_of(rows.iter().map(|r| (r.attack.as_str(), &r.total)));
+        AttackReport {
+            settings,
+            attacks: rows,
+            worst,
+            worst_total,
+            membership,
+            control_membership,
+            seconds,
+        }
+    }
+}
+
+impl Hits {
+    /// The counts of two disjoint sets of spans together.
+    pub fn merged(&self, other: &Hits) -> Hits {
+        let (measured, hits) = (self.measured + other.measured, self.hits + other.hits);
+        Hits {
+            measured,
+            hits,
+            rate: if measured == 0 {
+                0.0
+            } else {
+                hits as f64 / measured as f64
+            },
+        }
+    }
+}
+
+impl AttackRow {
+    /// The same attack's figures on two disjoint sets of spans together.
+    pub fn merged(&self, other: &AttackRow) -> AttackRow {
+        let mut per_label = self.per_label.clone();
+        for (l, h) in &other.per_label {
+            let e = per_label.entry(l.clone()).or_default();
+            *e = e.merged(h);
+        }
+        AttackRow {
+            attack: self.attack.clone(),
+            per_label,
+            total: self.total.merged(&other.total),
+            seconds: self.seconds + other.seconds,
+        }
+    }
 }
 
 /// A copy of the model fine-tuned on `rl.file` (every token, every tensor).
@@ -572,9 +669,8 @@ pub fn membership(
     let mut bos = resolve_bos_info(model, tok, base.bos, base.doc_separator.as_deref())?;
     let prepared = prepare(model, tok, docs, base, &mut bos)?;
     let plain = tokens::plain_tokenizer(tok)?;
-    let mut rng = StdRng::seed_from_u64(base.seed ^ 0x6d65_6d62);
     let mut rows = Vec::new();
-    let mut labels = Vec::new();
+    let mut spans = Vec::new();
     for p in &prepared {
         if !p.bos_only && super::regurgitation::span_in_prompt(&p.prompt_text, &p.span_text) {
             continue;
@@ -590,6 +686,8 @@ pub fn membership(
             FakeSource::Corpus => pool.others(label, p.doc_index, &p.span_text),
             FakeSource::Generators => Vec::new(),
         };
+        // Per span, so a span's fakes do not depend on which others are measured with it.
+        let mut rng = span_rng(base.seed ^ 0x6d65_6d62, p.doc_index, p.span_index);
         for _ in 0..fakes {
             let fake = match others.len() {
                 0 => surrogate_for(label, &p.span_text, &mut rng),
@@ -597,41 +695,31 @@ pub fn membership(
             };
             rows.push((p.prompt.clone(), candidate_tokens(&plain, &before, &fake)?));
         }
-        labels.push(label.clone());
+        spans.push((p.doc_index, p.span_index, label.clone()));
     }
     let scores = continuation_log_probs(model, &rows, base.batch_size)?;
-    let mut sums: BTreeMap<String, (usize, f64)> = BTreeMap::new();
-    let (mut n, mut total) = (0usize, 0f64);
-    for (label, group) in labels.iter().zip(scores.chunks(fakes + 1)) {
-        let truth = group[0];
-        let wins: f64 = group[1..]
-            .iter()
-            .map(|&f| match truth.partial_cmp(&f) {
-                Some(std::cmp::Ordering::Greater) => 1.0,
-                Some(std::cmp::Ordering::Equal) => 0.5,
-                _ => 0.0,
-            })
-            .sum();
-        let auc = wins / fakes as f64;
-        let e = sums.entry(label.clone()).or_default();
-        e.0 += 1;
-        e.1 += auc;
-        n += 1;
-        total += auc;
-    }
-    let mean = |n: usize, s: f64| Auc {
-        spans: n,
-        auc: (n > 0).then(|| s / n as f64),
-    };
-    Ok(Membership {
-        fakes,
-        fakes_from,
-        per_label: sums
-            .into_iter()
-            .map(|(l, (n, s))| (l, mean(n, s)))
-            .collect(),
-        total: mean(n, total),
-    })
+    let outcomes: Vec<AucOutcome> = spans
+        .into_iter()
+        .zip(scores.chunks(fakes + 1))
+        .map(|((doc_index, span_index, label), group)| {
+            let truth = group[0];
+            let wins: f64 = group[1..]
+                .iter()
+                .map(|&f| match truth.partial_cmp(&f) {
+                    Some(std::cmp::Ordering::Greater) => 1.0,
+                    Some(std::cmp::Ordering::Equal) => 0.5,
+                    _ => 0.0,
+                })
+                .sum();
+            AucOutcome {
+                doc_index,
+                span_index,
+                label,
+                auc: wins / fakes as f64,
+            }
+        })
+        .collect();
+    Ok(Membership::of(fakes, fakes_from, &outcomes).with_outcomes(outcomes))
 }
 
 /// The suite's table: per label, the worst extraction rate and which attack, next to the

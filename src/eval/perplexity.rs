@@ -54,6 +54,51 @@ pub struct Perplexity {
     pub sensitive: PplStat,
 }
 
+/// The sums of one perplexity window: what a merge of shards needs to give the figures of one
+/// run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PplSums {
+    pub nll: f64,
+    pub tokens: usize,
+    pub sensitive_nll: f64,
+    pub sensitive_tokens: usize,
+}
+
+/// A perplexity measurement before its figures: the setting and each window's sums, in file
+/// order. Shards' parts concatenate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PerplexityParts {
+    pub documents: usize,
+    pub max_seq_len: usize,
+    pub bos: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_separator: Option<String>,
+    pub windows: Vec<PplSums>,
+}
+
+impl PerplexityParts {
+    /// The figures (sums over windows in order, so shards merged in order give one run's).
+    pub fn figures(&self) -> Perplexity {
+        let (mut sum_all, mut n_all, mut sum_s, mut n_s) = (0f64, 0usize, 0f64, 0usize);
+        for w in &self.windows {
+            sum_all += w.nll;
+            n_all += w.tokens;
+            sum_s += w.sensitive_nll;
+            n_s += w.sensitive_tokens;
+        }
+        Perplexity {
+            documents: self.documents,
+            windows: self.windows.len(),
+            max_seq_len: self.max_seq_len,
+            bos: self.bos,
+            doc_separator: self.doc_separator.clone(),
+            all: PplStat::from_sum(sum_all, n_all),
+            non_sensitive: PplStat::from_sum(sum_all - sum_s, n_all - n_s),
+            sensitive: PplStat::from_sum(sum_s, n_s),
+        }
+    }
+}
+
 /// Perplexity of `docs` in non-overlapping windows of `max_seq_len` tokens, each document framed
 /// as in training ([`tokens::Framing`]; the first token of a window is context only). `max_seq_len` is capped at the
 /// model's context length.
@@ -65,12 +110,27 @@ pub fn perplexity(
     max_seq_len: usize,
     batch: usize,
 ) -> Result<Perplexity> {
+    Ok(perplexity_parts(model, tok, docs, framing, max_seq_len, batch)?.figures())
+}
+
+/// [`perplexity`] before its figures.
+pub fn perplexity_parts(
+    model: &Model,
+    tok: &Tokenizer,
+    docs: &[Document],
+    framing: &tokens::Framing,
+    max_seq_len: usize,
+    batch: usize,
+) -> Result<PerplexityParts> {
     let max_len = max_seq_len.min(model.config.max_positions()).max(2);
     let encoded = tokens::encode_documents(tok, docs)?;
     let windows = tokens::make_windows(docs, &encoded, &[], framing, max_len, None);
-    let (mut sum_all, mut n_all, mut sum_s, mut n_s) = (0f64, 0usize, 0f64, 0usize);
+    let mut sums = vec![PplSums::default(); windows.len()];
     let dev = &model.device;
-    for chunk in windows.chunks(batch.max(1)) {
+    for (chunk, chunk_sums) in windows
+        .chunks(batch.max(1))
+        .zip(sums.chunks_mut(batch.max(1)))
+    {
         let rows: Vec<&[u32]> = chunk.iter().map(|w| w.ids.as_slice()).collect();
         let (ids, valid, t) = tokens::right_pad(&rows);
         if t < 2 {
@@ -81,7 +141,7 @@ pub fn perplexity(
         let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
         let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
         // Logits in slices of positions, so [t, vocab] never exists for a long window.
-        for (r, w) in chunk.iter().enumerate() {
+        for (r, (w, ws)) in chunk.iter().zip(chunk_sums.iter_mut()).enumerate() {
             let n = w.ids.len();
             let mut p0 = 0;
             while p0 + 1 < n {
@@ -92,31 +152,28 @@ pub fn perplexity(
                 let nll = crate::nn::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
                 for (j, &x) in nll.iter().enumerate() {
                     let x = x as f64;
-                    sum_all += x;
-                    n_all += 1;
+                    ws.nll += x;
+                    ws.tokens += 1;
                     if w.sensitive[p0 + 1 + j] {
-                        sum_s += x;
-                        n_s += 1;
+                        ws.sensitive_nll += x;
+                        ws.sensitive_tokens += 1;
                     }
                 }
                 p0 += len;
             }
         }
     }
-    if !sum_all.is_finite() {
+    if !sums.iter().all(|w| w.nll.is_finite()) {
         bail!(
             "perplexity: the model's token log-likelihoods are not finite (NaN or Inf logits); \
              the model is broken"
         );
     }
-    Ok(Perplexity {
+    Ok(PerplexityParts {
         documents: docs.len(),
-        windows: windows.len(),
         max_seq_len: max_len,
         bos: framing.bos,
         doc_separator: framing.separator_text.clone(),
-        all: PplStat::from_sum(sum_all, n_all),
-        non_sensitive: PplStat::from_sum(sum_all - sum_s, n_all - n_s),
-        sensitive: PplStat::from_sum(sum_s, n_s),
+        windows: sums,
     })
 }

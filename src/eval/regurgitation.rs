@@ -19,6 +19,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::spans::{CharIndex, Document, Span};
 use crate::data::tokens::{self, BosPolicy};
+use crate::eval::shard::Shard;
 use crate::model::generate::{
     generate_greedy_with_drafts_until, generate_until, GenerateOptions, Sampling,
 };
@@ -42,9 +43,20 @@ pub struct RegurgitationSettings {
     /// the BOS at the start of a prompt that starts at its document's start.
     #[serde(default)]
     pub doc_separator: Option<String>,
+    /// `--shard K/N`: measure only the spans of this shard's documents ([`Shard::select`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
 }
 
 impl RegurgitationSettings {
+    /// Which documents of `docs` are measured (all without a shard).
+    pub fn measured_documents(&self, docs: &[Document]) -> Vec<bool> {
+        match self.shard {
+            None => vec![true; docs.len()],
+            Some(s) => s.select(&docs.iter().map(|d| d.spans.len()).collect::<Vec<_>>()),
+        }
+    }
+
     /// Checks the settings once, where they are resolved from the command line.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
@@ -69,6 +81,7 @@ impl Default for RegurgitationSettings {
             batch_size: 16,
             bos: BosPolicy::Auto,
             doc_separator: None,
+            shard: None,
         }
     }
 }
@@ -158,6 +171,8 @@ pub struct SpanResult {
     pub strength: f64,
     /// With sampling: was the span reproduced exactly by at least one sample.
     pub sampled_exact: Option<bool>,
+    /// Tokens the samples generated (with sampling).
+    pub sampled_tokens: usize,
 }
 
 impl SpanResult {
@@ -165,6 +180,46 @@ impl SpanResult {
     pub fn measured(&self) -> bool {
         !self.in_prompt
     }
+
+    /// What the figures need of this result.
+    pub fn outcome(&self) -> SpanOutcome {
+        SpanOutcome {
+            doc_index: self.doc_index,
+            span_index: self.span_index,
+            label: self.label.clone(),
+            in_prompt: self.in_prompt,
+            exact: self.exact,
+            partial: self.partial,
+            strength: self.strength,
+            sampled_exact: self.sampled_exact,
+            generated_tokens: self.generated_ids.len() + self.sampled_tokens,
+        }
+    }
+}
+
+/// One span's result as far as the figures need it, without its text: a shard's report carries
+/// these, so that merging shards recomputes every figure exactly as one run would.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanOutcome {
+    pub doc_index: usize,
+    pub span_index: usize,
+    pub label: String,
+    pub in_prompt: bool,
+    pub exact: bool,
+    pub partial: bool,
+    pub strength: f64,
+    pub sampled_exact: Option<bool>,
+    /// Greedy and sampled tokens generated for the span.
+    pub generated_tokens: usize,
+}
+
+/// The sampling generator of one span, from the seed and the span's place in the file.
+pub fn span_rng(seed: u64, doc_index: usize, span_index: usize) -> StdRng {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for x in [doc_index as u64, span_index as u64] {
+        h = (h ^ x).wrapping_mul(0x1000_0000_01b3).rotate_left(29);
+    }
+    StdRng::seed_from_u64(h)
 }
 
 /// Counts and rates of one label (or of all spans).
@@ -339,7 +394,11 @@ pub(crate) fn prepare(
     let context_chars = settings.prefix_tokens.saturating_add(16).saturating_mul(32);
     // What training puts before a document's first token.
     let lead_tokens = bos.framing().prefix();
+    let measured = settings.measured_documents(docs);
     for (di, doc) in docs.iter().enumerate() {
+        if !measured[di] {
+            continue;
+        }
         let index = CharIndex::new(&doc.text);
         for (si, span) in doc.spans.iter().enumerate() {
             // Encode prefix + span, so the span is tokenized in context. A long prefix starts
@@ -443,10 +502,8 @@ pub fn regurgitation(
 
     let stop_tokens = model.config.eos_token_ids();
     let pad_id = model.config.pad_token_id().or(bos.id).unwrap_or(0);
-    let mut rng = StdRng::seed_from_u64(settings.seed);
     let pb = crate::io::progress::bar(prepared.len() as u64, quiet, "eval");
     let mut results: Vec<Option<SpanResult>> = vec![None; prepared.len()];
-    let mut generated_tokens = 0usize;
     for chunk in order.chunks(settings.batch_size) {
         let batch: Vec<&Prepared> = chunk.iter().map(|&i| &prepared[i]).collect();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|p| p.prompt.clone()).collect();
@@ -466,15 +523,22 @@ pub fn regurgitation(
         let decoded = generate_greedy_with_drafts_until(model, &prompts, &drafts, &opts, &decided)?;
         let (greedy, correct) = (decoded.tokens, decoded.teacher_forced);
         let mut sampled_hit = vec![false; batch.len()];
+        let mut sampled_tokens = vec![0usize; batch.len()];
         if settings.samples > 0 {
             opts.sampling = Some(Sampling {
                 temperature: settings.temperature,
                 top_k: settings.top_k,
             });
+            // Each span draws from its own generator, so its samples do not depend on the spans
+            // it is batched with (or on which shard measures it).
+            let mut rngs: Vec<StdRng> = batch
+                .iter()
+                .map(|p| span_rng(settings.seed, p.doc_index, p.span_index))
+                .collect();
             for _ in 0..settings.samples {
-                let outs = generate_until(model, &prompts, &opts, &mut rng, &decided)?;
+                let outs = generate_until(model, &prompts, &opts, &mut rngs, &decided)?;
                 for (j, ids) in outs.iter().enumerate() {
-                    generated_tokens += ids.len();
+                    sampled_tokens[j] += ids.len();
                     if sampled_hit[j] {
                         continue;
                     }
@@ -490,7 +554,6 @@ pub fn regurgitation(
             let span = &doc.spans[p.span_index];
             let span_text = p.span_text.clone();
             let generated_text = decode(tok, &greedy[j])?;
-            generated_tokens += greedy[j].len();
             let (exact, partial) = match_span(&generated_text, &p.gap, &span_text);
             let in_prompt = !p.bos_only && span_in_prompt(&p.prompt_text, &span_text);
             results[i] = Some(SpanResult {
@@ -511,6 +574,7 @@ pub fn regurgitation(
                 in_prompt,
                 strength: extraction_strength(&correct[j]),
                 sampled_exact: (settings.samples > 0).then_some(sampled_hit[j]),
+                sampled_tokens: sampled_tokens[j],
             });
         }
         pb.inc(chunk.len() as u64);
@@ -521,7 +585,6 @@ pub fn regurgitation(
         .map(|r| r.expect("every span measured"))
         .collect();
     let mut summary = summarize(&spans, settings.samples > 0);
-    summary.generated_tokens = generated_tokens;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(RegurgitationResult {
         spans,
@@ -530,7 +593,7 @@ pub fn regurgitation(
     })
 }
 
-fn counts_of<'a>(spans: impl Iterator<Item = &'a SpanResult>, sampled: bool) -> LabelCounts {
+fn counts_of<'a>(spans: impl Iterator<Item = &'a SpanOutcome>, sampled: bool) -> LabelCounts {
     let mut c = LabelCounts::default();
     let mut strength = 0.0;
     let mut sampled_exact = 0usize;
@@ -565,6 +628,13 @@ fn counts_of<'a>(spans: impl Iterator<Item = &'a SpanResult>, sampled: bool) -> 
 
 /// Per-label and total counts of span results.
 pub fn summarize(spans: &[SpanResult], sampled: bool) -> RegurgitationSummary {
+    let outcomes: Vec<SpanOutcome> = spans.iter().map(SpanResult::outcome).collect();
+    summarize_outcomes(&outcomes, sampled)
+}
+
+/// Per-label and total counts of span outcomes (in file order; a merge of shards gives the same
+/// figures as one run).
+pub fn summarize_outcomes(spans: &[SpanOutcome], sampled: bool) -> RegurgitationSummary {
     let mut labels: Vec<&str> = spans.iter().map(|s| s.label.as_str()).collect();
     labels.sort_unstable();
     labels.dedup();
@@ -580,7 +650,7 @@ pub fn summarize(spans: &[SpanResult], sampled: bool) -> RegurgitationSummary {
     RegurgitationSummary {
         per_label,
         total: counts_of(spans.iter(), sampled),
-        generated_tokens: 0,
+        generated_tokens: spans.iter().map(|s| s.generated_tokens).sum(),
         seconds: 0.0,
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::attacks::AttackReport;
 use super::perplexity::Perplexity;
 use super::regurgitation::{BosInfo, LabelCounts, RegurgitationSummary, SpanResult};
+use super::shard::ShardPart;
 use super::vocabulary::{VocabularyCounts, VocabularyExposure};
 use crate::io::hash::SpanKey;
 
@@ -65,6 +66,28 @@ pub struct Timing {
     pub generated_tokens_per_second: Option<f64>,
 }
 
+impl Timing {
+    /// Timings of a run that measured `spans` spans and generated `generated` tokens.
+    pub fn of(
+        seconds: f64,
+        regurgitation_seconds: f64,
+        perplexity_seconds: f64,
+        spans: usize,
+        generated: usize,
+    ) -> Timing {
+        let per_s = |x: usize| {
+            (regurgitation_seconds > 0.0 && spans > 0).then(|| x as f64 / regurgitation_seconds)
+        };
+        Timing {
+            seconds,
+            regurgitation_seconds,
+            perplexity_seconds,
+            spans_per_second: per_s(spans),
+            generated_tokens_per_second: per_s(generated),
+        }
+    }
+}
+
 /// Gate outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateReport {
@@ -91,6 +114,9 @@ pub struct EvalReport {
     /// `--attacks`: the attack suite's figures (the gate then applies to its worst case).
     #[serde(default)]
     pub attacks: Option<AttackReport>,
+    /// `--shard K/N`: which shard this is, and the per-span outcomes `sani eval merge` needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardPart>,
 }
 
 /// The gate's limits; a limit whose measurement is missing fails the gate.

@@ -32,6 +32,31 @@ pub struct VocabularyExposure {
     pub total: VocabularyCounts,
 }
 
+impl VocabularyExposure {
+    /// The counts of two disjoint sets of spans together.
+    pub fn merged(&self, other: &VocabularyExposure) -> VocabularyExposure {
+        let mut out = self.clone();
+        for (label, c) in other
+            .per_label
+            .iter()
+            .map(|(l, c)| (Some(l), c))
+            .chain([(None, &other.total)])
+        {
+            let into = match label {
+                Some(l) => out.per_label.entry(l.clone()).or_default(),
+                None => &mut out.total,
+            };
+            into.spans += c.spans;
+            into.single_token += c.single_token;
+            into.words_as_tokens += c.words_as_tokens;
+        }
+        for c in out.per_label.values_mut().chain([&mut out.total]) {
+            c.words_as_tokens_rate = c.words_as_tokens as f64 / c.spans.max(1) as f64;
+        }
+        out
+    }
+}
+
 /// Whether `word` is one token of `tok`, on its own or after a space.
 fn is_one_token(tok: &Tokenizer, word: &str) -> bool {
     [word.to_string(), format!(" {word}")].iter().any(|w| {
@@ -90,6 +115,7 @@ mod tests {
             in_prompt: false,
             strength: 0.0,
             sampled_exact: None,
+            sampled_tokens: 0,
         }
     }
 

@@ -36,33 +36,45 @@ pub fn never_decided(_: usize, _: &[u32]) -> bool {
 }
 
 /// Generates continuations of `prompts` (token ids, each non-empty) in one batch.
-/// Returns the new tokens of each row.
+/// Returns the new tokens of each row. With sampling, each row draws from its own generator,
+/// seeded from `rng`.
 pub fn generate(
     model: &Model,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<u32>>> {
-    generate_until(model, prompts, opts, rng, &never_decided)
+    let mut rngs: Vec<StdRng> = (0..prompts.len())
+        .map(|_| StdRng::seed_from_u64(rng.random()))
+        .collect();
+    generate_until(model, prompts, opts, &mut rngs, &never_decided)
 }
 
 /// [`generate`], where a row also stops as soon as `decided` says so after one of its tokens
-/// (the caller needs no more of it).
+/// (the caller needs no more of it), and row i samples from `rngs[i]`, so what a row draws does
+/// not depend on the rows it is batched with (greedy decoding needs no generators).
 pub fn generate_until(
     model: &Model,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-    rng: &mut StdRng,
+    rngs: &mut [StdRng],
     decided: Decided,
 ) -> Result<Vec<Vec<u32>>> {
     check_prompts(prompts)?;
     if prompts.is_empty() {
         return Ok(vec![]);
     }
+    if opts.sampling.is_some() && rngs.len() != prompts.len() {
+        bail!(
+            "generate: {} random generators for {} prompts",
+            rngs.len(),
+            prompts.len()
+        );
+    }
     let (ids, valid, max_len) = left_pad(prompts, opts.pad_id);
     let mut state = Decoder::new(model, valid, opts);
     let first = Tensor::from_vec(ids, (prompts.len(), max_len), &model.device)?;
-    state.run(model, first, opts, rng, decided)?;
+    state.run(model, first, opts, rngs, decided)?;
     Ok(state.out)
 }
 
@@ -145,7 +157,7 @@ pub fn generate_greedy_with_drafts_until(
     // slots, not tokens, so windowed models that could reach the window decode the plain way.
     let longest = max_len + opts.max_new_tokens.iter().copied().max().unwrap_or(0);
     if state.window.is_some_and(|w| w < longest) {
-        let greedy = generate_until(model, prompts, opts, &mut StdRng::seed_from_u64(0), decided)?;
+        let greedy = generate_until(model, prompts, opts, &mut [], decided)?;
         return Ok(DraftedGreedy {
             tokens: greedy,
             teacher_forced: teacher,
@@ -172,7 +184,7 @@ pub fn generate_greedy_with_drafts_until(
     }
     state.feed_finished_as_padding();
     let input = Tensor::from_vec(next, (b, 1), dev)?;
-    state.run(model, input, opts, &mut StdRng::seed_from_u64(0), decided)?;
+    state.run(model, input, opts, &mut [], decided)?;
     Ok(DraftedGreedy {
         tokens: state.out,
         teacher_forced: teacher,
@@ -265,7 +277,7 @@ impl Decoder {
         model: &Model,
         mut input: Tensor,
         opts: &GenerateOptions,
-        rng: &mut StdRng,
+        rngs: &mut [StdRng],
         decided: Decided,
     ) -> Result<()> {
         let dev = &model.device;
@@ -297,7 +309,7 @@ impl Decoder {
             ensure_finite(&logits)?;
             let next = match opts.sampling {
                 None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
-                Some(s) => sample(&logits, s, rng)?,
+                Some(s) => sample(&logits, s, &self.active, rngs)?,
             };
             for (i, &tok) in next.iter().enumerate() {
                 self.push(self.active[i], tok, opts, decided);
@@ -310,11 +322,20 @@ impl Decoder {
     }
 }
 
-fn sample(logits: &Tensor, s: Sampling, rng: &mut StdRng) -> Result<Vec<u32>> {
+/// One token per row of `logits`; row i belongs to prompt `rows_of[i]` and draws from its
+/// generator.
+fn sample(
+    logits: &Tensor,
+    s: Sampling,
+    rows_of: &[usize],
+    rngs: &mut [StdRng],
+) -> Result<Vec<u32>> {
     let rows = logits.to_vec2::<f32>()?;
     Ok(rows
         .iter()
-        .map(|row| {
+        .zip(rows_of)
+        .map(|(row, &prompt)| {
+            let rng = &mut rngs[prompt];
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]));
             let k = if s.top_k == 0 {

@@ -10,13 +10,16 @@ use candle_core::Device;
 
 use crate::data::spans::{load_documents, SpanSources};
 use crate::eval::attacks::{run_attacks, AttackSettings};
-use crate::eval::perplexity::{perplexity, DEFAULT_PPL_SEQ_LEN};
-use crate::eval::regurgitation::{regurgitation, resolve_bos_info, RegurgitationSettings};
+use crate::eval::perplexity::{perplexity_parts, DEFAULT_PPL_SEQ_LEN};
+use crate::eval::regurgitation::{
+    regurgitation, resolve_bos_info, RegurgitationSettings, SpanOutcome, SpanResult,
+};
 pub use crate::eval::report::GateLimits;
 use crate::eval::report::{
     gate_of, per_span_json, read_report, render_compare, render_report, EvalReport, ModelInfo,
     ReportSettings, Timing, Verdict,
 };
+use crate::eval::shard::{merge_reports, ShardPart};
 use crate::eval::vocabulary::vocabulary_exposure;
 use crate::io::hash::SpanKey;
 use crate::io::json;
@@ -33,6 +36,12 @@ pub enum EvalJob {
         gate: GateLimits,
     },
     Measure(Box<Measure>),
+    /// Merge the JSON reports of shards (no model).
+    Merge {
+        reports: Vec<PathBuf>,
+        gate: GateLimits,
+        json: Option<PathBuf>,
+    },
 }
 
 /// Measure a model.
@@ -85,6 +94,26 @@ fn compare(before: &Path, after: &Path, limits: &GateLimits) -> Result<Verdict> 
     })
 }
 
+fn verdict_of(report: &EvalReport) -> Verdict {
+    match &report.gate {
+        Some(g) if !g.passed => Verdict::Fail,
+        _ => Verdict::Pass,
+    }
+}
+
+fn merge(paths: &[PathBuf], gate: &GateLimits, json: Option<&Path>) -> Result<Verdict> {
+    let reports = paths
+        .iter()
+        .map(|p| Ok((p.clone(), read_report(p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let report = merge_reports(reports, gate)?;
+    print!("{}", render_report(&report));
+    if let Some(path) = json {
+        json::write_json(path, &report)?;
+    }
+    Ok(verdict_of(&report))
+}
+
 /// Runs `sani eval`.
 pub fn run(job: &EvalJob) -> Result<Verdict> {
     let m = match job {
@@ -93,6 +122,11 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             after,
             gate,
         } => return compare(before, after, gate),
+        EvalJob::Merge {
+            reports,
+            gate,
+            json,
+        } => return merge(reports, gate, json.as_deref()),
         EvalJob::Measure(m) => m,
     };
     let started = Instant::now();
@@ -107,7 +141,25 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         None => None,
     };
     let ppl_docs = match &m.perplexity {
-        Some(p) => Some(load_documents(Some(p), None, None)?),
+        Some(p) => {
+            let docs = load_documents(Some(p), None, None)?;
+            // A shard measures its share of the held-out documents too, by length.
+            Some(match m.settings.shard {
+                None => docs,
+                Some(shard) => {
+                    let keep = shard.select(
+                        &docs
+                            .iter()
+                            .map(|d| d.text.chars().count())
+                            .collect::<Vec<_>>(),
+                    );
+                    docs.into_iter()
+                        .zip(keep)
+                        .filter_map(|(d, k)| k.then_some(d))
+                        .collect()
+                }
+            })
+        }
         None => None,
     };
     let (ckpt, tok) = crate::io::open_model(&m.model, &m.device)?;
@@ -138,7 +190,7 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             let len = m
                 .max_seq_len
                 .unwrap_or(DEFAULT_PPL_SEQ_LEN.min(model.config.max_positions()));
-            Some(perplexity(
+            Some(perplexity_parts(
                 &model,
                 &tok,
                 d,
@@ -165,7 +217,6 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         .chain(ctl.iter())
         .map(|r| r.summary.generated_tokens)
         .sum();
-    let per_s = |x: usize| (reg_seconds > 0.0 && n_spans > 0).then(|| x as f64 / reg_seconds);
     let attacks = match (&m.attacks, &docs) {
         (Some(a), Some(docs)) => Some(run_attacks(
             &ckpt,
@@ -216,17 +267,38 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         },
         regurgitation: reg.as_ref().map(|r| r.summary.clone()),
         control: ctl.as_ref().map(|r| r.summary.clone()),
-        perplexity: ppl,
+        perplexity: ppl.as_ref().map(|p| p.figures()),
         vocabulary: reg.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
         control_vocabulary: ctl.as_ref().map(|r| vocabulary_exposure(&tok, &r.spans)),
         gate: None,
-        timing: Timing {
-            seconds: started.elapsed().as_secs_f64(),
-            regurgitation_seconds: reg_seconds,
-            perplexity_seconds: ppl_seconds,
-            spans_per_second: per_s(n_spans),
-            generated_tokens_per_second: per_s(gen_tokens),
-        },
+        timing: Timing::of(
+            started.elapsed().as_secs_f64(),
+            reg_seconds,
+            ppl_seconds,
+            n_spans,
+            gen_tokens,
+        ),
+        shard: m.settings.shard.map(|shard| ShardPart {
+            shard,
+            documents: docs.as_ref().map_or(0, |d| {
+                m.settings
+                    .measured_documents(d)
+                    .into_iter()
+                    .filter(|&k| k)
+                    .count()
+            }),
+            regurgitation: reg.as_ref().map(|r| outcomes(&r.spans)),
+            control: ctl.as_ref().map(|r| outcomes(&r.spans)),
+            perplexity: ppl.as_ref().map(|p| p.windows.clone()),
+            membership: attacks
+                .as_ref()
+                .and_then(|a| a.membership.as_ref())
+                .map(|m| m.outcomes.clone()),
+            control_membership: attacks
+                .as_ref()
+                .and_then(|a| a.control_membership.as_ref())
+                .map(|m| m.outcomes.clone()),
+        }),
         attacks,
     };
     report.gate = gate_of(&report, &m.gate);
@@ -249,4 +321,8 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
         Some(g) if !g.passed => Verdict::Fail,
         _ => Verdict::Pass,
     })
+}
+
+fn outcomes(spans: &[SpanResult]) -> Vec<SpanOutcome> {
+    spans.iter().map(SpanResult::outcome).collect()
 }
