@@ -228,6 +228,7 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
                 ids: (0..t).map(|_| rng.random_range(0..vocab as u32)).collect(),
                 train: vec![true; t],
                 sensitive: vec![false; t],
+                ..Default::default()
             })
             .collect();
         let micro: usize = std::env::var("SANI_BENCH_MICRO")

@@ -637,3 +637,227 @@ fn train_modules_limits_repair_to_the_named_modules() {
     );
     assert!(!tmp.path().join("b").exists());
 }
+
+/// Every row of a `sani prepare` Parquet file.
+struct RepairRows {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Vec<Vec<i8>>,
+    labels: Vec<Vec<i64>>,
+    doc_id: Vec<String>,
+    window: Vec<i32>,
+}
+
+fn read_repair_set(path: &Path) -> RepairRows {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type, Int8Type};
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = RepairRows {
+        input_ids: vec![],
+        attention_mask: vec![],
+        labels: vec![],
+        doc_id: vec![],
+        window: vec![],
+    };
+    for batch in reader {
+        let batch = batch.unwrap();
+        let list = |name: &str| batch.column_by_name(name).unwrap().as_list::<i32>().clone();
+        for row in list("input_ids").iter() {
+            let row = row.unwrap();
+            rows.input_ids
+                .push(row.as_primitive::<Int64Type>().values().to_vec());
+        }
+        for row in list("attention_mask").iter() {
+            let row = row.unwrap();
+            rows.attention_mask
+                .push(row.as_primitive::<Int8Type>().values().to_vec());
+        }
+        for row in list("labels").iter() {
+            let row = row.unwrap();
+            rows.labels
+                .push(row.as_primitive::<Int64Type>().values().to_vec());
+        }
+        let ids = batch.column_by_name("doc_id").unwrap().as_string::<i32>();
+        rows.doc_id
+            .extend(ids.iter().map(|s| s.unwrap().to_string()));
+        let w = batch.column_by_name("window").unwrap();
+        rows.window
+            .extend(w.as_primitive::<Int32Type>().values().iter().copied());
+    }
+    rows
+}
+
+#[test]
+fn prepare_writes_the_erased_model_and_the_repair_set_sanitize_trains_on() {
+    use sani::data::tokens;
+    use sani::recipes::sanitize::ResolvedConfig;
+    use sani::train::{Corpus, EpochData, Forgetting, SurrogateData};
+    let (tmp, model, spans) = workspace("llama_gqa", 6);
+    let (m, sp) = (model.to_str().unwrap(), spans.to_str().unwrap());
+    let prepared = tmp.path().join("prepared");
+    let o = sani(&[
+        "prepare",
+        "--model",
+        m,
+        "--sensitive",
+        sp,
+        "--out",
+        prepared.to_str().unwrap(),
+        "--seed",
+        "5",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The erased model is what sanitize erases with the same options and seed.
+    let erased = tmp.path().join("erased");
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        m,
+        "--sensitive",
+        sp,
+        "--out",
+        erased.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--epochs",
+        "0",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(tensors(&prepared), tensors(&erased));
+    assert_ne!(
+        tensors(&prepared),
+        tensors(&model),
+        "erasure changed the model"
+    );
+
+    // The repair set, against windows and surrogates made here from the saved config.
+    let cfg: ResolvedConfig =
+        toml::from_str(&std::fs::read_to_string(prepared.join("sani_config.toml")).unwrap())
+            .unwrap();
+    assert_eq!(cfg.epochs, 2);
+    let ckpt = Checkpoint::load(&model, &Device::Cpu).unwrap();
+    let tok = sani::io::load_tokenizer(&model).unwrap();
+    let docs = sani::data::spans::load_documents(Some(&spans), None, None).unwrap();
+    let corpus = Corpus {
+        docs: &docs,
+        tok: &tok,
+        labels: sani::data::spans::label_names(&docs),
+        framing: tokens::resolve_framing(&tok, ckpt.config.bos_token_id(), cfg.bos, None).unwrap(),
+        max_seq_len: cfg.max_seq_len.min(ckpt.config.max_positions()),
+        stride: None,
+    };
+    let mut data = SurrogateData {
+        corpus: &corpus,
+        seed: 5,
+        forgetting: Forgetting::Off,
+    };
+    // What sanitize trained on, from its report: targets and tokens per epoch.
+    let sanitized = tmp.path().join("sanitized");
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        m,
+        "--sensitive",
+        sp,
+        "--out",
+        sanitized.to_str().unwrap(),
+        "--seed",
+        "5",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sanitized.join("sani_report.json")).unwrap())
+            .unwrap();
+    let mut epoch_ids = Vec::new();
+    for epoch in 0..2 {
+        let rows = read_repair_set(&prepared.join(format!("repair/epoch-{epoch}.parquet")));
+        let examples = data.examples(epoch).unwrap();
+        assert_eq!(rows.input_ids.len(), examples.len());
+        let len = examples.iter().map(|e| e.ids.len()).max().unwrap();
+        let (mut targets, mut tokens) = (0, 0);
+        let mut windows_seen: BTreeMap<&str, i32> = BTreeMap::new();
+        for (r, e) in examples.iter().enumerate() {
+            let n = e.ids.len();
+            assert_eq!(rows.input_ids[r].len(), len, "rows padded to the longest");
+            let ids: Vec<i64> = e.ids.iter().map(|&x| x as i64).collect();
+            assert_eq!(rows.input_ids[r][..n], ids[..]);
+            assert!(rows.attention_mask[r][..n].iter().all(|&x| x == 1));
+            assert!(rows.attention_mask[r][n..].iter().all(|&x| x == 0));
+            for (i, &label) in rows.labels[r].iter().enumerate() {
+                let want = if i > 0 && i < n && e.train[i] {
+                    ids[i]
+                } else {
+                    -100
+                };
+                assert_eq!(label, want, "row {r}, position {i}");
+            }
+            targets += rows.labels[r].iter().filter(|&&l| l != -100).count();
+            tokens += n;
+            assert_eq!(rows.doc_id[r], docs[e.origin.doc].id);
+            let k = windows_seen.entry(&docs[e.origin.doc].id).or_insert(0);
+            assert_eq!(rows.window[r], *k);
+            *k += 1;
+        }
+        let trained = &report["epochs"][epoch];
+        assert_eq!(targets as u64, trained["trained_tokens"].as_u64().unwrap());
+        assert_eq!(tokens as u64, trained["tokens"].as_u64().unwrap());
+        epoch_ids.push(rows.input_ids);
+    }
+    assert_ne!(epoch_ids[0], epoch_ids[1], "fresh surrogates each epoch");
+
+    // Mask repair: the sensitive tokens carry no label, the same in every epoch.
+    let masked = tmp.path().join("masked");
+    let o = sani(&[
+        "prepare",
+        "--model",
+        m,
+        "--sensitive",
+        sp,
+        "--out",
+        masked.to_str().unwrap(),
+        "--repair-target",
+        "mask",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = read_repair_set(&masked.join("repair/epoch-0.parquet"));
+    let truth = windows_to_examples(&corpus.windows(&docs).unwrap(), true);
+    assert_eq!(rows.input_ids.len(), truth.len());
+    for (r, e) in truth.iter().enumerate() {
+        for i in 1..e.ids.len() {
+            assert_eq!(
+                rows.labels[r][i] == -100,
+                e.sensitive[i],
+                "row {r}, position {i}"
+            );
+        }
+    }
+    assert_eq!(
+        rows.labels,
+        read_repair_set(&masked.join("repair/epoch-1.parquet")).labels
+    );
+
+    // What an external trainer cannot apply is refused, and nothing is written.
+    let refused = tmp.path().join("refused");
+    let o = sani(&[
+        "prepare",
+        "--model",
+        m,
+        "--sensitive",
+        sp,
+        "--out",
+        refused.to_str().unwrap(),
+        "--forget-weight",
+        "0.5",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--forget-weight"), "{}", stderr(&o));
+    assert!(!refused.exists());
+}

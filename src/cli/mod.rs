@@ -140,6 +140,10 @@ enum Command {
     /// Erase and repair a fine-tuned model so it stops reproducing sensitive spans
     #[command(allow_negative_numbers = true)]
     Sanitize(Box<sanitize::SanitizeArgs>),
+    /// Erase as sanitize does, and write the repair set (Parquet, one file per epoch) for an
+    /// external trainer (accelerate, FSDP, DeepSpeed) instead of repairing
+    #[command(allow_negative_numbers = true)]
+    Prepare(Box<sanitize::SanitizeArgs>),
     /// Measure regurgitation of sensitive spans and perplexity; gate a pipeline by exit code
     #[command(allow_negative_numbers = true, args_conflicts_with_subcommands = true)]
     Eval(Box<eval::EvalArgs>),
@@ -158,7 +162,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::io::staged::install_interrupt_handler();
     let runtime = match &cli.command {
-        Command::Sanitize(a) => &a.model.runtime,
+        Command::Sanitize(a) | Command::Prepare(a) => &a.model.runtime,
         Command::Eval(a) => &a.runtime,
         Command::Finetune(a) => &a.runtime,
         Command::Inspect(a) => &a.model.runtime,
@@ -179,6 +183,9 @@ pub fn main() -> ExitCode {
 fn run(command: &Command) -> anyhow::Result<ExitCode> {
     Ok(match command {
         Command::Sanitize(a) => sanitize::run(a).map(|_| ExitCode::SUCCESS)?,
+        Command::Prepare(a) => {
+            crate::recipes::prepare::run(&a.resolve()?).map(|_| ExitCode::SUCCESS)?
+        }
         Command::Eval(a) => match eval::run(a)? {
             crate::eval::Verdict::Pass => ExitCode::SUCCESS,
             crate::eval::Verdict::Fail => ExitCode::from(1),

@@ -1,10 +1,12 @@
 //! The workflows behind the subcommands, each a function over the building blocks: `sanitize`
-//! (erase, repair, write), `eval`, `finetune`, `inspect` and `demo`.
+//! (erase, repair, write), `prepare` (erase, and the repair set for an external trainer),
+//! `eval`, `finetune`, `inspect` and `demo`.
 
 pub mod demo;
 pub mod eval;
 pub mod finetune;
 pub mod inspect;
+pub mod prepare;
 pub mod sanitize;
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,7 @@
 //! `--config FILE`, then the command line, layered by [`crate::cli::sanitize`]).
 
 use crate::data::spans::{self, Document, SpanSources};
+use crate::data::tokens::Framing;
 use crate::data::tokens::{self, BosPolicy};
 use crate::erase::{self, ResetMode, Selection};
 use crate::io::checkpoint::Checkpoint;
@@ -14,8 +15,8 @@ use crate::io::staged::StagedDir;
 use crate::model::Model;
 use crate::recipes::PhaseTiming;
 use crate::train::{
-    self, windows_to_examples, Corpus, EpochMetrics, FixedData, Forgetting, SurrogateData,
-    TrainConfig, TrainScope,
+    self, windows_to_examples, Corpus, EpochData, EpochMetrics, Example, FixedData, Forgetting,
+    SurrogateData, TrainConfig, TrainScope,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -237,6 +238,50 @@ pub struct SanitizeReport {
     pub output_weights_sha256: String,
 }
 
+/// How the repair frames each document (BOS, `--doc-separator`).
+fn repair_framing(ckpt: &Checkpoint, tok: &Tokenizer, cfg: &ResolvedConfig) -> Result<Framing> {
+    tokens::resolve_framing(
+        tok,
+        ckpt.config.bos_token_id(),
+        cfg.bos,
+        cfg.doc_separator.as_deref(),
+    )
+}
+
+/// The corpus the repair cuts into windows (the same for `sanitize` and `prepare`).
+pub fn repair_corpus<'a>(
+    ckpt: &Checkpoint,
+    tok: &'a Tokenizer,
+    docs: &'a [Document],
+    cfg: &ResolvedConfig,
+) -> Result<Corpus<'a>> {
+    Ok(Corpus {
+        docs,
+        tok,
+        labels: spans::label_names(docs),
+        framing: repair_framing(ckpt, tok, cfg)?,
+        max_seq_len: cfg.max_seq_len.min(ckpt.config.max_positions()),
+        stride: (cfg.stride > 0).then_some(cfg.stride),
+    })
+}
+
+/// What each repair epoch trains on: the true windows with the sensitive tokens masked
+/// (`masked`, the same every epoch), or fresh surrogates each epoch.
+pub fn repair_data<'a>(
+    corpus: &'a Corpus<'a>,
+    masked: &[Example],
+    cfg: &ResolvedConfig,
+) -> Box<dyn EpochData + 'a> {
+    match cfg.repair_target {
+        RepairTarget::Mask => Box::new(FixedData(masked.to_vec())),
+        RepairTarget::Surrogate => Box::new(SurrogateData {
+            corpus,
+            seed: cfg.seed,
+            forgetting: cfg.forgetting(),
+        }),
+    }
+}
+
 /// Runs the whole sanitize pipeline on an already opened checkpoint (its tensors are updated in
 /// place). Writes nothing.
 pub fn sanitize_in_memory(
@@ -263,21 +308,9 @@ pub fn sanitize_in_memory(
     }
     let mut timings = Vec::new();
     let labels = spans::label_names(docs);
-    let framing = tokens::resolve_framing(
-        tok,
-        ckpt.config.bos_token_id(),
-        cfg.bos,
-        cfg.doc_separator.as_deref(),
-    )?;
+    let framing = repair_framing(ckpt, tok, cfg)?;
     let bos = framing.bos;
-    let corpus = Corpus {
-        docs,
-        tok,
-        labels: labels.clone(),
-        framing,
-        max_seq_len: cfg.max_seq_len.min(ckpt.config.max_positions()),
-        stride: (cfg.stride > 0).then_some(cfg.stride),
-    };
+    let corpus = repair_corpus(ckpt, tok, docs, cfg)?;
     let t0 = Instant::now();
     let windows = corpus.windows(docs)?;
     let masked = tokens::masked_token_counts(&windows, &labels);
@@ -317,23 +350,8 @@ pub fn sanitize_in_memory(
     if cfg.epochs > 0 {
         let scope = cfg.scope(n_layers)?;
         let train_cfg = cfg.train_config();
-        epochs = match cfg.repair_target {
-            RepairTarget::Mask => train::fit(
-                ckpt,
-                scope,
-                &mut FixedData(examples.clone()),
-                &train_cfg,
-                quiet,
-            )?,
-            RepairTarget::Surrogate => {
-                let mut data = SurrogateData {
-                    corpus: &corpus,
-                    seed: cfg.seed,
-                    forgetting: cfg.forgetting(),
-                };
-                train::fit(ckpt, scope, &mut data, &train_cfg, quiet)?
-            }
-        };
+        let mut data = repair_data(&corpus, &examples, cfg);
+        epochs = train::fit(ckpt, scope, data.as_mut(), &train_cfg, quiet)?;
     }
     // Tokens through the model: in surrogate repair the sensitive tokens are trained too, so
     // trained + sensitive would count them twice.

@@ -2,6 +2,7 @@
 //! examples (sensitive targets masked or not), and surrogate data, where every epoch the spans
 //! get fresh fake values before tokenization.
 
+use super::step::Origin;
 use super::Example;
 use crate::data::spans::Document;
 use crate::data::surrogate::apply_surrogates;
@@ -37,6 +38,10 @@ pub fn windows_to_examples(windows: &[Window], mask_sensitive: bool) -> Vec<Exam
         .filter(|w| w.ids.len() >= 2)
         .map(|w| Example {
             forget: Vec::new(),
+            origin: Origin {
+                doc: w.doc_index,
+                start: w.start,
+            },
             ids: w.ids.clone(),
             train: w
                 .sensitive
@@ -84,6 +89,10 @@ pub fn windows_to_forget_examples(windows: &[Window], train_rest: bool) -> Vec<E
             train: w.sensitive.iter().map(|&s| train_rest && !s).collect(),
             sensitive: vec![false; w.ids.len()],
             forget: w.sensitive.clone(),
+            origin: Origin {
+                doc: w.doc_index,
+                start: w.start,
+            },
         })
         .collect()
 }
@@ -118,17 +127,32 @@ impl EpochData for SurrogateData<'_> {
         let mut pick =
             StdRng::seed_from_u64(self.seed.wrapping_mul(7_000_003).wrapping_add(epoch as u64));
         let mut docs = Vec::with_capacity(self.corpus.docs.len());
+        let (mut fake_of, mut true_of) = (Vec::new(), Vec::new());
         let mut kept_true = Vec::new();
-        for d in self.corpus.docs {
+        for (i, d) in self.corpus.docs.iter().enumerate() {
             let fake = apply_surrogates(d, &mut rng);
             match self.forgetting {
                 Forgetting::Share(q) if pick.random_bool(q.clamp(0.0, 1.0)) => {
-                    kept_true.push(d.clone())
+                    kept_true.push(d.clone());
+                    true_of.push(i);
                 }
-                _ => docs.push(fake),
+                _ => {
+                    docs.push(fake);
+                    fake_of.push(i);
+                }
             }
         }
-        let mut examples = windows_to_examples(&self.corpus.windows(&docs)?, false);
+        // Origins index the corpus, not the lists the windows were cut from.
+        let origin_in = |mut e: Vec<Example>, of: &[usize]| {
+            for x in &mut e {
+                x.origin.doc = of[x.origin.doc];
+            }
+            e
+        };
+        let mut examples = origin_in(
+            windows_to_examples(&self.corpus.windows(&docs)?, false),
+            &fake_of,
+        );
         match self.forgetting {
             Forgetting::Off => {}
             Forgetting::Added => {
@@ -138,7 +162,10 @@ impl EpochData for SurrogateData<'_> {
             Forgetting::Share(_) => {
                 if !kept_true.is_empty() {
                     let truth = self.corpus.windows(&kept_true)?;
-                    examples.extend(windows_to_forget_examples(&truth, true));
+                    examples.extend(origin_in(
+                        windows_to_forget_examples(&truth, true),
+                        &true_of,
+                    ));
                 }
             }
         }
@@ -218,11 +245,11 @@ mod tests {
             .map(|d| d.ids)
             .collect();
         for e in &truth {
-            assert!(true_ids.contains(&e.ids));
+            assert_eq!(e.ids, true_ids[e.origin.doc], "origin names the document");
         }
         let fakes: Vec<&Example> = share.iter().filter(|e| !e.forget.contains(&true)).collect();
         for e in fakes {
-            assert!(off.iter().any(|o| o.ids == e.ids));
+            assert!(off.iter().any(|o| o.ids == e.ids && o.origin == e.origin));
             assert!(e.sensitive.contains(&true));
         }
     }

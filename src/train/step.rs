@@ -14,12 +14,22 @@ use std::collections::BTreeMap;
 /// One training sequence: token ids and, per position, whether its token is a training target
 /// (`train`), whether it is sensitive (reported separately, never trained on in mask mode), and
 /// whether it is a true sensitive token to make less likely (`forget`; empty: none).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub train: Vec<bool>,
     pub sensitive: Vec<bool>,
     pub forget: Vec<bool>,
+    /// Where it comes from (`sani prepare` writes it beside the tokens).
+    pub origin: Origin,
+}
+
+/// The document (index into the corpus) and the position of the window's first token in that
+/// document's framed sequence that an example was cut from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub doc: usize,
+    pub start: usize,
 }
 
 /// A batch on the device: right-padded ids with target weights (shifted: row i predicts i+1).
@@ -409,6 +419,7 @@ mod tests {
                             .collect(),
                         train: (0..n).map(|i| i % 4 != 2).collect(),
                         sensitive: (0..n).map(|i| i % 4 == 2).collect(),
+                        origin: Origin::default(),
                     }
                 })
                 .collect();
@@ -463,6 +474,7 @@ mod tests {
             train: vec![true; n],
             sensitive: (0..n).map(|i| sensitive && (4..7).contains(&i)).collect(),
             forget: Vec::new(),
+            origin: Origin::default(),
         };
         // The same ids: the forget targets' NLLs are the sensitive ones, so those below their
         // mean are pushed.
@@ -471,6 +483,7 @@ mod tests {
             train: vec![false; n],
             sensitive: vec![false; n],
             forget: (0..n).map(|i| (4..7).contains(&i)).collect(),
+            origin: Origin::default(),
         };
         let grads_of = |step: &TrainStep, examples: &[&Example]| {
             let batch = Batch::new(examples, &Device::Cpu).unwrap();
