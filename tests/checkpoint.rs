@@ -94,14 +94,22 @@ fn read_json(path: &Path) -> serde_json::Value {
 }
 
 /// Asserts that `out` holds exactly the tensors of `src` (names, dtypes, shapes, bytes) in the same
-/// shard files, with format=pt plus the provenance as metadata, and the same side files.
-fn assert_same_checkpoint(src: &Path, out: &Path) {
+/// shard files and the same side files; each shard either a byte-for-byte copy or rewritten with
+/// format=pt plus the provenance as metadata. Returns the shards that were rewritten.
+fn assert_same_checkpoint(src: &Path, out: &Path) -> Vec<String> {
     let shards = shard_files(src);
     assert_eq!(shards, shard_files(out), "{}: shard files", src.display());
     let mut total = 0usize;
+    let mut rewritten = Vec::new();
     for shard in &shards {
         let a_bytes = std::fs::read(src.join(shard)).unwrap();
         let b_bytes = std::fs::read(out.join(shard)).unwrap();
+        if a_bytes == b_bytes {
+            let (n, _) = SafeTensors::read_metadata(&b_bytes).unwrap();
+            total += b_bytes.len() - n - 8;
+            continue;
+        }
+        rewritten.push(shard.clone());
         let a = SafeTensors::deserialize(&a_bytes).unwrap();
         let b = SafeTensors::deserialize(&b_bytes).unwrap();
         let names = |s: &SafeTensors| -> BTreeSet<String> {
@@ -154,6 +162,7 @@ fn assert_same_checkpoint(src: &Path, out: &Path) {
         );
         assert_eq!(Some(a), b.ok(), "{f} copied unchanged");
     }
+    rewritten
 }
 
 #[test]
@@ -161,8 +170,17 @@ fn every_fixture_round_trips_byte_identically() {
     for name in FIXTURES {
         let ckpt = load(&fixture(name)).unwrap();
         let out = tempfile::tempdir().unwrap();
-        ckpt.write_to(out.path(), &provenance()).unwrap();
-        assert_same_checkpoint(&fixture(name), out.path());
+        let written = ckpt.write_to(out.path(), &provenance()).unwrap();
+        // Nothing changed: every shard is the input's file, byte for byte.
+        assert_eq!(
+            assert_same_checkpoint(&fixture(name), out.path()),
+            Vec::<String>::new(),
+            "{name}"
+        );
+        assert!(
+            written.iter().all(|w| w.changed_tensors == 0),
+            "{written:?}"
+        );
         for side in [
             "config.json",
             "generation_config.json",
@@ -275,6 +293,32 @@ fn modified_var_round_trips(name: &str, embed: &str, dtype: Dtype) {
         }
     }
     assert!(src.tensor(embed).unwrap().data() != st.tensor(embed).unwrap().data());
+    // Only the shard holding the change is rewritten (with provenance); the others are copies.
+    assert_eq!(
+        assert_same_checkpoint_but(&fixture(name), out.path(), embed),
+        vec![entry.shard.clone()],
+        "{name}"
+    );
+}
+
+/// [`assert_same_checkpoint`] for a copy in which only tensor `changed` differs: returns the
+/// rewritten shards.
+fn assert_same_checkpoint_but(src: &Path, out: &Path, changed: &str) -> Vec<String> {
+    let edited = tempfile::tempdir().unwrap();
+    for f in files_in(src) {
+        std::fs::copy(src.join(&f), edited.path().join(&f)).unwrap();
+    }
+    let ckpt = load(out).unwrap();
+    let shard = ckpt.entry(changed).unwrap().shard.clone();
+    // The expected input: the source with `changed` taken from the output.
+    rewrite_safetensors(&edited.path().join(&shard), |tensors| {
+        let bytes = std::fs::read(out.join(&shard)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for t in tensors.iter_mut().filter(|t| t.0 == changed) {
+            t.3 = st.tensor(changed).unwrap().data().to_vec();
+        }
+    });
+    assert_same_checkpoint(edited.path(), out)
 }
 
 #[test]
@@ -653,7 +697,10 @@ fn hub_cache_offline() {
             .unwrap()
             .file_type()
             .is_symlink());
-        assert_same_checkpoint(&fixture("qwen2_bf16"), out.path());
+        assert_eq!(
+            assert_same_checkpoint(&fixture("qwen2_bf16"), out.path()),
+            Vec::<String>::new()
+        );
 
         // A ref with a trailing newline, sharded snapshot.
         let dir = resolve_model_dir("org/tiny-sharded").unwrap();

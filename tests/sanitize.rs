@@ -861,3 +861,79 @@ fn prepare_writes_the_erased_model_and_the_repair_set_sanitize_trains_on() {
     assert!(stderr(&o).contains("--forget-weight"), "{}", stderr(&o));
     assert!(!refused.exists());
 }
+
+#[test]
+fn erasure_reads_only_the_reset_tensors_and_copies_untouched_shards_byte_for_byte() {
+    use sani::recipes::sanitize::{sanitize_in_memory, ResolvedConfig};
+    let (tmp, model, spans) = workspace("llama3_sharded", 4);
+    let (m, sp) = (model.to_str().unwrap(), spans.to_str().unwrap());
+    let args = ["--erase-layers", "1", "--seed", "2", "-q"];
+    let erased = tmp.path().join("erased");
+    let prepared = tmp.path().join("prepared");
+    for (cmd, out, extra) in [
+        ("sanitize", &erased, &["--epochs", "0"][..]),
+        ("prepare", &prepared, &[][..]),
+    ] {
+        let mut a = vec![cmd, "--model", m, "--sensitive", sp, "--out"];
+        a.push(out.to_str().unwrap());
+        a.extend(args);
+        a.extend(extra);
+        let o = sani(&a);
+        assert!(o.status.success(), "{cmd}: {}", stderr(&o));
+    }
+    // Layer 1's MLP lives in shard 2: only that file is rewritten.
+    let ckpt = Checkpoint::open(&model, &Device::Cpu).unwrap();
+    let mlp: Vec<String> = ["down_proj", "gate_proj", "up_proj"]
+        .iter()
+        .map(|p| format!("model.layers.1.mlp.{p}.weight"))
+        .collect();
+    let changed_shard = ckpt.entry(&mlp[0]).unwrap().shard.clone();
+    assert!(mlp
+        .iter()
+        .all(|n| ckpt.entry(n).unwrap().shard == changed_shard));
+    for out in [&erased, &prepared] {
+        for shard in &ckpt.shards {
+            let (a, b) = (
+                std::fs::read(model.join(shard)).unwrap(),
+                std::fs::read(out.join(shard)).unwrap(),
+            );
+            assert_eq!(
+                a == b,
+                shard != &changed_shard,
+                "{}: {shard}",
+                out.display()
+            );
+        }
+        let report = read_json(&out.join("sani_report.json"));
+        let shards = report["output_shards"].as_array().unwrap();
+        assert_eq!(shards.len(), ckpt.shards.len());
+        for s in shards {
+            let want = if s["file"] == changed_shard.as_str() {
+                3
+            } else {
+                0
+            };
+            assert_eq!(s["changed_tensors"], want, "{s}");
+        }
+    }
+    assert_eq!(tensors(&erased), tensors(&prepared));
+
+    // In memory: opened on demand, erasure reads exactly the tensors it resets, and gives the
+    // values a fully loaded model gets.
+    let cfg: ResolvedConfig =
+        toml::from_str(&std::fs::read_to_string(erased.join("sani_config.toml")).unwrap()).unwrap();
+    let tok = sani::io::load_tokenizer(&model).unwrap();
+    let docs = sani::data::spans::load_documents(Some(&spans), None, None).unwrap();
+    sanitize_in_memory(&ckpt, &tok, &docs, &cfg, true).unwrap();
+    assert_eq!(ckpt.resident_tensors(), mlp);
+    let full = Checkpoint::load(&model, &Device::Cpu).unwrap();
+    sanitize_in_memory(&full, &tok, &docs, &cfg, true).unwrap();
+    let eager = tmp.path().join("eager");
+    std::fs::create_dir(&eager).unwrap();
+    full.write_to(&eager, &BTreeMap::new()).unwrap();
+    assert_eq!(raw_tensors(&eager), raw_tensors(&erased));
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}

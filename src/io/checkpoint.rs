@@ -3,8 +3,10 @@
 //! tensor names, shapes, dtypes and shard layout.
 //!
 //! Tensors are computed in f32; each one remembers its stored dtype and shard so that the writer
-//! can reproduce the layout. An untouched tensor round-trips bit-identically (f16/bf16 -> f32 ->
-//! f16/bf16 is exact).
+//! can reproduce the layout. The weight files stay memory-mapped: [`Checkpoint::open`] reads a
+//! tensor only when it is first asked for (erasure touches a few blocks, so memory stays near
+//! those tensors, not the model), and the writer copies every shard whose tensors all still hold
+//! their stored values byte for byte (its metadata included), rewriting only the others.
 
 use crate::io::model_files::{check_file_name, check_links_stay_inside};
 use crate::model::config::ModelConfig;
@@ -15,8 +17,10 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -29,6 +33,19 @@ pub struct TensorEntry {
     pub dtype: StDtype,
     pub shape: Vec<usize>,
     pub shard: String,
+    /// The tensor's bytes within its (mapped) shard file; empty for a model made in memory.
+    pub bytes: Range<usize>,
+}
+
+/// Which tensors a checkpoint holds in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residency {
+    /// Every float tensor, read at load.
+    All,
+    /// Each float tensor from its mapped file when first asked for.
+    OnDemand,
+    /// None: names, dtypes and shapes only.
+    HeadersOnly,
 }
 
 /// A loaded model directory.
@@ -40,10 +57,11 @@ pub struct Checkpoint {
     /// Shard file names in order (one entry, `model.safetensors`, when not sharded).
     pub shards: Vec<String>,
     pub sharded: bool,
-    /// Floating-point tensors as f32 vars on the compute device, keyed by HF name.
+    /// Floating-point tensors read so far, as f32 vars on the compute device, keyed by HF name.
     pub varmap: VarMap,
-    /// Tensors that are not floating point, kept as their raw little-endian bytes.
-    raw: HashMap<String, Vec<u8>>,
+    /// The input's weight files, mapped read-only, by shard name (empty for a model made in
+    /// memory).
+    files: HashMap<String, memmap2::Mmap>,
     /// The `metadata` object of the input index (e.g. `total_parameters`), written back with
     /// `total_size` recomputed.
     index_metadata: serde_json::Map<String, serde_json::Value>,
@@ -51,9 +69,7 @@ pub struct Checkpoint {
     /// Directory whose config, tokenizer and other side files are copied on write (None for a
     /// freshly initialized model: its writer supplies them).
     pub side_files: Option<PathBuf>,
-    /// Only names, dtypes and shapes were read (see [`Checkpoint::load_headers`]): no var, no
-    /// write.
-    headers_only: bool,
+    residency: Residency,
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -110,9 +126,16 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
 }
 
 impl Checkpoint {
-    /// Loads config and weights from a model directory.
+    /// Loads config and every weight from a model directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load_impl(dir, device, false)
+        Self::load_impl(dir, device, Residency::All)
+    }
+
+    /// Opens a model directory as [`Checkpoint::load`] does (same checks), reading each tensor
+    /// from its mapped file only when [`Checkpoint::var`] first asks for it: a run that touches a
+    /// few tensors holds only those.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_impl(dir, device, Residency::OnDemand)
     }
 
     /// The checkpoint's names, dtypes and shapes, with every float tensor checked for NaN and
@@ -120,104 +143,129 @@ impl Checkpoint {
     /// window, not the model. [`Model::load_frozen`] builds on it (shapes checked, no compute);
     /// [`Checkpoint::var`] and writing refuse it. For `sani inspect`.
     pub fn load_headers(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load_impl(dir, device, true)
+        Self::load_impl(dir, device, Residency::HeadersOnly)
     }
 
-    fn load_impl(dir: &Path, device: &Device, headers_only: bool) -> Result<Self> {
+    fn load_impl(dir: &Path, device: &Device, residency: Residency) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: not a directory (or not readable)", dir.display());
         }
         check_links_stay_inside(dir)?;
         let config = ModelConfig::from_dir(dir)?;
         let (shards, sharded) = weight_files(dir)?;
-        let varmap = VarMap::new();
         let mut entries = Vec::new();
-        let mut raw = HashMap::new();
+        let mut files = HashMap::new();
         let mut seen = HashSet::new();
-        {
-            let mut vars = varmap.data().lock().expect("fresh varmap");
-            for shard in &shards {
-                let path = dir.join(shard);
-                let file = std::fs::File::open(&path)
-                    .with_context(|| format!("{}: cannot read weight file", path.display()))?;
-                // SAFETY: the file is only read, and each tensor is copied out before its pages
-                // are dropped; sani never writes into an input model. (A file truncated by
-                // another process meanwhile would fault, as with any mmap reader.)
-                let bytes = unsafe { memmap2::Mmap::map(&file) }
-                    .with_context(|| format!("{}: cannot map weight file", path.display()))?;
-                let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-                    anyhow!(
-                        "{}: corrupt or truncated safetensors file: {e}",
-                        path.display()
-                    )
-                })?;
-                let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-                names.sort();
-                for name in names {
-                    let view = st.tensor(&name)?;
-                    if !seen.insert(name.clone()) {
-                        bail!("{}: tensor `{name}` is stored twice", path.display());
-                    }
-                    let dtype = view.dtype();
-                    if candle_dtype(dtype).is_some() {
-                        check_finite(dtype, view.data()).map_err(|what| {
-                            anyhow!(
-                                "{}: tensor `{name}` holds {what}; refusing to load a broken \
-                                 model (was it trained with too high a learning rate?)",
-                                path.display()
-                            )
-                        })?;
-                    }
-                    if !headers_only && candle_dtype(dtype).is_some() {
-                        let t = view
-                            .load(&Device::Cpu)
-                            .and_then(|t| t.to_dtype(DType::F32))
-                            .and_then(|t| t.to_device(device))
-                            .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
-                        vars.insert(name.clone(), Var::from_tensor(&t)?);
-                    } else if !headers_only {
-                        raw.insert(name.clone(), view.data().to_vec());
-                    }
-                    entries.push(TensorEntry {
-                        name,
-                        dtype,
-                        shape: view.shape().to_vec(),
-                        shard: shard.clone(),
-                    });
-                    // The tensor is copied: let the kernel drop its file pages, so the peak is
-                    // the model in f32, not that plus the file.
-                    let data = view.data();
-                    let offset = data.as_ptr() as usize - bytes.as_ptr() as usize;
-                    // SAFETY: a read-only private mapping of an unmodified file: dropped pages
-                    // are read again from the file if touched.
-                    let _ = unsafe {
-                        bytes.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            offset,
-                            data.len(),
-                        )
-                    };
+        for shard in &shards {
+            let path = dir.join(shard);
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("{}: cannot read weight file", path.display()))?;
+            // SAFETY: the file is only read; sani never writes into an input model. (A file
+            // truncated by another process meanwhile would fault, as with any mmap reader.)
+            let bytes = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("{}: cannot map weight file", path.display()))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+                anyhow!(
+                    "{}: corrupt or truncated safetensors file: {e}",
+                    path.display()
+                )
+            })?;
+            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            names.sort();
+            for name in names {
+                let view = st.tensor(&name)?;
+                if !seen.insert(name.clone()) {
+                    bail!("{}: tensor `{name}` is stored twice", path.display());
                 }
+                let dtype = view.dtype();
+                let data = view.data();
+                if candle_dtype(dtype).is_some() {
+                    check_finite(dtype, data).map_err(|what| {
+                        anyhow!(
+                            "{}: tensor `{name}` holds {what}; refusing to load a broken \
+                             model (was it trained with too high a learning rate?)",
+                            path.display()
+                        )
+                    })?;
+                }
+                let offset = data.as_ptr() as usize - bytes.as_ptr() as usize;
+                let range = offset..offset + data.len();
+                drop_pages(&bytes, &range);
+                entries.push(TensorEntry {
+                    name,
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    shard: shard.clone(),
+                    bytes: range,
+                });
             }
+            files.insert(shard.clone(), bytes);
         }
         let index_metadata = if sharded {
             check_index_matches(dir, &entries)?
         } else {
             serde_json::Map::new()
         };
-        Ok(Checkpoint {
+        let ckpt = Checkpoint {
             dir: dir.to_path_buf(),
             config,
             entries,
             shards,
             sharded,
-            varmap,
-            raw,
+            varmap: VarMap::new(),
+            files,
             index_metadata,
             device: device.clone(),
             side_files: Some(dir.to_path_buf()),
-            headers_only,
-        })
+            residency,
+        };
+        if residency == Residency::All {
+            for e in ckpt
+                .entries
+                .iter()
+                .filter(|e| candle_dtype(e.dtype).is_some())
+            {
+                ckpt.read_var(e)?;
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// Reads float tensor `e` from its mapped file into a new f32 var (kept in `varmap`).
+    fn read_var(&self, e: &TensorEntry) -> Result<Var> {
+        let t = self.read_f32(e, &self.device)?;
+        let var = Var::from_tensor(&t)?;
+        self.varmap
+            .data()
+            .lock()
+            .unwrap()
+            .insert(e.name.clone(), var.clone());
+        Ok(var)
+    }
+
+    /// Float tensor `e` as stored in the input file, in f32 on `device`.
+    fn read_f32(&self, e: &TensorEntry, device: &Device) -> Result<Tensor> {
+        let file = &self.files[&e.shard];
+        let data = &file[e.bytes.clone()];
+        let t = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), data)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| Ok(v.load(&Device::Cpu)?))
+            .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+            .and_then(|t| Ok(t.to_device(device)?))
+            .with_context(|| {
+                format!("{}: tensor `{}`", self.dir.join(&e.shard).display(), e.name)
+            })?;
+        // The tensor is copied: let the kernel drop its file pages, so the peak is the
+        // tensors in f32, not that plus the file.
+        drop_pages(file, &e.bytes);
+        Ok(t)
+    }
+
+    /// The names of the float tensors read into memory so far.
+    pub fn resident_tensors(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.varmap.data().lock().unwrap().keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// A freshly initialized f32 model for `config` (HF initialization, deterministic under
@@ -236,6 +284,7 @@ impl Checkpoint {
                 dtype: StDtype::F32,
                 shape: var.dims().to_vec(),
                 shard: SINGLE_FILE.to_string(),
+                bytes: 0..0,
             })
             .collect();
         let varmap = VarMap::new();
@@ -247,11 +296,11 @@ impl Checkpoint {
             shards: vec![SINGLE_FILE.to_string()],
             sharded: false,
             varmap,
-            raw: HashMap::new(),
+            files: HashMap::new(),
             index_metadata: serde_json::Map::new(),
             device: device.clone(),
             side_files: None,
-            headers_only: false,
+            residency: Residency::All,
         }
     }
 
@@ -289,26 +338,27 @@ impl Checkpoint {
 
     /// The var stored under `name`; an error naming the file when it is missing or has the wrong shape.
     pub fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
-        if self.headers_only {
+        if self.residency == Residency::HeadersOnly {
             self.float_entry(name, shape)?;
             bail!("{}: only the headers were loaded", self.dir.display());
         }
-        let var = self
-            .varmap
-            .data()
-            .lock()
-            .unwrap()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| match self.entry(name) {
-                Some(e) => anyhow!(
-                    "{}: tensor `{name}` is stored as {:?}; sani needs a floating-point tensor \
+        let resident = self.varmap.data().lock().unwrap().get(name).cloned();
+        let resident = match resident {
+            None if self.residency == Residency::OnDemand => {
+                let e = self.float_entry(name, shape)?;
+                Some(self.read_var(e)?)
+            }
+            v => v,
+        };
+        let var = resident.ok_or_else(|| match self.entry(name) {
+            Some(e) => anyhow!(
+                "{}: tensor `{name}` is stored as {:?}; sani needs a floating-point tensor \
                      (F32, F16, BF16 or F64) there",
-                    self.file_of(name),
-                    e.dtype
-                ),
-                None => anyhow!("{}: missing tensor `{name}`", self.weights_label()),
-            })?;
+                self.file_of(name),
+                e.dtype
+            ),
+            None => anyhow!("{}: missing tensor `{name}`", self.weights_label()),
+        })?;
         if var.dims() != shape {
             bail!(
                 "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
@@ -320,7 +370,8 @@ impl Checkpoint {
         Ok(var)
     }
 
-    /// All float vars, sorted by name.
+    /// The float vars read so far (all of them unless opened with [`Checkpoint::open`]), sorted
+    /// by name.
     pub fn vars(&self) -> BTreeMap<String, Var> {
         self.varmap
             .data()
@@ -388,8 +439,16 @@ impl Checkpoint {
 
     /// Writes the weights (same names, shapes, dtypes, shards) and copies every other file of the
     /// input directory except weights in other formats. `dir` must exist and be empty.
-    pub fn write_to(&self, dir: &Path, provenance: &BTreeMap<String, String>) -> Result<()> {
-        if self.headers_only {
+    ///
+    /// A shard whose tensors all still hold their stored values (never read, or read and equal)
+    /// is copied byte for byte, its metadata included; the others are written tensor by tensor
+    /// with `provenance` as metadata, so memory stays near one tensor beyond what is resident.
+    pub fn write_to(
+        &self,
+        dir: &Path,
+        provenance: &BTreeMap<String, String>,
+    ) -> Result<Vec<ShardWrite>> {
+        if self.residency == Residency::HeadersOnly {
             bail!(
                 "{}: only the headers were loaded; nothing to write",
                 self.dir.display()
@@ -403,32 +462,53 @@ impl Checkpoint {
         let vars = self.vars();
         let mut total_size = 0usize;
         let mut weight_map = BTreeMap::new();
+        let mut written = Vec::new();
         for shard in &self.shards {
-            let mut views = Vec::new();
-            for e in self.entries.iter().filter(|e| &e.shard == shard) {
-                let view = match self.raw.get(&e.name) {
-                    Some(bytes) => OutTensor::Raw {
-                        dtype: e.dtype,
-                        shape: e.shape.clone(),
-                        data: bytes,
-                    },
-                    None => {
-                        let dt = candle_dtype(e.dtype).expect("float tensors are vars");
-                        let t = vars[&e.name]
-                            .as_tensor()
-                            .to_device(&Device::Cpu)?
-                            .to_dtype(dt)?;
-                        OutTensor::Candle(t)
-                    }
-                };
-                total_size += view.data_len();
-                weight_map.insert(e.name.clone(), shard.clone());
-                views.push((e.name.clone(), view));
-            }
+            let entries: Vec<&TensorEntry> =
+                self.entries.iter().filter(|e| &e.shard == shard).collect();
+            let changed = entries
+                .iter()
+                .map(|e| self.changed(e, vars.get(&e.name)))
+                .collect::<Result<Vec<bool>>>()?;
+            let rewritten = changed.iter().filter(|c| **c).count();
             let path = dir.join(shard);
+            for e in &entries {
+                total_size += stored_len(&e.shape, e.dtype);
+                weight_map.insert(e.name.clone(), shard.clone());
+            }
+            written.push(ShardWrite {
+                file: shard.clone(),
+                tensors: entries.len(),
+                changed_tensors: rewritten,
+            });
+            let input = self.side_files.as_ref().map(|d| d.join(shard));
+            if rewritten == 0 {
+                let from = input.expect("a mapped shard has an input file");
+                std::fs::copy(&from, &path).with_context(|| {
+                    format!("{}: cannot copy to {}", from.display(), path.display())
+                })?;
+                continue;
+            }
+            let views: Vec<(String, OutTensor)> = entries
+                .iter()
+                .zip(&changed)
+                .map(|(e, &changed)| {
+                    let view = if changed {
+                        OutTensor::Var {
+                            var: vars[&e.name].clone(),
+                            dtype: e.dtype,
+                        }
+                    } else {
+                        OutTensor::Mapped {
+                            entry: e,
+                            file: &self.files[&e.shard],
+                        }
+                    };
+                    (e.name.clone(), view)
+                })
+                .collect();
             safetensors::tensor::serialize_to_file(views, Some(metadata.clone()), &path)
                 .with_context(|| format!("{}: cannot write", path.display()))?;
-            let input = self.side_files.as_ref().map(|d| d.join(shard));
             copy_mode(input.as_deref(), &path)?;
         }
         if self.sharded {
@@ -442,10 +522,57 @@ impl Checkpoint {
             std::fs::write(&path, serde_json::to_string_pretty(&index)? + "\n")
                 .with_context(|| format!("{}: cannot write", path.display()))?;
         }
-        match &self.side_files {
-            Some(src) => copy_side_files(src, dir),
-            None => Ok(()),
+        if let Some(src) = &self.side_files {
+            copy_side_files(src, dir)?;
         }
+        Ok(written)
+    }
+
+    /// Whether tensor `e` no longer holds its stored value: it was read (`var`) and now differs,
+    /// or there is no input file (a model made in memory).
+    fn changed(&self, e: &TensorEntry, var: Option<&Var>) -> Result<bool> {
+        let Some(var) = var else {
+            return Ok(!self.files.contains_key(&e.shard));
+        };
+        let Some(file) = self.files.get(&e.shard) else {
+            return Ok(true);
+        };
+        let same = holds_bytes(var.as_tensor(), e.dtype, &file[e.bytes.clone()])
+            .with_context(|| format!("{}: tensor `{}`", self.file_of(&e.name), e.name))?;
+        drop_pages(file, &e.bytes);
+        Ok(!same)
+    }
+}
+
+/// How one output shard was produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardWrite {
+    pub file: String,
+    pub tensors: usize,
+    /// Tensors whose values changed; 0: the input file was copied byte for byte.
+    pub changed_tensors: usize,
+}
+
+/// A shape-only view of a checkpoint: every tensor frozen and seen as a broadcast zero, nothing
+/// read. For a model whose structure is needed but not its values (which tensors erasure
+/// touches).
+pub struct Shapes<'a>(pub &'a Checkpoint);
+
+impl WeightSource for Shapes<'_> {
+    fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        self.0.float_entry(name, shape)?;
+        bail!(
+            "{}: tensor `{name}` is seen by shape only",
+            self.0.dir.display()
+        )
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.0.float_entry(name, shape)?;
+        // One zero seen through a broadcast: the right shape, no memory.
+        Ok(Tensor::zeros((), DType::F32, &self.0.device)?.broadcast_as(shape)?)
     }
 }
 
@@ -457,12 +584,10 @@ impl WeightSource for Checkpoint {
         Checkpoint::contains(self, name)
     }
     fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if !self.headers_only {
-            return Ok(Checkpoint::var(self, name, shape)?.as_tensor().detach());
+        if self.residency == Residency::HeadersOnly {
+            return Shapes(self).frozen(name, shape);
         }
-        self.float_entry(name, shape)?;
-        // One zero seen through a broadcast: the right shape, no memory.
-        Ok(Tensor::zeros((), DType::F32, &self.device)?.broadcast_as(shape)?)
+        Ok(Checkpoint::var(self, name, shape)?.as_tensor().detach())
     }
 }
 
@@ -488,6 +613,15 @@ impl Model {
     /// Loads with every tensor frozen (inference).
     pub fn load_frozen(ckpt: &Checkpoint) -> Result<Self> {
         Self::load(ckpt, &|_| false)
+    }
+
+    /// The model's structure (config, tensor names and shapes, checked as by [`Model::load`])
+    /// with no tensor read: for what depends on shapes only, such as the tensors erasure touches.
+    pub fn load_shapes(ckpt: &Checkpoint) -> Result<Self> {
+        let model = Self::from_source(&Shapes(ckpt), &ckpt.config, &ckpt.device, &|_| false)?;
+        let spec = ckpt.config.spec();
+        ckpt.check_no_extra(model.loaded_names(), |n| spec.is_known_buffer(n))?;
+        Ok(model)
     }
 }
 
@@ -525,41 +659,99 @@ fn check_index_matches(
         .unwrap_or_default())
 }
 
-/// A tensor to serialize: either a candle tensor in its stored dtype or raw bytes carried through.
+/// A tensor to serialize: a var converted to its stored dtype, or the input file's bytes carried
+/// through. Each yields its bytes only when the writer asks, one tensor at a time.
 enum OutTensor<'a> {
-    Candle(Tensor),
-    Raw {
+    Var {
+        var: Var,
         dtype: StDtype,
-        shape: Vec<usize>,
-        data: &'a [u8],
+    },
+    Mapped {
+        entry: &'a TensorEntry,
+        file: &'a memmap2::Mmap,
     },
 }
 
 impl View for OutTensor<'_> {
     fn dtype(&self) -> StDtype {
         match self {
-            OutTensor::Candle(t) => View::dtype(t),
-            OutTensor::Raw { dtype, .. } => *dtype,
+            OutTensor::Var { dtype, .. } => *dtype,
+            OutTensor::Mapped { entry, .. } => entry.dtype,
         }
     }
     fn shape(&self) -> &[usize] {
         match self {
-            OutTensor::Candle(t) => t.dims(),
-            OutTensor::Raw { shape, .. } => shape,
+            OutTensor::Var { var, .. } => var.dims(),
+            OutTensor::Mapped { entry, .. } => &entry.shape,
         }
     }
     fn data(&self) -> Cow<'_, [u8]> {
         match self {
-            OutTensor::Candle(t) => View::data(t),
-            OutTensor::Raw { data, .. } => Cow::Borrowed(data),
+            OutTensor::Var { var, dtype } => {
+                let dt = candle_dtype(*dtype).expect("vars are float tensors");
+                // A finite f32 CPU tensor always converts (checked at load; training keeps
+                // weights finite or fails first).
+                let t = var
+                    .as_tensor()
+                    .to_device(&Device::Cpu)
+                    .and_then(|t| t.to_dtype(dt))
+                    .expect("an f32 tensor converts to its stored dtype");
+                Cow::Owned(View::data(&t).into_owned())
+            }
+            OutTensor::Mapped { entry, file } => {
+                // Copied out, its pages dropped: a mapped page counts as resident once touched.
+                let bytes = file[entry.bytes.clone()].to_vec();
+                drop_pages(file, &entry.bytes);
+                Cow::Owned(bytes)
+            }
         }
     }
     fn data_len(&self) -> usize {
-        match self {
-            OutTensor::Candle(t) => View::data_len(t),
-            OutTensor::Raw { data, .. } => data.len(),
-        }
+        stored_len(self.shape(), self.dtype())
     }
+}
+
+/// Whether f32 tensor `t`, converted to `dtype` as the writer would, has exactly the bytes
+/// `stored` (little-endian). Holds at most one copy of `t` in `dtype` (none when it is f32).
+fn holds_bytes(t: &Tensor, dtype: StDtype, stored: &[u8]) -> Result<bool> {
+    fn same<const N: usize, T: Copy>(v: &[T], stored: &[u8], le: impl Fn(T) -> [u8; N]) -> bool {
+        v.len() * N == stored.len()
+            && v.iter()
+                .zip(stored.chunks_exact(N))
+                .all(|(&x, b)| le(x) == b)
+    }
+    let dt = candle_dtype(dtype).ok_or_else(|| anyhow!("{dtype:?} is not a float dtype"))?;
+    let t = t.to_device(&Device::Cpu)?.to_dtype(dt)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("expected a CPU tensor");
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| anyhow!("expected a contiguous tensor"))?;
+    use candle_core::CpuStorage as S;
+    Ok(match cpu {
+        S::F32(v) => same(&v[a..b], stored, f32::to_le_bytes),
+        S::F64(v) => same(&v[a..b], stored, f64::to_le_bytes),
+        S::F16(v) => same(&v[a..b], stored, |x| x.to_bits().to_le_bytes()),
+        S::BF16(v) => same(&v[a..b], stored, |x| x.to_bits().to_le_bytes()),
+        _ => bail!("unexpected dtype {:?}", t.dtype()),
+    })
+}
+
+/// The bytes a tensor of `shape` takes when stored as `dtype`.
+fn stored_len(shape: &[usize], dtype: StDtype) -> usize {
+    (shape.iter().product::<usize>() * dtype.bitsize()).div_ceil(8)
+}
+
+/// Lets the kernel drop the pages of `range` of a read-only mapping (they are read from the
+/// file again if touched): a tensor already copied out need not stay resident.
+fn drop_pages(file: &memmap2::Mmap, range: &Range<usize>) {
+    // SAFETY: a read-only private mapping of a file sani does not modify: dropped pages are
+    // read again from the file if touched.
+    let _ = unsafe {
+        file.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+    };
 }
 
 /// Gives `path` the permission bits of `like` (the input shard), or rw-r--r-- for a new model:

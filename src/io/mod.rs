@@ -32,7 +32,31 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 /// Resolves `model` (a directory or a cached hub repo id) and loads its weights and tokenizer;
 /// fails when they disagree (see [`token_id_problems`]).
 pub fn open_model(model: &str, device: &Device) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
-    let (ckpt, tok, problems) = open_checked(model, device, false)?;
+    open_strict(model, device, Reading::All)
+}
+
+/// [`open_model`] with each tensor read only when first used ([`checkpoint::Checkpoint::open`]).
+pub fn open_model_on_demand(
+    model: &str,
+    device: &Device,
+) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
+    open_strict(model, device, Reading::OnDemand)
+}
+
+/// How much of the weights [`open_checked`] reads.
+#[derive(Clone, Copy)]
+enum Reading {
+    All,
+    OnDemand,
+    HeadersOnly,
+}
+
+fn open_strict(
+    model: &str,
+    device: &Device,
+    reading: Reading,
+) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
+    let (ckpt, tok, problems) = open_checked(model, device, reading)?;
     if let Some(first) = problems.first() {
         let more = match problems.len() {
             1 => String::new(),
@@ -49,20 +73,20 @@ pub fn open_model_lenient(
     model: &str,
     device: &Device,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
-    open_checked(model, device, true)
+    open_checked(model, device, Reading::HeadersOnly)
 }
 
-/// The checkpoint (all tensors, or only their headers), its tokenizer and their problems.
+/// The checkpoint (read as `reading` says), its tokenizer and their problems.
 fn open_checked(
     model: &str,
     device: &Device,
-    headers_only: bool,
+    reading: Reading,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
     let dir = hub::resolve_model_dir(model)?;
-    let ckpt = if headers_only {
-        checkpoint::Checkpoint::load_headers(&dir, device)?
-    } else {
-        checkpoint::Checkpoint::load(&dir, device)?
+    let ckpt = match reading {
+        Reading::All => checkpoint::Checkpoint::load(&dir, device)?,
+        Reading::OnDemand => checkpoint::Checkpoint::open(&dir, device)?,
+        Reading::HeadersOnly => checkpoint::Checkpoint::load_headers(&dir, device)?,
     };
     let tok = load_tokenizer(&dir)?;
     let problems = token_id_problems(&ckpt, &tok);

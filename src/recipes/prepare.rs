@@ -154,7 +154,7 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
         bail!("--epochs 0: no repair set to write (use `sani sanitize --epochs 0` to erase only)");
     }
     let docs = job.spans.load()?;
-    let (ckpt, tok) = crate::io::open_model(&job.model, &job.device)?;
+    let (ckpt, tok) = crate::io::open_model_on_demand(&job.model, &job.device)?;
     let staged = StagedDir::create(&job.out, job.force, &[&ckpt.dir])?;
     let input_sha = ckpt.weights_sha256()?;
     let t0 = Instant::now();
@@ -193,7 +193,8 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     provenance.insert("sani_source_sha256".to_string(), input_sha);
     provenance.insert("sani_config".to_string(), serde_json::to_string(cfg)?);
     let tw = Instant::now();
-    ckpt.write_to(staged.path(), &provenance)?;
+    erase.output_shards = ckpt.write_to(staged.path(), &provenance)?;
+    crate::runtime::trace_rss("written");
     erase.output_weights_sha256 = crate::io::hash::sha256_files(staged.path(), &ckpt.shards)?;
     erase.timings.push(PhaseTiming::new("write model", tw, 0));
     erase.timings.push(PhaseTiming::new("total", t0, 0));
@@ -220,6 +221,9 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     println!("erased model and repair set written to {}", out.display());
     for (layer, units) in &report.erase.erased_units {
         println!("  layer {layer}: {} MLP units reset", units.len());
+    }
+    if let Some(line) = crate::recipes::sanitize::shards_line(&report.erase.output_shards) {
+        println!("  {line}");
     }
     for f in &report.repair_set {
         println!(

@@ -9,7 +9,7 @@ use crate::data::spans::{self, Document, SpanSources};
 use crate::data::tokens::Framing;
 use crate::data::tokens::{self, BosPolicy};
 use crate::erase::{self, ResetMode, Selection};
-use crate::io::checkpoint::Checkpoint;
+use crate::io::checkpoint::{Checkpoint, ShardWrite};
 use crate::io::json;
 use crate::io::staged::StagedDir;
 use crate::model::Model;
@@ -236,6 +236,10 @@ pub struct SanitizeReport {
     pub epochs: Vec<EpochMetrics>,
     pub timings: Vec<PhaseTiming>,
     pub output_weights_sha256: String,
+    /// Each weight file of the output: rewritten, or copied byte for byte from the input where
+    /// none of its tensors changed.
+    #[serde(default)]
+    pub output_shards: Vec<ShardWrite>,
 }
 
 /// How the repair frames each document (BOS, `--doc-separator`).
@@ -323,7 +327,11 @@ pub fn sanitize_in_memory(
     let layers = erase::last_layers(n_layers, cfg.erase_layers);
     let mut units = BTreeMap::new();
     if cfg.erase_fraction > 0.0 && !layers.is_empty() {
-        let probe = Model::load_frozen(ckpt)?;
+        // Random selection needs only the structure: no tensor is read but those reset.
+        let probe = match cfg.select {
+            Selection::Random => Model::load_shapes(ckpt)?,
+            _ => Model::load_frozen(ckpt)?,
+        };
         units = erase::select_units(
             &probe,
             &examples,
@@ -335,7 +343,7 @@ pub fn sanitize_in_memory(
         )?;
         let base = match (&cfg.reset, &cfg.base_model) {
             (ResetMode::Base, Some(dir)) => Some(
-                Checkpoint::load(dir, &ckpt.device)
+                Checkpoint::open(dir, &ckpt.device)
                     .with_context(|| format!("--base-model {}", dir.display()))?,
             ),
             _ => None,
@@ -385,6 +393,7 @@ pub fn sanitize_in_memory(
         epochs,
         timings,
         output_weights_sha256: String::new(),
+        output_shards: Vec::new(),
     })
 }
 
@@ -407,7 +416,7 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     let cfg = &job.config;
     let docs = job.spans.load()?;
     crate::runtime::trace_rss("start");
-    let (ckpt, tok) = crate::io::open_model(&job.model, &job.device)?;
+    let (ckpt, tok) = crate::io::open_model_on_demand(&job.model, &job.device)?;
     crate::runtime::trace_rss("model open");
     let model_dir = ckpt.dir.clone();
     let staged = StagedDir::create(&job.out, job.force, &[&model_dir])?;
@@ -434,7 +443,8 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     provenance.insert("sani_source_sha256".to_string(), input_sha);
     provenance.insert("sani_config".to_string(), serde_json::to_string(cfg)?);
     let tw = Instant::now();
-    ckpt.write_to(staged.path(), &provenance)?;
+    report.output_shards = ckpt.write_to(staged.path(), &provenance)?;
+    crate::runtime::trace_rss("written");
     report.output_weights_sha256 = crate::io::hash::sha256_files(staged.path(), &ckpt.shards)?;
     report.timings.push(PhaseTiming::new("write", tw, 0));
     report.timings.push(PhaseTiming::new("total", t0, 0));
@@ -470,8 +480,24 @@ fn print_summary(r: &SanitizeReport, out: &Path) {
             e.epoch, e.loss_trained, e.loss_sensitive, e.tokens_per_s, e.seconds
         );
     }
+    if let Some(line) = shards_line(&r.output_shards) {
+        println!("  {line}");
+    }
     println!(
         "  report: {}",
         out.join(json::SANITIZE_REPORT_FILE).display()
     );
+}
+
+/// "weights: 1 of 6 files rewritten, 5 copied unchanged", for a sharded output.
+pub fn shards_line(shards: &[ShardWrite]) -> Option<String> {
+    if shards.len() < 2 {
+        return None;
+    }
+    let rewritten = shards.iter().filter(|s| s.changed_tensors > 0).count();
+    Some(format!(
+        "weights: {rewritten} of {} files rewritten, {} copied unchanged",
+        shards.len(),
+        shards.len() - rewritten
+    ))
 }
