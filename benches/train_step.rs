@@ -3,12 +3,13 @@
 //! scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|smollm2-135m|all|head-MODE]
-//!     [--steps N] [--threads N] [--json] [--checkpoint] [--lora R] [--micro M]
+//!     [--steps N] [--threads N] [--json] [--checkpoint] [--lora R] [--micro M] [--modules LIST]
 //!
 //! `--checkpoint` recomputes each block in the backward pass (activation checkpointing).
 //! `--lora R` trains rank-R adapters on every projection of the frozen model (alpha 2R) instead
 //! of every weight. `--micro M` runs the 8 sequences as micro-batches of M (one optimizer step,
-//! gradients summed), as `--batch-size M --grad-accum 8/M` does.
+//! gradients summed), as `--batch-size M --grad-accum 8/M` does. `--modules mlp` trains only
+//! the tensors sanitize's `--train-modules mlp` (its default) trains; the rest stay frozen.
 //!
 //! `smollm2-135m` is SmolLM2-135M's shape (30 layers, hidden 576, vocab 49,152, tied), randomly
 //! initialized, at batch 8 x seq 256; `smollm2-360m` (32 layers, hidden 960) and `llama-1b`
@@ -85,6 +86,10 @@ fn main() -> anyhow::Result<()> {
             }
             "--micro" => {
                 std::env::set_var("SANI_BENCH_MICRO", &args[i + 1]);
+                i += 1;
+            }
+            "--modules" => {
+                std::env::set_var("SANI_BENCH_MODULES", &args[i + 1]);
                 i += 1;
             }
             s => which = s.to_string(),
@@ -208,8 +213,11 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
                 })
             })
             .transpose()?;
+        let modules: Vec<String> = std::env::var("SANI_BENCH_MODULES")
+            .map(|m| m.split(',').map(|m| m.trim().to_string()).collect())
+            .unwrap_or_default();
         let model = match &lora {
-            None => Model::load(&ckpt, &|_| true)?,
+            None => Model::load(&ckpt, &|n| sani::train::in_modules(n, &modules))?,
             Some(l) => Model::load_with_lora(&ckpt, &|_| false, Some(l))?,
         };
         let mut opt = AdamW::new(
