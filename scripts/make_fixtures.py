@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Generate the parity fixtures under tests/fixtures/ (run from the repo root).
 
-    python3 scripts/make_fixtures.py
+    python3 scripts/make_fixtures.py            # every fixture
+    python3 scripts/make_fixtures.py qwen3_f32  # only the named ones, the others kept
 
 Deterministic (fixed seeds and fixed text) and idempotent: tests/fixtures/ is
-deleted and rewritten on every run.  Everything is built from configs; nothing
+deleted and rewritten on a full run.  Everything is built from configs; nothing
 is downloaded.  Requires torch, transformers (>=5), tokenizers, safetensors.
 
 For every model <name> this writes
@@ -40,6 +41,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -494,6 +497,40 @@ def make_mistral(tok, inp, seed):
     return margin
 
 
+def make_qwen3(tok, inp, seed):
+    # head_dim given and unequal to hidden / heads; the second layer slides a 6-token window
+    # (shorter than the inputs), the first attends fully.
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, use_sliding_window=True, sliding_window=6,
+        max_window_layers=1, max_position_embeddings=64, initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common_ids(),
+    )
+    assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+    model = Qwen3ForCausalLM(cfg)
+    perturb(model)
+    model.eval()
+    set_eager(model)
+    set_gen_config(model)
+    d = save_model_dir(model, tok, "qwen3_f32")
+    ref, margin = compute_reference(reload_f32(Qwen3ForCausalLM, d, model, inp, 0.0), inp)
+    write_reference("qwen3_f32", ref, margin, seed)
+    return margin
+
+
+# name -> (builder, first seed, the fixtures it writes)
+BUILDERS = {
+    "gpt2": (make_gpt2, 0, ["gpt2_f32", "gpt2_legacy"]),
+    "llama_gqa": (make_llama_gqa, 100, ["llama_gqa"]),
+    "llama3_sharded": (make_llama3_sharded, 200, ["llama3_sharded"]),
+    "qwen2_bf16": (make_qwen2_bf16, 300, ["qwen2_bf16"]),
+    "mistral_f32": (make_mistral, 400, ["mistral_f32"]),
+    "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
+}
+
+
 def build(fn, tok, inp, base_seed, names, tries=50):
     for seed in range(base_seed, base_seed + tries):
         for n in names:
@@ -521,9 +558,13 @@ holds inputs, f32 eager logits, loss, `grad.<hf param name>` and greedy `generat
 def main():
     torch.manual_seed(0)
     torch.set_num_threads(1)  # reproducible reductions
-    if os.path.exists(OUT):
+    wanted = sys.argv[1:] or list(BUILDERS)
+    unknown = [w for w in wanted if w not in BUILDERS]
+    if unknown:
+        sys.exit(f"unknown fixture(s) {unknown}; known: {list(BUILDERS)}")
+    if not sys.argv[1:] and os.path.exists(OUT):
         shutil.rmtree(OUT)
-    os.makedirs(OUT)
+    os.makedirs(OUT, exist_ok=True)
 
     tok = build_tokenizer()
     inp = make_inputs(tok)
@@ -531,11 +572,11 @@ def main():
     print("row0:", inp["input_ids"][0].tolist(), repr(tok.decode(inp["input_ids"][0])))
     print("row1:", inp["input_ids"][1].tolist(), repr(tok.decode(inp["input_ids"][1][:8])))
 
-    build(make_gpt2, tok, inp, 0, ["gpt2_f32", "gpt2_legacy"])
-    build(make_llama_gqa, tok, inp, 100, ["llama_gqa"])
-    build(make_llama3_sharded, tok, inp, 200, ["llama3_sharded"])
-    build(make_qwen2_bf16, tok, inp, 300, ["qwen2_bf16"])
-    build(make_mistral, tok, inp, 400, ["mistral_f32"])
+    built = []
+    for w in wanted:
+        fn, base_seed, names = BUILDERS[w]
+        build(fn, tok, inp, base_seed, names)
+        built += names
 
     with open(os.path.join(OUT, "README.md"), "w") as f:
         f.write(README.format(torch=torch.__version__, tf=transformers.__version__,
@@ -553,7 +594,7 @@ def main():
             print(f"  {os.path.relpath(p, ROOT):70s} {sz:>9d}")
     print(f"  total {total} bytes ({total / 1e6:.2f} MB)")
     print("\nreferences:")
-    for name in ["gpt2_f32", "gpt2_legacy", "llama_gqa", "llama3_sharded", "qwen2_bf16", "mistral_f32"]:
+    for name in built:
         r = safetensors.torch.load_file(os.path.join(OUT, f"{name}.reference.safetensors"))
         ngrad = sum(1 for k in r if k.startswith("grad."))
         print(f"  {name:15s} logits absmax {r['logits'].abs().max().item():.4f}  std {r['logits'].std().item():.4f}"

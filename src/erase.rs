@@ -199,8 +199,9 @@ pub fn reset_units(
     mode: ResetMode,
     base: Option<&Checkpoint>,
     seed: u64,
-) -> Result<()> {
+) -> Result<Vec<ResetTensor>> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_e7a5e);
+    let mut reset = Vec::new();
     for (&layer, chosen) in units {
         for slice in model.mlp_unit_slices(layer) {
             let entry = ckpt
@@ -227,8 +228,18 @@ pub fn reset_units(
             let dim = dims[slice.axis];
             let inner: usize = dims[slice.axis + 1..].iter().product();
             let outer: usize = dims[..slice.axis].iter().product();
+            let rows = slice.indices(chosen);
+            if let Some(&last) = rows.last() {
+                if last >= dim {
+                    bail!(
+                        "{}: unit index {last} out of range (axis {} has {dim})",
+                        slice.name,
+                        slice.axis
+                    );
+                }
+            }
             for o in 0..outer {
-                for &j in chosen {
+                for &j in &rows {
                     for r in 0..inner {
                         let idx = (o * dim + j) * inner + r;
                         data[idx] = match mode {
@@ -243,7 +254,23 @@ pub fn reset_units(
                 }
             }
             var.set(&Tensor::from_vec(data, dims.as_slice(), var.device())?)?;
+            reset.push(ResetTensor {
+                layer,
+                tensor: slice.name.clone(),
+                axis: slice.axis,
+                indices: rows,
+            });
         }
     }
-    Ok(())
+    Ok(reset)
+}
+
+/// One tensor erasure changed: the indices along `axis` that were reset (rows of a [out, in]
+/// projection when `axis` is 0, columns when 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetTensor {
+    pub layer: usize,
+    pub tensor: String,
+    pub axis: usize,
+    pub indices: Vec<usize>,
 }

@@ -19,6 +19,7 @@ const FIXTURES: &[&str] = &[
     "llama3_sharded",
     "qwen2_bf16",
     "mistral_f32",
+    "qwen3_f32",
 ];
 
 fn provenance() -> BTreeMap<String, String> {

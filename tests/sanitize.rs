@@ -67,7 +67,7 @@ fn raw_tensors(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn erasure_changes_exactly_the_reported_units() {
-    for name in ["gpt2_f32", "llama_gqa", "qwen2_bf16"] {
+    for name in ["gpt2_f32", "llama_gqa", "qwen2_bf16", "qwen3_f32"] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let before = tensors(&fixture(name));
         let model = Model::load_frozen(&ckpt).unwrap();
@@ -76,8 +76,22 @@ fn erasure_changes_exactly_the_reported_units() {
             erase::select_units(&model, &[], &layers, 0.25, Selection::Random, 1, 4).unwrap();
         let width = ckpt.config.mlp_width();
         assert_eq!(units[&layers[0]].len(), width / 4);
-        erase::reset_units(&ckpt, &model, &units, ResetMode::Zero, None, 1).unwrap();
+        let reset = erase::reset_units(&ckpt, &model, &units, ResetMode::Zero, None, 1).unwrap();
         let slices = model.mlp_unit_slices(layers[0]);
+        assert_eq!(
+            reset.len(),
+            slices.len(),
+            "{name}: one report entry per tensor"
+        );
+        for (r, s) in reset.iter().zip(&slices) {
+            assert_eq!((&r.tensor, r.axis), (&s.name, s.axis));
+            assert_eq!(
+                r.indices,
+                s.indices(&units[&layers[0]]),
+                "{name}: {}",
+                r.tensor
+            );
+        }
         for (tensor, after) in ckpt.vars() {
             let after = after
                 .as_tensor()
@@ -92,7 +106,9 @@ fn erasure_changes_exactly_the_reported_units() {
                 let in_unit = slice.is_some_and(|s| {
                     let inner: usize = dims[s.axis + 1..].iter().product();
                     let j = (i / inner) % dims[s.axis];
-                    units[&layers[0]].contains(&j)
+                    s.offsets
+                        .iter()
+                        .any(|&o| j >= o && units[&layers[0]].contains(&(j - o)))
                 });
                 if in_unit {
                     assert_eq!(
@@ -291,8 +307,15 @@ fn config_file_then_command_line() {
         (0.7..1.3).contains(&share),
         "one pass of the corpus, got {share}"
     );
-    let (resolved, added) = seen_with("added", &["--forget-weight", "0.5"]);
-    assert!(!resolved.contains("forget-share"), "{resolved}");
+    let (resolved, default_share) = seen_with("default", &[]);
+    assert!(resolved.contains("forget-weight = 1.0"), "{resolved}");
+    assert!(resolved.contains("forget-share = 0.75"), "{resolved}");
+    assert!(
+        (0.7..1.3).contains(&default_share),
+        "the default forgets at no extra work, got {default_share}"
+    );
+    let (resolved, added) = seen_with("added", &["--forget-weight", "0.5", "--forget-share", "0"]);
+    assert!(resolved.contains("forget-share = 0.0"), "{resolved}");
     assert!(added > 1.3, "surrogate and true windows, got {added}");
 }
 
@@ -361,16 +384,16 @@ fn bad_input_exits_2_and_writes_nothing() {
                 "--forget-share",
                 "1.5",
             ],
-            vec!["--forget-share must be in (0, 1], got 1.5"],
+            vec!["--forget-share must be in [0, 1]", "got 1.5"],
         ),
         (
             vec![
                 "--sensitive",
                 spans.to_str().unwrap(),
                 "--forget-share",
-                "0.5",
+                "-0.25",
             ],
-            vec!["--forget-share needs --forget-weight above 0"],
+            vec!["--forget-share must be in [0, 1]", "got -0.25"],
         ),
     ];
     for (extra, wanted) in cases {
@@ -768,6 +791,8 @@ fn prepare_writes_the_erased_model_and_the_repair_set_sanitize_trains_on() {
         sanitized.to_str().unwrap(),
         "--seed",
         "5",
+        "--forget-weight",
+        "0",
         "-q",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -936,4 +961,68 @@ fn erasure_reads_only_the_reset_tensors_and_copies_untouched_shards_byte_for_byt
 
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Each architecture through the commands a user runs: sanitize (erasure and repair), then
+/// eval of the output; the output has the input's tensor names, shapes and dtypes, and the
+/// report names the reset rows.
+#[test]
+fn every_architecture_sanitizes_and_evaluates_end_to_end() {
+    for name in [
+        "gpt2_f32",
+        "llama_gqa",
+        "mistral_f32",
+        "qwen2_bf16",
+        "qwen3_f32",
+    ] {
+        let (tmp, model, spans) = workspace(name, 3);
+        let out = tmp.path().join("out");
+        let o = sani(&[
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "48",
+            "-q",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let report = read_json(&out.join("sani_report.json"));
+        let reset = report["erased_tensors"].as_array().unwrap();
+        assert!(
+            reset.len() >= 3
+                && reset
+                    .iter()
+                    .all(|t| !t["indices"].as_array().unwrap().is_empty()),
+            "{name}: reset tensors {reset:?}"
+        );
+        let headers = |dir: &Path| -> BTreeMap<String, (String, Vec<usize>)> {
+            let ckpt = Checkpoint::load_headers(dir, &Device::Cpu).unwrap();
+            ckpt.entries
+                .iter()
+                .map(|e| (e.name.clone(), (format!("{:?}", e.dtype), e.shape.clone())))
+                .collect()
+        };
+        assert_eq!(headers(&out), headers(&model), "{name}: tensor layout");
+        let json = tmp.path().join("eval.json");
+        let o = sani(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let eval = read_json(&json);
+        let spans_measured = eval["regurgitation"]["total"]["measured"].as_u64().unwrap();
+        assert!(spans_measured > 0, "{name}: {eval}");
+    }
 }

@@ -86,13 +86,15 @@ pub struct SanitizeOptions {
     #[arg(long, value_name = "LIST")]
     pub train_modules: Option<String>,
     /// Bounded unlikelihood on the true sensitive tokens: repair also pushes each one's NLL up,
-    /// with this weight, until it is no likelier than the surrogates' (0: off; with surrogate
-    /// repair, the true windows join each epoch) [default.toml: 0.0]
+    /// with this weight, until it is no likelier than the surrogates' (0: off). Surrogate repair
+    /// only: the default is dropped with --repair-target mask and in `sani prepare`
+    /// [default.toml: 1.0]
     #[arg(long, value_name = "W")]
     pub forget_weight: Option<f64>,
-    /// With --forget-weight: each epoch, this share of the documents trains in its true form
-    /// (sensitive tokens pushed, the rest trained as usual) instead of with surrogates, so
-    /// forgetting costs no extra work [default: none, the true windows are added]
+    /// With --forget-weight above 0: each epoch, this share of the documents trains in its true
+    /// form (sensitive tokens pushed, the rest trained as usual) instead of with surrogates, so
+    /// forgetting costs no extra work; 0: the true windows are added to each epoch instead
+    /// (about twice the work) [default.toml: 0.75]
     #[arg(long, value_name = "S")]
     pub forget_share: Option<f64>,
     /// What the repair trains: none (every weight) or lora (low-rank adapters on the frozen
@@ -141,6 +143,14 @@ impl SanitizeOptions {
             .try_into()
             .context("sanitize options: the built-in default config is incomplete")?;
         cfg.erase_layers_given = erase_layers_given;
+        cfg.forget_weight_given =
+            cli.forget_weight.is_some() || file.as_ref().is_some_and(|f| f.forget_weight.is_some());
+        if !cfg.forget_weight_given && cfg.repair_target != RepairTarget::Surrogate {
+            cfg.forget_weight = 0.0;
+        }
+        if cfg.forget_weight == 0.0 {
+            cfg.forget_share = 0.0;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -72,6 +72,17 @@ pub struct RopeParameters {
     pub high_freq_factor: Option<f64>,
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+    /// LongRoPE (Phi-3): per-frequency divisors within / beyond the original context.
+    #[serde(default)]
+    pub short_factor: Option<Vec<f64>>,
+    #[serde(default)]
+    pub long_factor: Option<Vec<f64>>,
+    /// Scale of cos and sin (LongRoPE; derived from the context ratio when absent).
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+    /// Share of each head's dimensions that rotate (Phi-3; the rest pass through).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 /// The numbers every architecture's config gives the rest of `sani`.

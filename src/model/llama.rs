@@ -1,6 +1,8 @@
-//! The Llama family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`): RMSNorm,
-//! rotary positions (default, linear and llama3 scaling), grouped-query attention, SwiGLU MLP,
-//! optional qkv bias (Qwen2) and tied embeddings.
+//! The Llama family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `Phi3ForCausalLM`): RMSNorm, rotary positions (default, linear, llama3
+//! and LongRoPE's short factors; partial rotation), grouped-query attention, SwiGLU MLP,
+//! optional qkv bias (Qwen2), RMSNorm of each query and key head before rotation (Qwen3), fused
+//! `qkv_proj` and `gate_up_proj` (Phi-3), per-layer sliding windows and tied embeddings.
 
 use super::config::{
     default_init_range, ArchConfig, ConfigSummary, RopeParameters, SpecialTokenIds,
@@ -28,8 +30,18 @@ pub(super) const QWEN2: super::Architecture = super::Architecture {
     model_type: "qwen2",
     parse: |text| LlamaConfig::parse(text, LlamaFlavor::Qwen2),
 };
+pub(super) const QWEN3: super::Architecture = super::Architecture {
+    name: "Qwen3ForCausalLM",
+    model_type: "qwen3",
+    parse: |text| LlamaConfig::parse(text, LlamaFlavor::Qwen3),
+};
+pub(super) const PHI3: super::Architecture = super::Architecture {
+    name: "Phi3ForCausalLM",
+    model_type: "phi3",
+    parse: |text| LlamaConfig::parse(text, LlamaFlavor::Phi3),
+};
 
-/// One config for the Llama family: Llama, Mistral and Qwen2 differ only in switches.
+/// One config for the Llama family: its members differ only in switches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
@@ -51,6 +63,12 @@ pub struct LlamaConfig {
     pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "llama_max_pos")]
     pub max_position_embeddings: usize,
+    /// Phi-3: the pretraining context (LongRoPE's short factors hold up to it).
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3 in transformers 4 (transformers 5 moves it into `rope_parameters`).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -67,6 +85,9 @@ pub struct LlamaConfig {
     pub use_sliding_window: Option<bool>,
     #[serde(default)]
     pub max_window_layers: Option<usize>,
+    /// Per layer, `full_attention` or `sliding_attention` (Qwen2/Qwen3 in transformers 5).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     #[serde(flatten)]
     pub tokens: SpecialTokenIds,
     /// Which member of the family (from `architectures`, not a config field).
@@ -91,6 +112,8 @@ pub enum LlamaFlavor {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Phi3,
 }
 
 impl LlamaConfig {
@@ -111,17 +134,71 @@ impl LlamaConfig {
         if p.rope_theta.is_none() {
             p.rope_theta = self.rope_theta.or(Some(10000.0));
         }
+        p.partial_rotary_factor = p.partial_rotary_factor.or(self.partial_rotary_factor);
+        p.original_max_position_embeddings = p
+            .original_max_position_embeddings
+            .or(self.original_max_position_embeddings);
+        if self.flavor == LlamaFlavor::Phi3 && matches!(p.rope_type.as_deref(), Some("su" | "yarn"))
+        {
+            // transformers reads Phi-3's old names as LongRoPE.
+            p.rope_type = Some("longrope".into());
+        }
         p
+    }
+    /// The leading dimensions of each head that rotate (all but with `partial_rotary_factor`).
+    pub fn rotary_dim(&self) -> usize {
+        let f = self.rope().partial_rotary_factor.unwrap_or(1.0);
+        (self.head_dim() as f64 * f) as usize
+    }
+    /// The scale of cos and sin: LongRoPE's attention factor, else 1.
+    pub fn rope_attention_scale(&self) -> f64 {
+        let rope = self.rope();
+        if rope.rope_type.as_deref() != Some("longrope") {
+            return 1.0;
+        }
+        if let Some(a) = rope.attention_factor {
+            return a;
+        }
+        let original = rope
+            .original_max_position_embeddings
+            .unwrap_or(self.max_position_embeddings) as f64;
+        let factor = rope
+            .factor
+            .unwrap_or(self.max_position_embeddings as f64 / original);
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / original.ln()).sqrt()
+        }
+    }
+    /// The longest sequence the model is run on: LongRoPE's long factors (beyond the original
+    /// context) are not implemented, so its models stop at the original context.
+    pub fn usable_positions(&self) -> usize {
+        let rope = self.rope();
+        match (
+            rope.rope_type.as_deref(),
+            rope.original_max_position_embeddings,
+        ) {
+            (Some("longrope"), Some(o)) => o.min(self.max_position_embeddings),
+            _ => self.max_position_embeddings,
+        }
     }
     /// The sliding window of layer `i`, if that layer uses one.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         let window = self.sliding_window?;
         match self.flavor {
             LlamaFlavor::Llama => None,
-            LlamaFlavor::Mistral => Some(window),
-            LlamaFlavor::Qwen2 => {
-                let on = self.use_sliding_window.unwrap_or(false)
-                    && layer >= self.max_window_layers.unwrap_or(0);
+            LlamaFlavor::Mistral | LlamaFlavor::Phi3 => Some(window),
+            // transformers: the window only with `use_sliding_window`, then on the layers
+            // `layer_types` names, or else from `max_window_layers` (default 28) on.
+            LlamaFlavor::Qwen2 | LlamaFlavor::Qwen3 => {
+                if !self.use_sliding_window.unwrap_or(false) {
+                    return None;
+                }
+                let on = match &self.layer_types {
+                    Some(types) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
+                    None => layer >= self.max_window_layers.unwrap_or(28),
+                };
                 on.then_some(window)
             }
         }
@@ -145,12 +222,57 @@ impl LlamaConfig {
                 c.hidden_act
             );
         }
-        if let Some(t) = c.rope().rope_type.as_deref() {
-            if !matches!(t, "default" | "llama3" | "linear") {
+        if let Some(types) = &c.layer_types {
+            if types.len() != c.num_hidden_layers {
                 bail!(
-                    "field `rope_scaling.rope_type`: unsupported `{t}` (default, linear, llama3)"
+                    "field `layer_types`: {} entries for {} layers",
+                    types.len(),
+                    c.num_hidden_layers
                 );
             }
+            if let Some(t) = types
+                .iter()
+                .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+            {
+                bail!("field `layer_types`: unsupported `{t}` (full_attention, sliding_attention)");
+            }
+        }
+        let rope = c.rope();
+        match (rope.rope_type.as_deref(), c.flavor) {
+            (None | Some("default" | "llama3" | "linear"), _) => {}
+            (Some("longrope"), LlamaFlavor::Phi3) => {
+                let half = c.rotary_dim() / 2;
+                for (field, factors) in [
+                    ("short_factor", &rope.short_factor),
+                    ("long_factor", &rope.long_factor),
+                ] {
+                    match factors {
+                        Some(f) if f.len() == half => {}
+                        Some(f) => bail!(
+                            "field `rope_scaling.{field}`: {} values, the rotary dimension needs {half}",
+                            f.len()
+                        ),
+                        None => bail!("field `rope_scaling.{field}`: missing (LongRoPE needs it)"),
+                    }
+                }
+                if rope.original_max_position_embeddings.is_none() {
+                    bail!("field `original_max_position_embeddings`: missing (LongRoPE needs it)");
+                }
+            }
+            (Some(t), LlamaFlavor::Phi3) => {
+                bail!("field `rope_scaling.rope_type`: unsupported `{t}` (default, longrope)")
+            }
+            (Some(t), _) => {
+                bail!("field `rope_scaling.rope_type`: unsupported `{t}` (default, linear, llama3)")
+            }
+        }
+        let f = rope.partial_rotary_factor.unwrap_or(1.0);
+        let rd = c.rotary_dim();
+        if !(f > 0.0 && f <= 1.0) || rd == 0 || !rd.is_multiple_of(2) {
+            bail!(
+                "field `partial_rotary_factor`: {f} gives {rd} rotary dimensions of a {}-dimensional head (must be even and above 0)",
+                c.head_dim()
+            );
         }
         Ok(Arc::new(c))
     }
@@ -166,7 +288,7 @@ impl ArchConfig for LlamaConfig {
             kv_heads: self.kv_heads(),
             vocab_size: self.vocab_size,
             tied_embeddings: self.tie_word_embeddings,
-            max_positions: self.max_position_embeddings,
+            max_positions: self.usable_positions(),
             initializer_range: self.initializer_range,
             bos_token_id: None,
             eos_token_ids: Vec::new(),
@@ -184,11 +306,12 @@ impl ArchConfig for LlamaConfig {
     }
 }
 
-/// RoPE inverse frequencies as `transformers` computes them for `rope_type` default, linear, llama3.
+/// RoPE inverse frequencies as `transformers` computes them for `rope_type` default, linear,
+/// llama3 and longrope (its short factors), over the rotary dimensions.
 pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let rope = cfg.rope();
     let theta = rope.rope_theta.unwrap_or(10000.0);
-    let hd = cfg.head_dim();
+    let hd = cfg.rotary_dim();
     let base: Vec<f64> = (0..hd / 2)
         .map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64))
         .collect();
@@ -214,6 +337,10 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
                     }
                 })
                 .collect()
+        }
+        Some("longrope") => {
+            let short = rope.short_factor.as_deref().unwrap_or(&[]);
+            base.iter().zip(short).map(|(f, s)| f / s).collect()
         }
         _ => base,
     };
@@ -262,15 +389,24 @@ impl RmsNorm {
     }
 }
 
+/// The query, key and value projections: three matrices, or one (Phi-3's `qkv_proj`, rows
+/// in that order).
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each query / key head (weight [head_dim]) before rotation.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     window: Option<usize>,
+    rotary_dim: usize,
 }
 
 impl Attention {
@@ -282,16 +418,56 @@ impl Attention {
             cfg.head_dim(),
         );
         let qkv_bias = cfg.attention_bias || cfg.flavor == LlamaFlavor::Qwen2;
+        let head_norms = cfg.flavor == LlamaFlavor::Qwen3;
+        let qkv = if cfg.flavor == LlamaFlavor::Phi3 {
+            Qkv::Fused(Linear::load(
+                &mut w.pp("qkv_proj"),
+                d,
+                (h + 2 * kvh) * hd,
+                false,
+            )?)
+        } else {
+            Qkv::Separate {
+                q: Linear::load(&mut w.pp("q_proj"), d, h * hd, qkv_bias)?,
+                k: Linear::load(&mut w.pp("k_proj"), d, kvh * hd, qkv_bias)?,
+                v: Linear::load(&mut w.pp("v_proj"), d, kvh * hd, qkv_bias)?,
+            }
+        };
+        let o_proj = Linear::load(&mut w.pp("o_proj"), h * hd, d, cfg.attention_bias)?;
+        let mut head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            head_norms
+                .then(|| RmsNorm::load(&mut w.pp(name), hd, cfg.rms_norm_eps))
+                .transpose()
+        };
         Ok(Attention {
-            q_proj: Linear::load(&mut w.pp("q_proj"), d, h * hd, qkv_bias)?,
-            k_proj: Linear::load(&mut w.pp("k_proj"), d, kvh * hd, qkv_bias)?,
-            v_proj: Linear::load(&mut w.pp("v_proj"), d, kvh * hd, qkv_bias)?,
-            o_proj: Linear::load(&mut w.pp("o_proj"), h * hd, d, cfg.attention_bias)?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: head_norm("k_norm")?,
+            qkv,
+            o_proj,
             heads: h,
             kv_heads: kvh,
             head_dim: hd,
             window: cfg.layer_window(layer),
+            rotary_dim: cfg.rotary_dim(),
         })
+    }
+
+    /// Rotates the leading `rotary_dim` dimensions of each head of x [b, t, heads * head_dim]
+    /// (all of them but with a partial rotary factor) -> [b, heads, t, head_dim].
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+        let (hd, rd) = (self.head_dim, self.rotary_dim);
+        if rd == hd {
+            return Ok(ops::rope_heads(x, cos, sin, heads)?);
+        }
+        let (b, t, _) = x.dims3()?;
+        let x = x.reshape((b, t, heads, hd))?;
+        let rot = x
+            .narrow(D::Minus1, 0, rd)?
+            .contiguous()?
+            .reshape((b, t, heads * rd))?;
+        let rot = ops::rope_heads(&rot, cos, sin, heads)?;
+        let pass = x.narrow(D::Minus1, rd, hd - rd)?.transpose(1, 2)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
     }
 
     fn forward(
@@ -304,11 +480,31 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = a.dims3()?;
         let (cos, sin) = rope;
-        let q = ops::rope_heads(&self.q_proj.forward(a)?, cos, sin, self.heads)?;
-        let mut k = ops::rope_heads(&self.k_proj.forward(a)?, cos, sin, self.kv_heads)?;
-        let mut v = self
-            .v_proj
-            .forward(a)?
+        let per_head = |x: Tensor, norm: &Option<RmsNorm>, heads: usize| -> Result<Tensor> {
+            Ok(match norm {
+                Some(norm) => norm
+                    .forward(&x.reshape((b, t, heads, self.head_dim))?)?
+                    .reshape((b, t, heads * self.head_dim))?,
+                None => x,
+            })
+        };
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(a)?, k.forward(a)?, v.forward(a)?),
+            Qkv::Fused(qkv) => {
+                let all = qkv.forward(a)?;
+                let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    all.narrow(D::Minus1, 0, nq)?.contiguous()?,
+                    all.narrow(D::Minus1, nq, nkv)?.contiguous()?,
+                    all.narrow(D::Minus1, nq + nkv, nkv)?.contiguous()?,
+                )
+            }
+        };
+        let q = per_head(q, &self.q_norm, self.heads)?;
+        let k = per_head(k, &self.k_norm, self.kv_heads)?;
+        let q = self.rope(&q, cos, sin, self.heads)?;
+        let mut k = self.rope(&k, cos, sin, self.kv_heads)?;
+        let mut v = v
             .reshape((b, t, self.kv_heads, self.head_dim))?
             .transpose(1, 2)?;
         if let Some(cache) = cache {
@@ -325,16 +521,39 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: two matrices, or one (Phi-3's `gate_up_proj`: gate rows
+/// first, then up).
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
+    width: usize,
     units: Vec<UnitSlice>,
 }
 
 impl Mlp {
     fn load(w: &mut Weights, cfg: &LlamaConfig) -> Result<Self> {
         let (d, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        if cfg.flavor == LlamaFlavor::Phi3 {
+            return Ok(Mlp {
+                units: vec![
+                    UnitSlice::fused(w.name("gate_up_proj.weight"), 0, vec![0, inter]),
+                    UnitSlice::new(w.name("down_proj.weight"), 1),
+                ],
+                gate_up: GateUp::Fused(Linear::load(
+                    &mut w.pp("gate_up_proj"),
+                    d,
+                    2 * inter,
+                    false,
+                )?),
+                down_proj: Linear::load(&mut w.pp("down_proj"), inter, d, false)?,
+                width: inter,
+            });
+        }
         let mut units = vec![
             UnitSlice::new(w.name("gate_proj.weight"), 0),
             UnitSlice::new(w.name("up_proj.weight"), 0),
@@ -345,16 +564,29 @@ impl Mlp {
             units.push(UnitSlice::new(w.name("up_proj.bias"), 0));
         }
         Ok(Mlp {
-            gate_proj: Linear::load(&mut w.pp("gate_proj"), d, inter, bias)?,
-            up_proj: Linear::load(&mut w.pp("up_proj"), d, inter, bias)?,
+            gate_up: GateUp::Separate {
+                gate: Linear::load(&mut w.pp("gate_proj"), d, inter, bias)?,
+                up: Linear::load(&mut w.pp("up_proj"), d, inter, bias)?,
+            },
             down_proj: Linear::load(&mut w.pp("down_proj"), inter, d, bias)?,
+            width: inter,
             units,
         })
     }
 
     fn forward(&self, m: &Tensor, trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
-        let gate = ops::silu(&self.gate_proj.forward(m)?)?;
-        let hidden = (gate * self.up_proj.forward(m)?)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(m)?, up.forward(m)?),
+            GateUp::Fused(gate_up) => {
+                let both = gate_up.forward(m)?;
+                (
+                    both.narrow(D::Minus1, 0, self.width)?.contiguous()?,
+                    both.narrow(D::Minus1, self.width, self.width)?
+                        .contiguous()?,
+                )
+            }
+        };
+        let hidden = (ops::silu(&gate)? * up)?;
         if let Some(trace) = trace {
             trace.push(hidden.clone());
         }
@@ -387,8 +619,10 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Tensor,
-    /// [head_dim / 2] rotary inverse frequencies, after scaling.
+    /// [rotary_dim / 2] rotary inverse frequencies, after scaling.
     inv_freq: Tensor,
+    /// Scale of cos and sin (LongRoPE's attention factor; 1 otherwise).
+    rope_scale: f64,
 }
 
 impl Llama {
@@ -408,6 +642,7 @@ impl Llama {
         };
         let inv_freq = Tensor::new(rope_inv_freq(cfg), embed_tokens.device())?;
         Ok(Llama {
+            rope_scale: cfg.rope_attention_scale(),
             hidden_size: d,
             embed_tokens,
             blocks,
@@ -424,6 +659,12 @@ impl Llama {
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        if self.rope_scale != 1.0 {
+            return Ok((
+                (emb.cos()? * self.rope_scale)?,
+                (emb.sin()? * self.rope_scale)?,
+            ));
+        }
         Ok((emb.cos()?, emb.sin()?))
     }
 }

@@ -41,6 +41,8 @@ pub const ARCHITECTURES: &[Architecture] = &[
     llama::LLAMA,
     llama::MISTRAL,
     llama::QWEN2,
+    llama::QWEN3,
+    llama::PHI3,
 ];
 
 /// The forward pieces of a causal LM, as training, erasure and decoding use them.
@@ -180,16 +182,37 @@ impl AttnContext {
     }
 }
 
-/// The tensors that hold one MLP intermediate unit: unit j is index j along `axis` of each.
-#[derive(Debug, Clone)]
+/// The tensors that hold one MLP intermediate unit: unit j is index `offset + j` along `axis`
+/// of each, for each of its offsets (one, 0, for a plain projection; a fused gate/up matrix
+/// holds unit j at j and at width + j).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitSlice {
     pub name: String,
     pub axis: usize,
+    pub offsets: Vec<usize>,
 }
 
 impl UnitSlice {
     pub fn new(name: String, axis: usize) -> Self {
-        UnitSlice { name, axis }
+        Self::fused(name, axis, vec![0])
+    }
+    /// A tensor that holds several units' blocks along `axis`, at these offsets.
+    pub fn fused(name: String, axis: usize, offsets: Vec<usize>) -> Self {
+        UnitSlice {
+            name,
+            axis,
+            offsets,
+        }
+    }
+    /// The indices along `axis` that hold `units`, ascending.
+    pub fn indices(&self, units: &[usize]) -> Vec<usize> {
+        let mut idx: Vec<usize> = self
+            .offsets
+            .iter()
+            .flat_map(|o| units.iter().map(move |j| o + j))
+            .collect();
+        idx.sort_unstable();
+        idx
     }
 }
 

@@ -135,7 +135,13 @@ pub fn write_parquet(
 
 /// `sani prepare`.
 pub fn run(job: &SanitizeJob) -> Result<()> {
-    let cfg = &job.config;
+    let mut cfg = job.config.clone();
+    if !cfg.forget_weight_given {
+        // The default's forgetting is sani's own loss: the repair set is for cross-entropy.
+        cfg.forget_weight = 0.0;
+        cfg.forget_share = 0.0;
+    }
+    let cfg = &cfg;
     if cfg.forget_weight > 0.0 {
         bail!(
             "--forget-weight {}: the bounded unlikelihood term is sani's own loss; an external \

@@ -104,13 +104,19 @@ pub struct ResolvedConfig {
     #[serde(default)]
     pub forget_weight: f64,
     /// With `forget_weight`: the share of documents trained in their true form each epoch
-    /// instead of with surrogates (absent: the true windows are added to every epoch).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub forget_share: Option<f64>,
+    /// instead of with surrogates (0, or absent in a config of an older sani: the true windows
+    /// are added to every epoch).
+    #[serde(default)]
+    pub forget_share: f64,
     /// Whether `erase_layers` was given (flag or config file): then more layers than the model
     /// has is an error; the built-in default means "at most all of them".
     #[serde(skip)]
     pub erase_layers_given: bool,
+    /// Whether `forget_weight` was given (flag or config file): the built-in default's
+    /// forgetting applies to surrogate repair only and is dropped where it cannot apply (mask
+    /// repair, `sani prepare`); one that was asked for is an error there.
+    #[serde(skip)]
+    pub forget_weight_given: bool,
 }
 
 impl ResolvedConfig {
@@ -137,13 +143,11 @@ impl ResolvedConfig {
                  the surrogates' NLL, which mask repair does not have"
             );
         }
-        if let Some(q) = self.forget_share {
-            if !(q > 0.0 && q <= 1.0) {
-                bail!("--forget-share must be in (0, 1], got {q}");
-            }
-            if self.forget_weight <= 0.0 {
-                bail!("--forget-share needs --forget-weight above 0");
-            }
+        if !(0.0..=1.0).contains(&self.forget_share) {
+            bail!(
+                "--forget-share must be in [0, 1] (0: add the true windows instead), got {}",
+                self.forget_share
+            );
         }
         if self.adapter == Adapter::Lora && self.train_scope != "all" {
             bail!(
@@ -159,8 +163,8 @@ impl ResolvedConfig {
     pub fn forgetting(&self) -> Forgetting {
         match (self.forget_weight > 0.0, self.forget_share) {
             (false, _) => Forgetting::Off,
-            (true, None) => Forgetting::Added,
-            (true, Some(q)) => Forgetting::Share(q),
+            (true, 0.0) => Forgetting::Added,
+            (true, q) => Forgetting::Share(q),
         }
     }
 
@@ -168,7 +172,7 @@ impl ResolvedConfig {
     pub fn train_config(&self) -> TrainConfig {
         TrainConfig {
             forget_weight: self.forget_weight,
-            forget_per_token: self.forget_share.is_some(),
+            forget_per_token: self.forget_share > 0.0,
             epochs: self.epochs,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
@@ -233,6 +237,9 @@ pub struct SanitizeReport {
     pub total_tokens: usize,
     pub erased_layers: Vec<usize>,
     pub erased_units: BTreeMap<String, Vec<usize>>,
+    /// Every tensor erasure reset, with the indices along its unit axis.
+    #[serde(default)]
+    pub erased_tensors: Vec<erase::ResetTensor>,
     pub epochs: Vec<EpochMetrics>,
     pub timings: Vec<PhaseTiming>,
     pub output_weights_sha256: String,
@@ -326,6 +333,7 @@ pub fn sanitize_in_memory(
     let t0 = Instant::now();
     let layers = erase::last_layers(n_layers, cfg.erase_layers);
     let mut units = BTreeMap::new();
+    let mut erased_tensors = Vec::new();
     if cfg.erase_fraction > 0.0 && !layers.is_empty() {
         // Random selection needs only the structure: no tensor is read but those reset.
         let probe = match cfg.select {
@@ -348,7 +356,8 @@ pub fn sanitize_in_memory(
             ),
             _ => None,
         };
-        erase::reset_units(ckpt, &probe, &units, cfg.reset, base.as_ref(), cfg.seed)?;
+        erased_tensors =
+            erase::reset_units(ckpt, &probe, &units, cfg.reset, base.as_ref(), cfg.seed)?;
     }
     timings.push(PhaseTiming::new("erase", t0, 0));
 
@@ -390,6 +399,7 @@ pub fn sanitize_in_memory(
             .filter(|l| units.contains_key(l))
             .collect(),
         erased_units: units.into_iter().map(|(l, u)| (l.to_string(), u)).collect(),
+        erased_tensors,
         epochs,
         timings,
         output_weights_sha256: String::new(),
@@ -468,10 +478,25 @@ fn print_summary(r: &SanitizeReport, out: &Path) {
         r.masked_tokens_per_label.values().sum::<usize>()
     );
     for (layer, units) in &r.erased_units {
+        let tensors: Vec<String> = r
+            .erased_tensors
+            .iter()
+            .filter(|t| t.layer.to_string() == *layer)
+            .map(|t| {
+                let short = t.tensor.rsplit_once(".mlp.").map_or(&*t.tensor, |(_, n)| n);
+                let what = match (t.tensor.ends_with(".bias"), t.axis) {
+                    (true, _) => "entries",
+                    (false, 0) => "rows",
+                    _ => "columns",
+                };
+                format!("{short} {what}")
+            })
+            .collect();
         println!(
-            "  layer {layer}: {} MLP units reset ({:?})",
+            "  layer {layer}: {} MLP units reset ({:?}): {}",
             units.len(),
-            r.config.reset
+            r.config.reset,
+            tensors.join(", ")
         );
     }
     for e in &r.epochs {
