@@ -43,6 +43,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -520,6 +522,32 @@ def make_qwen3(tok, inp, seed):
     return margin
 
 
+def make_phi3(tok, inp, seed):
+    # Fused qkv_proj and gate_up_proj; half of each head rotates; LongRoPE with an original
+    # context of 32 under 64 positions (attention factor > 1; every input stays within the
+    # original context, where the short factors hold); an 8-token sliding window.
+    torch.manual_seed(seed)
+    cfg = Phi3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, max_position_embeddings=64,
+        original_max_position_embeddings=32, sliding_window=8, initializer_range=0.02,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.7],
+                         "long_factor": [1.3, 3.1], "original_max_position_embeddings": 32},
+        **common_ids(),
+    )
+    model = Phi3ForCausalLM(cfg)
+    perturb(model)
+    model.eval()
+    set_eager(model)
+    set_gen_config(model)
+    d = save_model_dir(model, tok, "phi3_f32")
+    ref, margin = compute_reference(reload_f32(Phi3ForCausalLM, d, model, inp, 0.0), inp)
+    write_reference("phi3_f32", ref, margin, seed)
+    return margin
+
+
 # name -> (builder, first seed, the fixtures it writes)
 BUILDERS = {
     "gpt2": (make_gpt2, 0, ["gpt2_f32", "gpt2_legacy"]),
@@ -528,6 +556,7 @@ BUILDERS = {
     "qwen2_bf16": (make_qwen2_bf16, 300, ["qwen2_bf16"]),
     "mistral_f32": (make_mistral, 400, ["mistral_f32"]),
     "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
+    "phi3_f32": (make_phi3, 600, ["phi3_f32"]),
 }
 
 

@@ -20,6 +20,7 @@ const FIXTURES: &[&str] = &[
     "qwen2_bf16",
     "mistral_f32",
     "qwen3_f32",
+    "phi3_f32",
 ];
 
 fn provenance() -> BTreeMap<String, String> {

@@ -19,6 +19,7 @@ fn greedy_generation_matches_transformers() {
         "qwen2_bf16",
         "mistral_f32",
         "qwen3_f32",
+        "phi3_f32",
     ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let model = Model::load_frozen(&ckpt).unwrap();

@@ -67,7 +67,13 @@ fn raw_tensors(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn erasure_changes_exactly_the_reported_units() {
-    for name in ["gpt2_f32", "llama_gqa", "qwen2_bf16", "qwen3_f32"] {
+    for name in [
+        "gpt2_f32",
+        "llama_gqa",
+        "qwen2_bf16",
+        "qwen3_f32",
+        "phi3_f32",
+    ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let before = tensors(&fixture(name));
         let model = Model::load_frozen(&ckpt).unwrap();
@@ -83,6 +89,14 @@ fn erasure_changes_exactly_the_reported_units() {
             slices.len(),
             "{name}: one report entry per tensor"
         );
+        if name == "phi3_f32" {
+            // HF's Phi3MLP chunks gate_up_proj's output in two: gate rows, then up rows.
+            let fused = slices
+                .iter()
+                .find(|s| s.name.ends_with("gate_up_proj.weight"))
+                .unwrap();
+            assert_eq!((fused.axis, fused.offsets.clone()), (0, vec![0, width]));
+        }
         for (r, s) in reset.iter().zip(&slices) {
             assert_eq!((&r.tensor, r.axis), (&s.name, s.axis));
             assert_eq!(
@@ -974,6 +988,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
         "mistral_f32",
         "qwen2_bf16",
         "qwen3_f32",
+        "phi3_f32",
     ] {
         let (tmp, model, spans) = workspace(name, 3);
         let out = tmp.path().join("out");
