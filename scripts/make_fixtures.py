@@ -548,6 +548,60 @@ def make_phi3(tok, inp, seed):
     return margin
 
 
+def make_adapters(tok, inp):
+    """PEFT LoRA adapters on two fixtures, with the weights PEFT's merge_and_unload() gives
+    and the merged model's logits on the inputs (tests/fixtures/adapters/<name>/ and
+    <name>.merged.safetensors). Needs peft."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+
+    root = os.path.join(OUT, "adapters")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    cases = {
+        # q/v/gate/down adapted, the untied head saved whole.
+        "lora_llama": ("llama_gqa", LlamaForCausalLM, dict(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+            modules_to_save=["lm_head"])),
+        # Conv1D weights (fan_in_fan_out; attn.c_proj is square), rsLoRA, per-module rank
+        # and alpha.
+        "lora_gpt2_rslora": ("gpt2_f32", GPT2LMHeadModel, dict(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+            use_rslora=True, rank_pattern={"c_attn": 2}, alpha_pattern={"c_fc": 16})),
+    }
+    for i, (name, (base, cls, kw)) in enumerate(cases.items()):
+        torch.manual_seed(700 + i)
+        model = cls.from_pretrained(os.path.join(OUT, base), dtype=torch.float32)
+        pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kw))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.add_(0.1 * torch.randn_like(p))
+        d = os.path.join(root, name)
+        pm.save_pretrained(d)
+        cfg_path = os.path.join(d, "adapter_config.json")
+        with open(cfg_path) as f:
+            c = json.load(f)
+        c["base_model_name_or_path"] = f"tests/fixtures/{base}"  # not this machine's path
+        with open(cfg_path, "w") as f:
+            json.dump(c, f, indent=2, sort_keys=True)
+            f.write("\n")
+        for f in ("README.md",):
+            if os.path.exists(os.path.join(d, f)):
+                os.remove(os.path.join(d, f))
+        merged = pm.merge_and_unload().eval()
+        set_eager(merged)
+        with torch.no_grad():
+            logits = merged(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
+        ref = {f"merged.{k}": v.detach().clone() for k, v in merged.state_dict().items()}
+        ref["logits"] = logits.float()
+        path = os.path.join(root, f"{name}.merged.safetensors")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ref.items()}, path,
+                                    metadata={"peft": peft.__version__, "base": base})
+        canonicalize_header(path)
+        print(f"  adapter {name} on {base}: {len(ref) - 1} merged tensors")
+
+
 # name -> (builder, first seed, the fixtures it writes)
 BUILDERS = {
     "gpt2": (make_gpt2, 0, ["gpt2_f32", "gpt2_legacy"]),
@@ -557,6 +611,7 @@ BUILDERS = {
     "mistral_f32": (make_mistral, 400, ["mistral_f32"]),
     "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
     "phi3_f32": (make_phi3, 600, ["phi3_f32"]),
+    "adapters": (None, None, []),
 }
 
 
@@ -604,6 +659,9 @@ def main():
     built = []
     for w in wanted:
         fn, base_seed, names = BUILDERS[w]
+        if w == "adapters":
+            make_adapters(tok, inp)
+            continue
         build(fn, tok, inp, base_seed, names)
         built += names
 

@@ -17,6 +17,9 @@ pub struct EvalArgs {
     /// already in the local Hugging Face cache (sani never downloads). Not needed with --compare.
     #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<String>,
+    /// A PEFT LoRA adapter directory for --model, merged into it (see `sani sanitize --help`)
+    #[arg(long, value_name = "DIR", requires = "model")]
+    pub adapter_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[command(flatten)]
@@ -338,7 +341,10 @@ impl EvalArgs {
         };
         let device = self.runtime.setup()?;
         Ok(EvalJob::Measure(Box::new(Measure {
-            model,
+            model: crate::io::ModelSource {
+                model,
+                adapter: self.adapter_dir.clone(),
+            },
             device,
             quiet: self.runtime.quiet,
             spans: self.spans.sources(),

@@ -23,8 +23,21 @@ pub struct ModelArgs {
     /// already in the local Hugging Face cache (sani never downloads).
     #[arg(long, value_name = "DIR|REPO")]
     pub model: String,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) for
+    /// --model: merged into the base in f32 and used as the model; outputs are the merged model
+    #[arg(long, value_name = "DIR")]
+    pub adapter_dir: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> crate::io::ModelSource {
+        crate::io::ModelSource {
+            model: self.model.clone(),
+            adapter: self.adapter_dir.clone(),
+        }
+    }
 }
 
 /// Device and threads.
@@ -120,7 +133,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// Resolves and loads a model and its tokenizer.
 pub fn open_model(args: &ModelArgs, device: &Device) -> Result<(Checkpoint, Tokenizer)> {
-    crate::io::open_model(&args.model, device)
+    crate::io::open_model(&args.source(), device)
 }
 
 #[derive(Parser)]

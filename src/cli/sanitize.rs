@@ -181,7 +181,7 @@ impl SanitizeArgs {
         let config = SanitizeOptions::layered(self.config.as_deref(), &self.options)?;
         let device = self.model.runtime.setup()?;
         Ok(SanitizeJob {
-            model: self.model.model.clone(),
+            model: self.model.source(),
             device,
             quiet: self.model.runtime.quiet,
             spans: self.spans.sources(),

@@ -26,6 +26,9 @@ pub struct ModelInfo {
     pub path: String,
     pub architecture: String,
     pub weights_sha256: String,
+    /// The PEFT adapter merged into the weights (`--adapter-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::io::peft::MergedAdapter>,
 }
 
 /// Every setting of the run.
@@ -279,6 +282,9 @@ pub fn render_report(r: &EvalReport) -> String {
             "model: {} ({}, weights sha256 {})\n",
             m.path, m.architecture, &m.weights_sha256
         );
+        if let Some(a) = &m.adapter {
+            s += &format!("{}\n", a.summary());
+        }
     }
     if let Some(reg) = &r.regurgitation {
         s += &format!(

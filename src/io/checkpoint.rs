@@ -70,6 +70,8 @@ pub struct Checkpoint {
     /// freshly initialized model: its writer supplies them).
     pub side_files: Option<PathBuf>,
     residency: Residency,
+    /// The PEFT adapter merged into the vars (`--adapter-dir`), if any.
+    pub adapter: Option<crate::io::peft::MergedAdapter>,
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -218,6 +220,7 @@ impl Checkpoint {
             device: device.clone(),
             side_files: Some(dir.to_path_buf()),
             residency,
+            adapter: None,
         };
         if residency == Residency::All {
             for e in ckpt
@@ -301,6 +304,7 @@ impl Checkpoint {
             device: device.clone(),
             side_files: None,
             residency: Residency::All,
+            adapter: None,
         }
     }
 

@@ -8,12 +8,13 @@ pub mod hash;
 pub mod hub;
 pub mod json;
 pub mod model_files;
+pub mod peft;
 pub mod progress;
 pub mod staged;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 /// The model directory's tokenizer.json.
@@ -29,18 +30,40 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
 }
 
-/// Resolves `model` (a directory or a cached hub repo id) and loads its weights and tokenizer;
-/// fails when they disagree (see [`token_id_problems`]).
-pub fn open_model(model: &str, device: &Device) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
-    open_strict(model, device, Reading::All)
+/// A model as the command line names it: a directory or cached hub repo id, and optionally a
+/// PEFT LoRA adapter directory to merge into it (`--adapter-dir`).
+#[derive(Debug, Clone, Default)]
+pub struct ModelSource {
+    pub model: String,
+    pub adapter: Option<PathBuf>,
 }
 
-/// [`open_model`] with each tensor read only when first used ([`checkpoint::Checkpoint::open`]).
-pub fn open_model_on_demand(
-    model: &str,
+impl ModelSource {
+    pub fn new(model: impl Into<String>) -> Self {
+        ModelSource {
+            model: model.into(),
+            adapter: None,
+        }
+    }
+}
+
+/// Resolves the model (a directory or a cached hub repo id), loads its weights and tokenizer
+/// and merges the adapter; fails when weights and tokenizer disagree (see
+/// [`token_id_problems`]).
+pub fn open_model(
+    source: &ModelSource,
     device: &Device,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
-    open_strict(model, device, Reading::OnDemand)
+    open_strict(source, device, Reading::All)
+}
+
+/// [`open_model`] with each tensor read only when first used ([`checkpoint::Checkpoint::open`]);
+/// an adapter's tensors are read to merge it.
+pub fn open_model_on_demand(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
+    open_strict(source, device, Reading::OnDemand)
 }
 
 /// How much of the weights [`open_checked`] reads.
@@ -52,11 +75,11 @@ enum Reading {
 }
 
 fn open_strict(
-    model: &str,
+    source: &ModelSource,
     device: &Device,
     reading: Reading,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer)> {
-    let (ckpt, tok, problems) = open_checked(model, device, reading)?;
+    let (ckpt, tok, problems) = open_checked(source, device, reading)?;
     if let Some(first) = problems.first() {
         let more = match problems.len() {
             1 => String::new(),
@@ -68,26 +91,36 @@ fn open_strict(
 }
 
 /// [`open_model`] that returns the consistency problems instead of failing on them, with only
-/// the tensors' headers loaded (for `sani inspect`).
+/// the tensors' headers loaded (for `sani inspect`; with an adapter, the tensors it merges
+/// into are read and merged, so that a mismatch shows).
 pub fn open_model_lenient(
-    model: &str,
+    source: &ModelSource,
     device: &Device,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
-    open_checked(model, device, Reading::HeadersOnly)
+    let reading = match source.adapter {
+        Some(_) => Reading::OnDemand,
+        None => Reading::HeadersOnly,
+    };
+    open_checked(source, device, reading)
 }
 
 /// The checkpoint (read as `reading` says), its tokenizer and their problems.
 fn open_checked(
-    model: &str,
+    source: &ModelSource,
     device: &Device,
     reading: Reading,
 ) -> Result<(checkpoint::Checkpoint, Tokenizer, Vec<String>)> {
-    let dir = hub::resolve_model_dir(model)?;
-    let ckpt = match reading {
+    let dir = hub::resolve_model_dir(&source.model)?;
+    let mut ckpt = match reading {
         Reading::All => checkpoint::Checkpoint::load(&dir, device)?,
         Reading::OnDemand => checkpoint::Checkpoint::open(&dir, device)?,
         Reading::HeadersOnly => checkpoint::Checkpoint::load_headers(&dir, device)?,
     };
+    if let Some(adapter) = &source.adapter {
+        let merged = peft::merge_adapter(&ckpt, adapter)
+            .with_context(|| format!("--adapter-dir {}", adapter.display()))?;
+        ckpt.adapter = Some(merged);
+    }
     let tok = load_tokenizer(&dir)?;
     let problems = token_id_problems(&ckpt, &tok);
     Ok((ckpt, tok, problems))

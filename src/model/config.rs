@@ -125,6 +125,10 @@ pub trait ArchConfig: std::fmt::Debug + Send + Sync {
     fn init_std(&self, name: &str) -> Option<f64> {
         super::init::default_init_std(self.summary().initializer_range, name)
     }
+    /// Whether weight `name` is stored [in, out] (GPT-2's Conv1D) rather than [out, in].
+    fn stores_in_out(&self, _name: &str) -> bool {
+        false
+    }
     /// Tensors some checkpoints store that the model does not use (carried through unchanged).
     fn is_known_buffer(&self, name: &str) -> bool;
     /// Loads the model's tensors from `w` (the root of the checkpoint's names).

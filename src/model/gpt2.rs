@@ -89,6 +89,17 @@ impl ArchConfig for Gpt2Config {
         .with_tokens(&self.tokens)
     }
 
+    fn stores_in_out(&self, name: &str) -> bool {
+        [
+            "attn.c_attn.weight",
+            "attn.c_proj.weight",
+            "mlp.c_fc.weight",
+            "mlp.c_proj.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+    }
+
     fn init_std(&self, name: &str) -> Option<f64> {
         let base = super::init::default_init_std(self.initializer_range, name)?;
         // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).

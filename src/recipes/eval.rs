@@ -47,8 +47,8 @@ pub enum EvalJob {
 /// Measure a model.
 #[derive(Debug, Clone)]
 pub struct Measure {
-    /// Model directory or cached hub repo id.
-    pub model: String,
+    /// Model directory or cached hub repo id, and the adapter merged into it.
+    pub model: crate::io::ModelSource,
     pub device: Device,
     pub quiet: bool,
     pub spans: SpanSources,
@@ -237,6 +237,7 @@ pub fn run(job: &EvalJob) -> Result<Verdict> {
             path: ckpt.dir.display().to_string(),
             architecture: model.config.architecture().to_string(),
             weights_sha256: ckpt.weights_sha256()?,
+            adapter: ckpt.adapter.clone(),
         }),
         settings: ReportSettings {
             sensitive: path_str(&m.spans.sensitive),

@@ -30,6 +30,9 @@ pub struct FinetuneArgs {
         required_unless_present = "init"
     )]
     pub model: Option<String>,
+    /// A PEFT LoRA adapter directory for --model, merged into it before fine-tuning
+    #[arg(long, value_name = "DIR", requires = "model")]
+    pub adapter_dir: Option<PathBuf>,
     /// Start from a fresh model: a config.json (any supported architecture), randomly initialized
     #[arg(long, value_name = "CONFIG", requires = "tokenizer")]
     pub init: Option<PathBuf>,
@@ -99,7 +102,11 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let docs = spans::load_documents(Some(&args.data), None, None)?;
     let (ckpt, tok, source, model_dir) = match (&args.model, &args.init) {
         (Some(m), _) => {
-            let (ckpt, tok) = crate::io::open_model(m, &device)?;
+            let source = crate::io::ModelSource {
+                model: m.clone(),
+                adapter: args.adapter_dir.clone(),
+            };
+            let (ckpt, tok) = crate::io::open_model(&source, &device)?;
             let dir = ckpt.dir.clone();
             (ckpt, tok, dir.display().to_string(), Some(dir))
         }

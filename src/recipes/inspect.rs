@@ -36,11 +36,14 @@ pub struct ModelSummary {
     pub eos_token_ids: Vec<u32>,
     /// What would make other commands refuse this model (empty when none).
     pub problems: Vec<String>,
+    /// The PEFT adapter merged for `--adapter-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::io::peft::MergedAdapter>,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let device = args.model.runtime.setup()?;
-    let (ckpt, tok, problems) = crate::io::open_model_lenient(&args.model.model, &device)?;
+    let (ckpt, tok, problems) = crate::io::open_model_lenient(&args.model.source(), &device)?;
     // Building the model validates names and shapes.
     crate::model::Model::load_frozen(&ckpt)?;
     let c = &ckpt.config;
@@ -67,6 +70,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         bos_token_id: c.bos_token_id(),
         eos_token_ids: c.eos_token_ids(),
         problems,
+        adapter: ckpt.adapter.clone(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -92,6 +96,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     println!("dtypes         {}", dt.join(", "));
     println!("tied head      {}", s.tied_embeddings);
     println!("shards         {}", s.shards);
+    if let Some(a) = &s.adapter {
+        println!("{}", a.summary());
+    }
     for p in &s.problems {
         println!("problem        {p}");
     }

@@ -227,6 +227,9 @@ pub struct SanitizeReport {
     pub command: String,
     pub input_model: String,
     pub input_weights_sha256: String,
+    /// The PEFT adapter merged into the input (`--adapter-dir`): the output is the merged model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_adapter: Option<crate::io::peft::MergedAdapter>,
     pub sensitive_inputs: BTreeMap<String, String>,
     pub config: ResolvedConfig,
     pub bos_token_id: Option<u32>,
@@ -386,6 +389,7 @@ pub fn sanitize_in_memory(
         command: String::new(),
         input_model: ckpt.dir.display().to_string(),
         input_weights_sha256: String::new(),
+        input_adapter: ckpt.adapter.clone(),
         sensitive_inputs: BTreeMap::new(),
         config: cfg.clone(),
         bos_token_id: bos,
@@ -410,8 +414,8 @@ pub fn sanitize_in_memory(
 /// A sanitize run, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct SanitizeJob {
-    /// Model directory or cached hub repo id.
-    pub model: String,
+    /// Model directory or cached hub repo id, and the adapter merged into it.
+    pub model: crate::io::ModelSource,
     pub device: Device,
     pub quiet: bool,
     pub spans: SpanSources,
@@ -470,6 +474,9 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
 
 fn print_summary(r: &SanitizeReport, out: &Path) {
     println!("sanitized model written to {}", out.display());
+    if let Some(a) = &r.input_adapter {
+        println!("  {}; the output is the merged model", a.summary());
+    }
     println!(
         "  documents {}, windows {}, tokens {}, masked tokens {}",
         r.documents,

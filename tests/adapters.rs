@@ -1,0 +1,223 @@
+//! PEFT LoRA adapters (`--adapter-dir`): the merge against PEFT's `merge_and_unload()` weights
+//! and logits (fixtures by `scripts/make_fixtures.py adapters`), the commands on the merged
+//! model, and the errors for adapters sani cannot merge.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use sani::io::{open_model, ModelSource};
+use sani::model::{AttnContext, Model};
+use std::path::{Path, PathBuf};
+
+fn adapter(name: &str) -> PathBuf {
+    fixture("adapters").join(name)
+}
+
+fn merged_reference(name: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let path = fixture("adapters").join(format!("{name}.merged.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn merged_weights_and_logits_match_peft() {
+    for (name, base) in [
+        ("lora_llama", "llama_gqa"),
+        ("lora_gpt2_rslora", "gpt2_f32"),
+    ] {
+        let source = ModelSource {
+            model: fixture(base).display().to_string(),
+            adapter: Some(adapter(name)),
+        };
+        let (ckpt, _) = open_model(&source, &Device::Cpu).unwrap();
+        let info = ckpt.adapter.clone().expect("adapter merged");
+        assert!(!info.merged.is_empty(), "{name}: {info:?}");
+        let want = merged_reference(name);
+        let mut changed = 0;
+        for (tensor, var) in ckpt.vars() {
+            let Some(w) = want.get(&format!("merged.{tensor}")) else {
+                continue;
+            };
+            let d = max_abs_diff(var.as_tensor(), w);
+            assert!(
+                d < 1e-5,
+                "{name}: {tensor} differs from PEFT's merge by {d}"
+            );
+            let base_ckpt =
+                sani::io::checkpoint::Checkpoint::open(&fixture(base), &Device::Cpu).unwrap();
+            let shape = base_ckpt.entry(&tensor).unwrap().shape.clone();
+            let before = base_ckpt.var(&tensor, &shape).unwrap();
+            if max_abs_diff(before.as_tensor(), w) > 1e-4 {
+                changed += 1;
+            }
+        }
+        assert_eq!(
+            changed,
+            info.merged.len() + info.replaced.len(),
+            "{name}: the tensors PEFT changed are the ones merged"
+        );
+
+        let model = Model::load_frozen(&ckpt).unwrap();
+        let r = reference(base);
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let valid: Vec<Vec<bool>> = rows_i64(&r["attention_mask"])
+            .iter()
+            .map(|row| row.iter().map(|&m| m == 1).collect())
+            .collect();
+        let ctx = AttnContext::for_training(&valid, model.sliding_window(), &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, &ctx, None).unwrap();
+        let n = valid[0].len();
+        let d = max_abs_diff(
+            &logits.get(0).unwrap().narrow(0, 0, n).unwrap(),
+            &want["logits"].get(0).unwrap().narrow(0, 0, n).unwrap(),
+        );
+        eprintln!("{name}: merged logits within {d:.2e} of PEFT's");
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn sanitize_and_eval_run_on_the_merged_model_and_write_it_in_the_base_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = sani::data::synth::generate_notes(&sani::data::synth::SynthConfig {
+        n_notes: 3,
+        seed: 3,
+        id_prefix: "n".into(),
+    });
+    let spans = tmp.path().join("notes.jsonl");
+    std::fs::write(&spans, sani::data::synth::notes_to_jsonl(&docs)).unwrap();
+    let base = fixture("llama_gqa");
+    let a = adapter("lora_llama");
+    // Erasure only (no repair): the output is PEFT's merged model with the erased units reset.
+    let out = tmp.path().join("out");
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter-dir",
+        a.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "0",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&out.join("sani_report.json"));
+    assert_eq!(
+        report["input_adapter"]["merged"].as_array().unwrap().len(),
+        8,
+        "{}",
+        report["input_adapter"]
+    );
+    let reset: std::collections::BTreeSet<String> = report["erased_tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tensor"].as_str().unwrap().to_string())
+        .collect();
+    let written = sani::io::checkpoint::Checkpoint::load(&out, &Device::Cpu).unwrap();
+    let base_ckpt = sani::io::checkpoint::Checkpoint::load_headers(&base, &Device::Cpu).unwrap();
+    let layout = |c: &sani::io::checkpoint::Checkpoint| -> Vec<(String, String, Vec<usize>)> {
+        c.entries
+            .iter()
+            .map(|e| (e.name.clone(), format!("{:?}", e.dtype), e.shape.clone()))
+            .collect()
+    };
+    assert_eq!(layout(&written), layout(&base_ckpt));
+    let want = merged_reference("lora_llama");
+    for (tensor, var) in written.vars() {
+        if reset.contains(&tensor) {
+            continue;
+        }
+        let d = max_abs_diff(var.as_tensor(), &want[&format!("merged.{tensor}")]);
+        assert!(d < 1e-5, "{tensor}: {d}");
+    }
+    // The input directories are untouched: the adapter's merge lives in memory only.
+    assert!(!base.join("sani_report.json").exists());
+
+    let json = tmp.path().join("eval.json");
+    let o = sani(&[
+        "eval",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter-dir",
+        a.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval = read_json(&json);
+    assert_eq!(
+        eval["model"]["adapter"]["sha256"],
+        report["input_adapter"]["sha256"]
+    );
+}
+
+#[test]
+fn adapters_that_cannot_be_merged_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter("lora_llama").join(f), d.join(f)).unwrap();
+        }
+        let p = d.join("adapter_config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        edit(&mut c);
+        std::fs::write(&p, c.to_string()).unwrap();
+        d
+    };
+    let ia3 = copy("ia3", &|c| c["peft_type"] = "IA3".into());
+    let dora = copy("dora", &|c| c["use_dora"] = true.into());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+        (
+            "llama_gqa",
+            ia3,
+            vec!["peft_type", "IA3", "supported: LORA"],
+        ),
+        ("llama_gqa", dora, vec!["use_dora"]),
+        ("llama_gqa", empty, vec!["adapter_config.json"]),
+        // The right names but other shapes (q_proj 32 -> 64 here).
+        (
+            "qwen3_f32",
+            adapter("lora_llama"),
+            vec!["made for another base model"],
+        ),
+        // Names the base does not have.
+        (
+            "gpt2_f32",
+            adapter("lora_llama"),
+            vec!["is not in the base model"],
+        ),
+    ];
+    for (base, dir, wanted) in cases {
+        let o = sani(&[
+            "inspect",
+            "--model",
+            fixture(base).to_str().unwrap(),
+            "--adapter-dir",
+            dir.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{base} {dir:?}: {}", stderr(&o));
+        for w in wanted {
+            assert!(stderr(&o).contains(w), "`{w}` not in {}", stderr(&o));
+        }
+    }
+}
