@@ -559,9 +559,9 @@ def make_adapters(tok, inp):
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     cases = {
-        # q/v/gate/down adapted, the untied head saved whole.
+        # q/v/gate/down and the embedding adapted, the untied head saved whole.
         "lora_llama": ("llama_gqa", LlamaForCausalLM, dict(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj", "embed_tokens"],
             modules_to_save=["lm_head"])),
         # Conv1D weights (fan_in_fan_out; attn.c_proj is square), rsLoRA, per-module rank
         # and alpha.

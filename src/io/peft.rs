@@ -5,7 +5,8 @@
 //!
 //! The adapter file is the source of truth for which modules are adapted (`target_modules` is
 //! recorded, not re-matched). Tensors it holds besides `lora_A`/`lora_B` pairs
-//! (`modules_to_save`, trained biases) replace the base tensor of the same name. Anything else
+//! (`modules_to_save`, trained biases, a targeted embedding's saved `base_layer`) replace the
+//! base tensor of the same name. Anything else
 //! (DoRA, other PEFT types, a base whose shapes differ) is a clear error.
 
 use crate::io::checkpoint::Checkpoint;
@@ -167,13 +168,36 @@ pub fn merge_adapter(ckpt: &Checkpoint, dir: &Path) -> Result<MergedAdapter> {
                     entry.1 = Some(t);
                 }
             }
-            None => whole.push((inner.to_string(), t)),
+            // A targeted embedding's own weight, saved by PEFT with `save_embedding_layers`.
+            None => whole.push((inner.replace(".base_layer.", "."), t)),
         }
     }
     if pairs.is_empty() && whole.is_empty() {
         bail!("{}: holds no tensors", weights.display());
     }
 
+    // Whole tensors first: a saved `base_layer` is what the low-rank update adds to.
+    let mut replaced = Vec::new();
+    for (name, t) in whole {
+        let target = base_name(ckpt, &name).with_context(|| {
+            format!(
+                "{}: tensor `{PREFIX}{name}` (modules_to_save, a trained bias or a saved base layer) is not in the base model {} (does the adapter belong to it?)",
+                weights.display(),
+                ckpt.dir.display()
+            )
+        })?;
+        let shape = ckpt.entry(&target).expect("found").shape.clone();
+        if t.dims() != shape.as_slice() {
+            bail!(
+                "{}: `{PREFIX}{name}` is {:?}, the base tensor `{target}` {shape:?}",
+                weights.display(),
+                t.dims()
+            );
+        }
+        let var = ckpt.var(&target, &shape)?;
+        var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        replaced.push(target);
+    }
     let mut merged = Vec::new();
     for (module, (a, b, embedding)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
@@ -234,27 +258,6 @@ pub fn merge_adapter(ckpt: &Checkpoint, dir: &Path) -> Result<MergedAdapter> {
         let w = (var.as_tensor() + (delta * scale)?.to_device(var.device())?)?;
         var.set(&w)?;
         merged.push(target);
-    }
-    let mut replaced = Vec::new();
-    for (name, t) in whole {
-        let target = base_name(ckpt, &name).with_context(|| {
-            format!(
-                "{}: tensor `{PREFIX}{name}` (modules_to_save or a trained bias) has no counterpart in the base model {}",
-                weights.display(),
-                ckpt.dir.display()
-            )
-        })?;
-        let shape = ckpt.entry(&target).expect("found").shape.clone();
-        if t.dims() != shape.as_slice() {
-            bail!(
-                "{}: `{PREFIX}{name}` is {:?}, the base tensor `{target}` {shape:?}",
-                weights.display(),
-                t.dims()
-            );
-        }
-        let var = ckpt.var(&target, &shape)?;
-        var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
-        replaced.push(target);
     }
     Ok(MergedAdapter {
         dir: dir.display().to_string(),
