@@ -602,6 +602,57 @@ def make_adapters(tok, inp):
         print(f"  adapter {name} on {base}: {len(ref) - 1} merged tensors")
 
 
+def make_bin(tok, inp):
+    """PyTorch pickle checkpoints (torch.save) of two existing fixtures' weights: llama_gqa as
+    one pytorch_model.bin, qwen2_bf16 (bf16) as two shards with pytorch_model.bin.index.json;
+    and bin_hostile, whose pickle holds a Python object beside its tensors."""
+    import collections
+
+    def side_files(src, dst):
+        os.makedirs(dst)
+        for f in os.listdir(src):
+            if not f.endswith(".safetensors") and not f.endswith(".index.json"):
+                shutil.copy(os.path.join(src, f), dst)
+
+    def state_dict(name):
+        sd = collections.OrderedDict()
+        for f in sorted(os.listdir(os.path.join(OUT, name))):
+            if f.endswith(".safetensors"):
+                sd.update(safetensors.torch.load_file(os.path.join(OUT, name, f)))
+        sd._metadata = collections.OrderedDict({"": {"version": 1}})  # as module.state_dict()
+        return sd
+
+    d = os.path.join(OUT, "llama_bin")
+    shutil.rmtree(d, ignore_errors=True)
+    side_files(os.path.join(OUT, "llama_gqa"), d)
+    torch.save(state_dict("llama_gqa"), os.path.join(d, "pytorch_model.bin"))
+
+    d = os.path.join(OUT, "qwen2_bin_sharded")
+    shutil.rmtree(d, ignore_errors=True)
+    side_files(os.path.join(OUT, "qwen2_bf16"), d)
+    sd = state_dict("qwen2_bf16")
+    names = sorted(sd)
+    weight_map, total = {}, 0
+    for i, part in enumerate([names[: len(names) // 2], names[len(names) // 2:]]):
+        file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save(collections.OrderedDict((n, sd[n]) for n in part), os.path.join(d, file))
+        for n in part:
+            weight_map[n] = file
+            total += sd[n].numel() * sd[n].element_size()
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
+                  sort_keys=True)
+        f.write("\n")
+
+    d = os.path.join(OUT, "bin_hostile")
+    shutil.rmtree(d, ignore_errors=True)
+    side_files(os.path.join(OUT, "llama_gqa"), d)
+    sd = state_dict("llama_gqa")
+    sd["optimizer_hint"] = collections.Counter({"step": 3})  # not a tensor: must be refused
+    torch.save(sd, os.path.join(d, "pytorch_model.bin"))
+    print("  llama_bin, qwen2_bin_sharded, bin_hostile written with torch.save")
+
+
 # name -> (builder, first seed, the fixtures it writes)
 BUILDERS = {
     "gpt2": (make_gpt2, 0, ["gpt2_f32", "gpt2_legacy"]),
@@ -612,6 +663,7 @@ BUILDERS = {
     "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
     "phi3_f32": (make_phi3, 600, ["phi3_f32"]),
     "adapters": (None, None, []),
+    "bin": (None, None, []),
 }
 
 
@@ -661,6 +713,9 @@ def main():
         fn, base_seed, names = BUILDERS[w]
         if w == "adapters":
             make_adapters(tok, inp)
+            continue
+        if w == "bin":
+            make_bin(tok, inp)
             continue
         build(fn, tok, inp, base_seed, names)
         built += names

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::fixture;
+use common::{fixture, max_abs_diff};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sani::io::checkpoint::Checkpoint;
 use sani::io::hub::resolve_model_dir;
@@ -540,7 +540,7 @@ fn nonexistent_or_unreadable_dir() {
 }
 
 #[test]
-fn only_pytorch_bin() {
+fn pytorch_bin_that_is_not_a_torch_zip_is_refused() {
     let dir = copy_fixture("gpt2_f32");
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     std::fs::write(dir.path().join("pytorch_model.bin"), b"pickle").unwrap();
@@ -548,17 +548,81 @@ fn only_pytorch_bin() {
     assert_mentions(
         &msg,
         &[
-            &dir.path().display().to_string(),
-            "model.safetensors",
-            "pytorch_model.bin is not supported",
-            "convert",
+            "pytorch_model.bin",
+            "not a zip-format torch.save file",
+            "legacy",
         ],
     );
     std::fs::remove_file(dir.path().join("pytorch_model.bin")).unwrap();
     let msg = err_of(load(dir.path()));
     assert_mentions(
         &msg,
-        &[&dir.path().display().to_string(), "no model.safetensors"],
+        &[
+            &dir.path().display().to_string(),
+            "no model.safetensors",
+            "pytorch_model.bin",
+        ],
+    );
+}
+
+/// `pytorch_model.bin` checkpoints written by torch.save (fixtures of llama_gqa's and
+/// qwen2_bf16's weights): the same tensors as the safetensors fixtures, a pickle with anything
+/// but tensors refused with the entry named, and the output written as safetensors.
+#[test]
+fn pytorch_bin_checkpoints_read_as_their_safetensors_twins() {
+    for (bin, twin, shards) in [
+        ("llama_bin", "llama_gqa", 1),
+        ("qwen2_bin_sharded", "qwen2_bf16", 2),
+    ] {
+        let a = Checkpoint::load(&fixture(bin), &Device::Cpu).unwrap();
+        let b = Checkpoint::load(&fixture(twin), &Device::Cpu).unwrap();
+        assert!(
+            a.from_pickle && a.shards.len() == shards,
+            "{bin}: {:?}",
+            a.shards
+        );
+        let layout = |c: &Checkpoint| -> Vec<(String, String, Vec<usize>)> {
+            let mut v: Vec<_> = c
+                .entries
+                .iter()
+                .map(|e| (e.name.clone(), format!("{:?}", e.dtype), e.shape.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(layout(&a), layout(&b), "{bin}: names, dtypes, shapes");
+        for (name, var) in b.vars() {
+            let d = max_abs_diff(var.as_tensor(), a.vars()[&name].as_tensor());
+            assert_eq!(d, 0.0, "{bin}: {name}");
+        }
+        // Written as safetensors, with the same names and dtypes.
+        let out = tempfile::tempdir().unwrap();
+        let written = a.write_to(out.path(), &provenance()).unwrap();
+        assert_eq!(written.len(), shards);
+        let files: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|f| f.contains("model"))
+            .collect();
+        assert!(
+            files
+                .iter()
+                .all(|f| !f.ends_with(".bin") && !f.starts_with("pytorch_model")),
+            "{bin}: {files:?}"
+        );
+        let c = Checkpoint::load(out.path(), &Device::Cpu).unwrap();
+        assert!(!c.from_pickle);
+        assert_eq!(layout(&c), layout(&b), "{bin}: written layout");
+    }
+    let msg = err_of(load(&fixture("bin_hostile")));
+    assert_mentions(
+        &msg,
+        &[
+            "pytorch_model.bin",
+            "`optimizer_hint`",
+            "collections.Counter",
+            "not a tensor",
+        ],
     );
 }
 

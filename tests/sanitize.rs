@@ -1041,3 +1041,57 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
         assert!(spans_measured > 0, "{name}: {eval}");
     }
 }
+
+/// A `pytorch_model.bin` model (torch.save, sharded) sanitizes into a safetensors model with the
+/// same names and dtypes, and the report says the input was a pickle.
+#[test]
+fn pytorch_bin_input_is_sanitized_into_safetensors() {
+    let (tmp, model, spans) = workspace("qwen2_bin_sharded", 3);
+    let out = tmp.path().join("out");
+    let o = sani(&[
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-seq-len",
+        "48",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&out.join("sani_report.json"));
+    assert_eq!(
+        report["input_pickle_files"],
+        serde_json::json!([
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin"
+        ])
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|f| f.contains("model"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let headers = |dir: &Path| -> BTreeMap<String, (String, Vec<usize>)> {
+        Checkpoint::load_headers(dir, &Device::Cpu)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| (e.name.clone(), (format!("{:?}", e.dtype), e.shape.clone())))
+            .collect()
+    };
+    assert_eq!(headers(&out), headers(&model));
+}

@@ -9,6 +9,7 @@
 //! their stored values byte for byte (its metadata included), rewriting only the others.
 
 use crate::io::model_files::{check_file_name, check_links_stay_inside};
+use crate::io::pickle;
 use crate::model::config::ModelConfig;
 use crate::model::init::FreshWeights;
 use crate::model::{Model, WeightSource};
@@ -25,6 +26,9 @@ use std::path::{Path, PathBuf};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// PyTorch pickle checkpoints, read (see [`crate::io::pickle`]) and written as safetensors.
+pub const PICKLE_FILE: &str = "pytorch_model.bin";
+pub const PICKLE_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 
 /// Where one stored tensor lives and how it is stored.
 #[derive(Debug, Clone)]
@@ -72,6 +76,10 @@ pub struct Checkpoint {
     residency: Residency,
     /// The PEFT adapter merged into the vars (`--adapter-dir`), if any.
     pub adapter: Option<crate::io::peft::MergedAdapter>,
+    /// The weight files as the input stores them (`shards` are the output's names).
+    pub input_files: Vec<String>,
+    /// The input is a PyTorch pickle checkpoint: read into memory, written as safetensors.
+    pub from_pickle: bool,
 }
 
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
@@ -86,7 +94,11 @@ fn candle_dtype(dtype: StDtype) -> Option<DType> {
 
 /// The weight files of a model directory: shard names, and whether an index was used.
 pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
-    let index = dir.join(INDEX_FILE);
+    let mut index = dir.join(INDEX_FILE);
+    if !index.is_file() && !dir.join(SINGLE_FILE).is_file() && dir.join(PICKLE_INDEX_FILE).is_file()
+    {
+        index = dir.join(PICKLE_INDEX_FILE);
+    }
     if index.is_file() {
         let text = std::fs::read_to_string(&index)
             .with_context(|| format!("{}: cannot read", index.display()))?;
@@ -115,15 +127,12 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<String>, bool)> {
     if dir.join(SINGLE_FILE).is_file() {
         return Ok((vec![SINGLE_FILE.to_string()], false));
     }
-    let has_bin = dir.join("pytorch_model.bin").exists();
+    if dir.join(PICKLE_FILE).is_file() {
+        return Ok((vec![PICKLE_FILE.to_string()], false));
+    }
     bail!(
-        "{}: no {SINGLE_FILE} or {INDEX_FILE} found{}",
+        "{}: no {SINGLE_FILE}, {INDEX_FILE}, {PICKLE_FILE} or {PICKLE_INDEX_FILE} found",
         dir.display(),
-        if has_bin {
-            " (pytorch_model.bin is not supported: convert it to safetensors first)"
-        } else {
-            ""
-        }
     )
 }
 
@@ -154,18 +163,41 @@ impl Checkpoint {
         }
         check_links_stay_inside(dir)?;
         let config = ModelConfig::from_dir(dir)?;
-        let (shards, sharded) = weight_files(dir)?;
+        let (input_files, sharded) = weight_files(dir)?;
+        let from_pickle = input_files.iter().any(|f| pickle::is_pickle(f));
+        let shards: Vec<String> = input_files
+            .iter()
+            .map(|f| match pickle::is_pickle(f) {
+                true => pickle::safetensors_name(f),
+                false => f.clone(),
+            })
+            .collect();
         let mut entries = Vec::new();
         let mut files = HashMap::new();
         let mut seen = HashSet::new();
-        for shard in &shards {
-            let path = dir.join(shard);
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("{}: cannot read weight file", path.display()))?;
-            // SAFETY: the file is only read; sani never writes into an input model. (A file
-            // truncated by another process meanwhile would fault, as with any mmap reader.)
-            let bytes = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("{}: cannot map weight file", path.display()))?;
+        for (shard, input) in shards.iter().zip(&input_files) {
+            let path = dir.join(input);
+            let bytes = if pickle::is_pickle(input) {
+                // The tensors, validated, as a safetensors image in an unnamed temporary file
+                // (gone when the checkpoint is dropped), mapped like any input shard.
+                let image = pickle::to_safetensors(&path)?;
+                let mut tmp = tempfile::tempfile()
+                    .context("cannot create a temporary file for the converted weights")?;
+                std::io::Write::write_all(&mut tmp, &image)
+                    .context("cannot write the converted weights to a temporary file")?;
+                drop(image);
+                // SAFETY: the file is unnamed and private to this process.
+                unsafe { memmap2::Mmap::map(&tmp) }.with_context(|| {
+                    format!("{}: cannot map the converted weights", path.display())
+                })?
+            } else {
+                let file = std::fs::File::open(&path)
+                    .with_context(|| format!("{}: cannot read weight file", path.display()))?;
+                // SAFETY: the file is only read; sani never writes into an input model. (A file
+                // truncated by another process meanwhile would fault, as with any mmap reader.)
+                unsafe { memmap2::Mmap::map(&file) }
+                    .with_context(|| format!("{}: cannot map weight file", path.display()))?
+            };
             let st = SafeTensors::deserialize(&bytes).map_err(|e| {
                 anyhow!(
                     "{}: corrupt or truncated safetensors file: {e}",
@@ -204,7 +236,12 @@ impl Checkpoint {
             files.insert(shard.clone(), bytes);
         }
         let index_metadata = if sharded {
-            check_index_matches(dir, &entries)?
+            let index = if from_pickle {
+                PICKLE_INDEX_FILE
+            } else {
+                INDEX_FILE
+            };
+            check_index_matches(&dir.join(index), &entries, from_pickle)?
         } else {
             serde_json::Map::new()
         };
@@ -221,6 +258,8 @@ impl Checkpoint {
             side_files: Some(dir.to_path_buf()),
             residency,
             adapter: None,
+            input_files,
+            from_pickle,
         };
         if residency == Residency::All {
             for e in ckpt
@@ -305,6 +344,8 @@ impl Checkpoint {
             side_files: None,
             residency: Residency::All,
             adapter: None,
+            input_files: Vec::new(),
+            from_pickle: false,
         }
     }
 
@@ -438,7 +479,7 @@ impl Checkpoint {
 
     /// SHA-256 over the weight files, in shard order.
     pub fn weights_sha256(&self) -> Result<String> {
-        crate::io::hash::sha256_files(&self.dir, &self.shards)
+        crate::io::hash::sha256_files(&self.dir, &self.input_files)
     }
 
     /// Writes the weights (same names, shapes, dtypes, shards) and copies every other file of the
@@ -486,7 +527,7 @@ impl Checkpoint {
                 changed_tensors: rewritten,
             });
             let input = self.side_files.as_ref().map(|d| d.join(shard));
-            if rewritten == 0 {
+            if rewritten == 0 && !self.from_pickle {
                 let from = input.expect("a mapped shard has an input file");
                 std::fs::copy(&from, &path).with_context(|| {
                     format!("{}: cannot copy to {}", from.display(), path.display())
@@ -513,7 +554,7 @@ impl Checkpoint {
                 .collect();
             safetensors::tensor::serialize_to_file(views, Some(metadata.clone()), &path)
                 .with_context(|| format!("{}: cannot write", path.display()))?;
-            copy_mode(input.as_deref(), &path)?;
+            copy_mode(input.as_deref().filter(|p| p.exists()), &path)?;
         }
         if self.sharded {
             let mut index_metadata = self.index_metadata.clone();
@@ -632,15 +673,19 @@ impl Model {
 /// Checks that every tensor the index lists is stored in the shard it names; returns the index's
 /// `metadata` object.
 fn check_index_matches(
-    dir: &Path,
+    index: &Path,
     entries: &[TensorEntry],
+    from_pickle: bool,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let index = dir.join(INDEX_FILE);
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index)?)?;
     let map = json["weight_map"]
         .as_object()
         .expect("checked by weight_files");
     for (name, file) in map {
+        let file = &match (file.as_str(), from_pickle) {
+            (Some(f), true) => serde_json::Value::from(pickle::safetensors_name(f)),
+            _ => file.clone(),
+        };
         match entries.iter().find(|e| &e.name == name) {
             None => bail!(
                 "{}: `{name}` is listed in weight_map but not stored in {}",

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod json;
 pub mod model_files;
 pub mod peft;
+pub mod pickle;
 pub mod progress;
 pub mod staged;
 

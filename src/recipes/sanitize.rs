@@ -230,6 +230,10 @@ pub struct SanitizeReport {
     /// The PEFT adapter merged into the input (`--adapter-dir`): the output is the merged model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_adapter: Option<crate::io::peft::MergedAdapter>,
+    /// The input's weight files when they are PyTorch pickles (`pytorch_model.bin`): the output
+    /// holds the same tensors as safetensors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_pickle_files: Vec<String>,
     pub sensitive_inputs: BTreeMap<String, String>,
     pub config: ResolvedConfig,
     pub bos_token_id: Option<u32>,
@@ -390,6 +394,10 @@ pub fn sanitize_in_memory(
         input_model: ckpt.dir.display().to_string(),
         input_weights_sha256: String::new(),
         input_adapter: ckpt.adapter.clone(),
+        input_pickle_files: match ckpt.from_pickle {
+            true => ckpt.input_files.clone(),
+            false => Vec::new(),
+        },
         sensitive_inputs: BTreeMap::new(),
         config: cfg.clone(),
         bos_token_id: bos,
@@ -474,6 +482,12 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
 
 fn print_summary(r: &SanitizeReport, out: &Path) {
     println!("sanitized model written to {}", out.display());
+    if !r.input_pickle_files.is_empty() {
+        println!(
+            "  weights read from PyTorch pickle ({}), written as safetensors with the same names and dtypes",
+            r.input_pickle_files.join(", ")
+        );
+    }
     if let Some(a) = &r.input_adapter {
         println!("  {}; the output is the merged model", a.summary());
     }
