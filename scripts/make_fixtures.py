@@ -45,6 +45,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -352,8 +354,12 @@ def reload_f32(cls, d, model, inp, tol):
     assert err <= tol, f"{d}: reload mismatch {err}"
     rot = getattr(getattr(m, "model", None), "rotary_emb", None)
     if rot is not None:
-        fresh = cls(m.config).model.rotary_emb.inv_freq
-        assert rot.inv_freq.dtype == torch.float32 and torch.equal(rot.inv_freq, fresh)
+        fresh = cls(m.config).model.rotary_emb
+        # one inv_freq, or one per layer kind (Gemma 3: full_attention_inv_freq, ...)
+        names = [n for n, _ in rot.named_buffers() if n.endswith("inv_freq") and "original" not in n]
+        for n in names:
+            ours, theirs = getattr(rot, n), getattr(fresh, n)
+            assert ours.dtype == torch.float32 and torch.equal(ours, theirs), n
     return m
 
 
@@ -548,6 +554,34 @@ def make_phi3(tok, inp, seed):
     return margin
 
 
+def make_gemma3(tok, inp, seed):
+    # Text-only Gemma 3: a sliding layer (window 6) then a global one, head_dim 16 unequal to
+    # hidden / heads and to query_pre_attn_scalar (24), linear rope scaling on the global layers
+    # and a separate local base; tied head.
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.02,
+        **common_ids(),
+    )
+    model = Gemma3ForCausalLM(cfg)
+    perturb(model)
+    model.eval()
+    set_eager(model)
+    set_gen_config(model)
+    d = save_model_dir(model, tok, "gemma3_f32")
+    ref, margin = compute_reference(reload_f32(Gemma3ForCausalLM, d, model, inp, 0.0), inp)
+    write_reference("gemma3_f32", ref, margin, seed)
+    return margin
+
+
 def make_adapters(tok, inp):
     """PEFT LoRA adapters on two fixtures, with the weights PEFT's merge_and_unload() gives
     and the merged model's logits on the inputs (tests/fixtures/adapters/<name>/ and
@@ -662,6 +696,7 @@ BUILDERS = {
     "mistral_f32": (make_mistral, 400, ["mistral_f32"]),
     "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
     "phi3_f32": (make_phi3, 600, ["phi3_f32"]),
+    "gemma3_f32": (make_gemma3, 800, ["gemma3_f32"]),
     "adapters": (None, None, []),
     "bin": (None, None, []),
 }

@@ -5,6 +5,9 @@ meaningful. Never for CI; do not commit the output.
 
     python3 scripts/make_sharded_model.py --tokenizer-from /tmp/real/base --out /tmp/big \
         --hidden 2048 --intermediate 5632 --layers 24 --shard-size 500MB
+    # SmolLM2-360M's shape, for the README's scaling table:
+    python3 scripts/make_sharded_model.py --tokenizer-from /tmp/real/base --out /tmp/m360 \
+        --hidden 960 --intermediate 2560 --layers 32 --heads 15 --kv-heads 5 --tie
 
 The tokenizer (tokenizer.json, tokenizer_config.json) is copied from --tokenizer-from, whose
 config.json also gives vocab size and special token ids.
@@ -26,6 +29,7 @@ ap.add_argument("--kv-heads", type=int, default=4)
 ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 ap.add_argument("--shard-size", default="500MB")
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--tie", action="store_true", help="tie the head to the embedding (SmolLM2 shapes)")
 a = ap.parse_args()
 
 src = json.loads((a.tokenizer_from / "config.json").read_text())
@@ -40,7 +44,7 @@ cfg = LlamaConfig(
     bos_token_id=src.get("bos_token_id"),
     eos_token_id=src.get("eos_token_id"),
     pad_token_id=src.get("pad_token_id"),
-    tie_word_embeddings=False,
+    tie_word_embeddings=a.tie,
 )
 torch.manual_seed(a.seed)
 t0 = time.time()

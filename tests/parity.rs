@@ -18,6 +18,7 @@ const FIXTURES: &[&str] = &[
     "mistral_f32",
     "qwen3_f32",
     "phi3_f32",
+    "gemma3_f32",
 ];
 
 fn check(name: &str) {

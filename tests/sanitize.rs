@@ -73,6 +73,7 @@ fn erasure_changes_exactly_the_reported_units() {
         "qwen2_bf16",
         "qwen3_f32",
         "phi3_f32",
+        "gemma3_f32",
     ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let before = tensors(&fixture(name));
@@ -977,6 +978,34 @@ fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `sani sanitize` with one short epoch of repair.
+fn sanitize_one_epoch(model: &Path, spans: &Path, out: &Path) -> std::process::Output {
+    sani(&[
+        "sanitize",
+        "--model",
+        model.to_str().unwrap(),
+        "--sensitive",
+        spans.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-seq-len",
+        "48",
+        "-q",
+    ])
+}
+
+/// Every stored tensor's dtype and shape, by name.
+fn layout(dir: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
+    Checkpoint::load_headers(dir, &Device::Cpu)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), (format!("{:?}", e.dtype), e.shape.clone())))
+        .collect()
+}
+
 /// Each architecture through the commands a user runs: sanitize (erasure and repair), then
 /// eval of the output; the output has the input's tensor names, shapes and dtypes, and the
 /// report names the reset rows.
@@ -989,23 +1018,11 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
         "qwen2_bf16",
         "qwen3_f32",
         "phi3_f32",
+        "gemma3_f32",
     ] {
         let (tmp, model, spans) = workspace(name, 3);
         let out = tmp.path().join("out");
-        let o = sani(&[
-            "sanitize",
-            "--model",
-            model.to_str().unwrap(),
-            "--sensitive",
-            spans.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--max-seq-len",
-            "48",
-            "-q",
-        ]);
+        let o = sanitize_one_epoch(&model, &spans, &out);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let report = read_json(&out.join("sani_report.json"));
         let reset = report["erased_tensors"].as_array().unwrap();
@@ -1016,14 +1033,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
                     .all(|t| !t["indices"].as_array().unwrap().is_empty()),
             "{name}: reset tensors {reset:?}"
         );
-        let headers = |dir: &Path| -> BTreeMap<String, (String, Vec<usize>)> {
-            let ckpt = Checkpoint::load_headers(dir, &Device::Cpu).unwrap();
-            ckpt.entries
-                .iter()
-                .map(|e| (e.name.clone(), (format!("{:?}", e.dtype), e.shape.clone())))
-                .collect()
-        };
-        assert_eq!(headers(&out), headers(&model), "{name}: tensor layout");
+        assert_eq!(layout(&out), layout(&model), "{name}: tensor layout");
         let json = tmp.path().join("eval.json");
         let o = sani(&[
             "eval",
@@ -1048,20 +1058,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
 fn pytorch_bin_input_is_sanitized_into_safetensors() {
     let (tmp, model, spans) = workspace("qwen2_bin_sharded", 3);
     let out = tmp.path().join("out");
-    let o = sani(&[
-        "sanitize",
-        "--model",
-        model.to_str().unwrap(),
-        "--sensitive",
-        spans.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--max-seq-len",
-        "48",
-        "-q",
-    ]);
+    let o = sanitize_one_epoch(&model, &spans, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let report = read_json(&out.join("sani_report.json"));
     assert_eq!(
@@ -1085,13 +1082,5 @@ fn pytorch_bin_input_is_sanitized_into_safetensors() {
             "model.safetensors.index.json"
         ]
     );
-    let headers = |dir: &Path| -> BTreeMap<String, (String, Vec<usize>)> {
-        Checkpoint::load_headers(dir, &Device::Cpu)
-            .unwrap()
-            .entries
-            .iter()
-            .map(|e| (e.name.clone(), (format!("{:?}", e.dtype), e.shape.clone())))
-            .collect()
-    };
-    assert_eq!(headers(&out), headers(&model));
+    assert_eq!(layout(&out), layout(&model));
 }

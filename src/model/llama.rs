@@ -348,14 +348,14 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
 }
 
 /// A projection `x @ W^T (+ b)`, weight stored (out, in).
-struct Linear {
-    weight: Tensor,
+pub(super) struct Linear {
+    pub(super) weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    fn load(w: &mut Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+    pub(super) fn load(w: &mut Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         // Biases first: the order tensors are drawn in when a fresh model is initialized.
         let bias = w.get_if(bias, "bias", &[d_out])?;
         Ok(Linear {
@@ -364,7 +364,7 @@ impl Linear {
             lora: w.lora(d_in, d_out, false)?,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.lora {
             Some(lora) => lora.forward(x, &self.weight, self.bias.as_ref(), true),
             None => ops::linear(x, &self.weight, self.bias.as_ref()),

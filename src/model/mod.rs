@@ -12,6 +12,7 @@
 //! var itself, so gradients reach it) or frozen (a detached view: no gradient is computed).
 
 pub mod config;
+mod gemma3;
 pub mod generate;
 mod gpt2;
 pub mod init;
@@ -43,6 +44,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     llama::QWEN2,
     llama::QWEN3,
     llama::PHI3,
+    gemma3::GEMMA3,
 ];
 
 /// The forward pieces of a causal LM, as training, erasure and decoding use them.
