@@ -223,3 +223,111 @@ fn adapters_that_cannot_be_merged_are_refused_clearly() {
         }
     }
 }
+
+/// `--output-format adapter`: LoRA repair without erasure written as a PEFT adapter for the
+/// unchanged base; merged back (sani's PEFT reader) it is the model `--output-format model`
+/// writes with the same seed. What the adapter cannot carry is refused before any work.
+#[test]
+fn lora_repair_is_written_as_a_peft_adapter_that_merges_into_the_model_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = sani::data::synth::generate_notes(&sani::data::synth::SynthConfig {
+        n_notes: 3,
+        seed: 3,
+        id_prefix: "n".into(),
+    });
+    let spans = tmp.path().join("notes.jsonl");
+    std::fs::write(&spans, sani::data::synth::notes_to_jsonl(&docs)).unwrap();
+    for base in ["llama_gqa", "gpt2_f32"] {
+        let base_dir = fixture(base);
+        let run = |out: &Path, format: &str| {
+            let o = sani(&[
+                "sanitize",
+                "--model",
+                base_dir.to_str().unwrap(),
+                "--sensitive",
+                spans.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--adapter",
+                "lora",
+                "--erase-fraction",
+                "0",
+                "--epochs",
+                "1",
+                "--max-seq-len",
+                "48",
+                "--output-format",
+                format,
+                "-q",
+            ]);
+            assert!(o.status.success(), "{base} {format}: {}", stderr(&o));
+        };
+        let (model_out, adapter_out) = (
+            tmp.path().join(format!("{base}-model")),
+            tmp.path().join(format!("{base}-adapter")),
+        );
+        run(&model_out, "model");
+        run(&adapter_out, "adapter");
+        assert!(adapter_out.join("adapter_config.json").is_file());
+        assert!(
+            !adapter_out.join("config.json").exists(),
+            "an adapter, not a model"
+        );
+        let report = read_json(&adapter_out.join("sani_report.json"));
+        assert_eq!(report["output_adapter"], "adapter_model.safetensors");
+        let (merged, _) = open_model(
+            &ModelSource {
+                model: base_dir.display().to_string(),
+                adapter: Some(adapter_out.clone()),
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = sani::io::checkpoint::Checkpoint::load(&model_out, &Device::Cpu).unwrap();
+        let mut differ = 0;
+        for (name, var) in want.vars() {
+            let d = max_abs_diff(var.as_tensor(), merged.vars()[&name].as_tensor());
+            assert!(d < 1e-5, "{base}: {name} differs by {d}");
+            let base_ckpt =
+                sani::io::checkpoint::Checkpoint::load(&base_dir, &Device::Cpu).unwrap();
+            if max_abs_diff(var.as_tensor(), base_ckpt.vars()[&name].as_tensor()) > 0.0 {
+                differ += 1;
+            }
+        }
+        assert!(differ > 0, "{base}: the repair changed nothing");
+    }
+    let out = tmp.path().join("refused");
+    let llama = fixture("llama_gqa");
+    for (extra, wanted) in [
+        (vec!["--adapter", "lora"], "--erase-fraction 0"),
+        (vec!["--erase-fraction", "0"], "--adapter lora"),
+        (
+            vec![
+                "--adapter",
+                "lora",
+                "--erase-fraction",
+                "0",
+                "--adapter-dir",
+                adapter("lora_llama").to_str().unwrap(),
+            ],
+            "--adapter-dir",
+        ),
+    ] {
+        let mut args = vec![
+            "sanitize",
+            "--model",
+            llama.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--output-format",
+            "adapter",
+        ];
+        args.extend(extra);
+        let o = sani(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(wanted), "{args:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+}

@@ -168,6 +168,10 @@ pub struct SanitizeArgs {
     /// Replace --out if it exists
     #[arg(long)]
     pub force: bool,
+    /// What --out holds: the sanitized model, or, for LoRA repair (--adapter lora) without
+    /// erasure (--erase-fraction 0) of a full model, a PEFT adapter for the unchanged input
+    #[arg(long, value_enum, default_value = "model")]
+    pub output_format: crate::recipes::sanitize::OutputFormat,
     /// TOML file with any of the options below (kebab-case keys); the command line overrides it
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -179,6 +183,31 @@ impl SanitizeArgs {
     /// Layers the options and checks them (once), opens the device.
     pub fn resolve(&self) -> Result<SanitizeJob> {
         let config = SanitizeOptions::layered(self.config.as_deref(), &self.options)?;
+        if self.output_format == crate::recipes::sanitize::OutputFormat::Adapter {
+            let why = if config.adapter != crate::recipes::sanitize::Adapter::Lora {
+                Some("the repair must train LoRA adapters (--adapter lora)".to_string())
+            } else if config.epochs == 0 {
+                Some("with --epochs 0 nothing trains".to_string())
+            } else if config.erase_fraction > 0.0 && config.erase_layers > 0 {
+                Some(format!(
+                    "erasure (--erase-fraction {} on {} layers) changes base weights, which an \
+                     adapter for the unchanged base cannot carry: add --erase-fraction 0, or \
+                     write the model",
+                    config.erase_fraction, config.erase_layers
+                ))
+            } else if self.model.adapter_dir.is_some() {
+                Some(
+                    "the input is already an adapter merged into its base (--adapter-dir): \
+                     write the merged model"
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                anyhow::bail!("--output-format adapter: {why}");
+            }
+        }
         let device = self.model.runtime.setup()?;
         Ok(SanitizeJob {
             model: self.model.source(),
@@ -187,6 +216,7 @@ impl SanitizeArgs {
             spans: self.spans.sources(),
             out: self.out.clone(),
             force: self.force,
+            output_format: self.output_format,
             config,
         })
     }

@@ -77,6 +77,9 @@ impl MergedAdapter {
 }
 
 const PREFIX: &str = "base_model.model.";
+/// The files of a PEFT adapter directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Reads the adapter in `dir` and merges it into `ckpt` (whose vars then hold the merged
 /// weights; writing the checkpoint writes them in the base's dtypes).

@@ -133,6 +133,16 @@ impl LoraVars {
         Ok((vars, adapter))
     }
 
+    /// A copy of the trained matrices, for writing them as a PEFT adapter.
+    pub fn snapshot(&self) -> Result<TrainedLora> {
+        Ok(TrainedLora {
+            module: self.weight.trim_end_matches(".weight").to_string(),
+            a: self.a.as_tensor().copy()?,
+            b: self.b.as_tensor().copy()?,
+            stored_in_out: self.stored_in_out,
+        })
+    }
+
     /// The names PEFT gives the two matrices.
     pub fn var_names(&self) -> (String, String) {
         let module = self.weight.trim_end_matches(".weight");
@@ -154,6 +164,17 @@ impl LoraVars {
         self.base.set(&(w + delta.to_dtype(w.dtype())?)?)?;
         Ok(())
     }
+}
+
+/// One trained adapter, detached from the model: A [r, in] and B [out, r] of module `module`
+/// (PEFT's `lora_A` / `lora_B` of the same name).
+#[derive(Debug, Clone)]
+pub struct TrainedLora {
+    pub module: String,
+    pub a: Tensor,
+    pub b: Tensor,
+    /// The base weight is stored (in, out) (GPT-2 `Conv1D`: PEFT's `fan_in_fan_out`).
+    pub stored_in_out: bool,
 }
 
 /// FNV-1a of a name: a per-module seed that does not depend on load order.

@@ -135,6 +135,9 @@ pub fn write_parquet(
 
 /// `sani prepare`.
 pub fn run(job: &SanitizeJob) -> Result<()> {
+    if job.output_format != crate::recipes::sanitize::OutputFormat::Model {
+        bail!("--output-format adapter: `sani prepare` writes the erased model for an external trainer");
+    }
     let mut cfg = job.config.clone();
     if !cfg.forget_weight_given {
         // The default's forgetting is sani's own loss: the repair set is for cross-entropy.

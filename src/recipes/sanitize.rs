@@ -250,6 +250,12 @@ pub struct SanitizeReport {
     pub epochs: Vec<EpochMetrics>,
     pub timings: Vec<PhaseTiming>,
     pub output_weights_sha256: String,
+    /// The LoRA adapters the repair trained (`--adapter lora`), before they were merged.
+    #[serde(skip)]
+    pub trained_adapters: Vec<crate::nn::lora::TrainedLora>,
+    /// With `--output-format adapter`: the PEFT adapter written instead of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_adapter: Option<String>,
     /// Each weight file of the output: rewritten, or copied byte for byte from the input where
     /// none of its tensors changed.
     #[serde(default)]
@@ -371,11 +377,13 @@ pub fn sanitize_in_memory(
     // Repair.
     let t0 = Instant::now();
     let mut epochs = Vec::new();
+    let mut trained_adapters = Vec::new();
     if cfg.epochs > 0 {
         let scope = cfg.scope(n_layers)?;
         let train_cfg = cfg.train_config();
         let mut data = repair_data(&corpus, &examples, cfg);
-        epochs = train::fit(ckpt, scope, data.as_mut(), &train_cfg, quiet)?;
+        (epochs, trained_adapters) =
+            train::fit_keeping_adapters(ckpt, scope, data.as_mut(), &train_cfg, quiet)?;
     }
     // Tokens through the model: in surrogate repair the sensitive tokens are trained too, so
     // trained + sensitive would count them twice.
@@ -412,10 +420,12 @@ pub fn sanitize_in_memory(
             .collect(),
         erased_units: units.into_iter().map(|(l, u)| (l.to_string(), u)).collect(),
         erased_tensors,
+        trained_adapters,
         epochs,
         timings,
         output_weights_sha256: String::new(),
         output_shards: Vec::new(),
+        output_adapter: None,
     })
 }
 
@@ -430,6 +440,8 @@ pub struct SanitizeJob {
     pub out: PathBuf,
     /// Replace `out` if it exists.
     pub force: bool,
+    /// What `out` holds: the sanitized model, or (LoRA repair without erasure) a PEFT adapter.
+    pub output_format: OutputFormat,
     pub config: ResolvedConfig,
 }
 
@@ -465,9 +477,37 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     provenance.insert("sani_source_sha256".to_string(), input_sha);
     provenance.insert("sani_config".to_string(), serde_json::to_string(cfg)?);
     let tw = Instant::now();
-    report.output_shards = ckpt.write_to(staged.path(), &provenance)?;
+    match job.output_format {
+        OutputFormat::Model => {
+            report.output_shards = ckpt.write_to(staged.path(), &provenance)?;
+            report.output_weights_sha256 =
+                crate::io::hash::sha256_files(staged.path(), &ckpt.shards)?;
+        }
+        OutputFormat::Adapter => {
+            if !report.erased_tensors.is_empty() {
+                bail!(
+                    "--output-format adapter: erasure reset {} base tensors, which an adapter for the unchanged base cannot carry (write the model, or use --erase-fraction 0)",
+                    report.erased_tensors.len()
+                );
+            }
+            let lora = cfg
+                .lora()
+                .context("--output-format adapter needs --adapter lora")?;
+            write_peft_adapter(
+                staged.path(),
+                &report.trained_adapters,
+                &lora,
+                &model_dir,
+                &provenance,
+            )?;
+            report.output_adapter = Some(crate::io::peft::ADAPTER_WEIGHTS.to_string());
+            report.output_weights_sha256 = crate::io::hash::sha256_files(
+                staged.path(),
+                &[crate::io::peft::ADAPTER_WEIGHTS.to_string()],
+            )?;
+        }
+    }
     crate::runtime::trace_rss("written");
-    report.output_weights_sha256 = crate::io::hash::sha256_files(staged.path(), &ckpt.shards)?;
     report.timings.push(PhaseTiming::new("write", tw, 0));
     report.timings.push(PhaseTiming::new("total", t0, 0));
     json::write_json(&staged.path().join(json::SANITIZE_REPORT_FILE), &report)?;
@@ -480,8 +520,79 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     Ok(())
 }
 
+/// What `sani sanitize` writes to `--out`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// The sanitized model: a drop-in HF directory in the input's layout.
+    #[default]
+    Model,
+    /// The repair's LoRA adapters as a PEFT adapter for the unchanged input model.
+    Adapter,
+}
+
+/// Writes the trained adapters as PEFT does: `adapter_config.json` and
+/// `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` [r, in], `lora_B`
+/// [out, r]) for the base model `base`.
+fn write_peft_adapter(
+    dir: &Path,
+    adapters: &[crate::nn::lora::TrainedLora],
+    lora: &crate::nn::lora::LoraConfig,
+    base: &Path,
+    provenance: &BTreeMap<String, String>,
+) -> Result<()> {
+    if adapters.is_empty() {
+        bail!("--output-format adapter: the repair trained no adapters (is --epochs 0?)");
+    }
+    let mut tensors = Vec::new();
+    let mut targets = std::collections::BTreeSet::new();
+    for a in adapters {
+        tensors.push((
+            format!("base_model.model.{}.lora_A.weight", a.module),
+            a.a.clone(),
+        ));
+        tensors.push((
+            format!("base_model.model.{}.lora_B.weight", a.module),
+            a.b.clone(),
+        ));
+        targets.insert(a.module.rsplit('.').next().unwrap_or(&a.module).to_string());
+    }
+    let mut metadata: std::collections::HashMap<String, String> =
+        provenance.clone().into_iter().collect();
+    metadata.insert("format".into(), "pt".into());
+    let path = dir.join(crate::io::peft::ADAPTER_WEIGHTS);
+    safetensors::tensor::serialize_to_file(tensors, Some(metadata), &path)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.display().to_string(),
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "target_modules": targets.into_iter().collect::<Vec<_>>(),
+        "fan_in_fan_out": adapters.iter().any(|a| a.stored_in_out),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "init_lora_weights": true,
+        "inference_mode": true,
+    });
+    let path = dir.join(crate::io::peft::ADAPTER_CONFIG);
+    std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
 fn print_summary(r: &SanitizeReport, out: &Path) {
-    println!("sanitized model written to {}", out.display());
+    match &r.output_adapter {
+        Some(_) => println!(
+            "PEFT adapter for the unchanged input model written to {} (load it with PEFT, or `--model INPUT --adapter-dir` in sani)",
+            out.display()
+        ),
+        None => println!("sanitized model written to {}", out.display()),
+    }
     if !r.input_pickle_files.is_empty() {
         println!(
             "  weights read from PyTorch pickle ({}), written as safetensors with the same names and dtypes",

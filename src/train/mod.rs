@@ -216,6 +216,17 @@ pub fn fit(
     cfg: &TrainConfig,
     quiet: bool,
 ) -> Result<Vec<EpochMetrics>> {
+    Ok(fit_keeping_adapters(ckpt, scope, data, cfg, quiet)?.0)
+}
+
+/// [`fit`], also returning a copy of the LoRA adapters as trained (empty without LoRA).
+pub fn fit_keeping_adapters(
+    ckpt: &Checkpoint,
+    scope: TrainScope,
+    data: &mut dyn EpochData,
+    cfg: &TrainConfig,
+    quiet: bool,
+) -> Result<(Vec<EpochMetrics>, Vec<crate::nn::lora::TrainedLora>)> {
     // Block and norm names come from loading, so the scope needs one frozen load first.
     let probe = Model::load_frozen(ckpt)?;
     let scoped = scope_predicate(&probe, scope);
@@ -252,8 +263,13 @@ pub fn fit(
         ..OptimConfig::default()
     };
     let metrics = train(&model, data, &loop_cfg, &optim, quiet)?;
+    let adapters = model
+        .lora_adapters()
+        .iter()
+        .map(|a| a.snapshot())
+        .collect::<Result<Vec<_>>>()?;
     model.merge_lora()?;
-    Ok(metrics)
+    Ok((metrics, adapters))
 }
 
 /// Trains `model`'s trainable vars for `cfg.epochs` epochs. Returns per-epoch metrics.
