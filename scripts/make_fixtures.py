@@ -47,6 +47,8 @@ from transformers import (
     Phi3ForCausalLM,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -582,6 +584,29 @@ def make_gemma3(tok, inp, seed):
     return margin
 
 
+def make_gemma2(tok, inp, seed):
+    # Gemma 2: soft caps small enough to bite on a tiny model (attention 0.5, logits 2.0), a
+    # sliding layer (window 6) then a global one, query_pre_attn_scalar 24, head_dim 16.
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0, tie_word_embeddings=True, max_position_embeddings=64,
+        initializer_range=0.02, **common_ids(),
+    )
+    assert cfg.layer_types == ["sliding_attention", "full_attention"], cfg.layer_types
+    model = Gemma2ForCausalLM(cfg)
+    perturb(model)
+    model.eval()
+    set_eager(model)
+    set_gen_config(model)
+    d = save_model_dir(model, tok, "gemma2_f32")
+    ref, margin = compute_reference(reload_f32(Gemma2ForCausalLM, d, model, inp, 0.0), inp)
+    write_reference("gemma2_f32", ref, margin, seed)
+    return margin
+
+
 def make_adapters(tok, inp):
     """PEFT LoRA adapters on two fixtures, with the weights PEFT's merge_and_unload() gives
     and the merged model's logits on the inputs (tests/fixtures/adapters/<name>/ and
@@ -697,6 +722,7 @@ BUILDERS = {
     "qwen3_f32": (make_qwen3, 500, ["qwen3_f32"]),
     "phi3_f32": (make_phi3, 600, ["phi3_f32"]),
     "gemma3_f32": (make_gemma3, 800, ["gemma3_f32"]),
+    "gemma2_f32": (make_gemma2, 900, ["gemma2_f32"]),
     "adapters": (None, None, []),
     "bin": (None, None, []),
 }

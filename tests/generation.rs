@@ -21,6 +21,7 @@ fn greedy_generation_matches_transformers() {
         "qwen3_f32",
         "phi3_f32",
         "gemma3_f32",
+        "gemma2_f32",
     ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let model = Model::load_frozen(&ckpt).unwrap();

@@ -19,6 +19,7 @@ const FIXTURES: &[&str] = &[
     "qwen3_f32",
     "phi3_f32",
     "gemma3_f32",
+    "gemma2_f32",
 ];
 
 fn check(name: &str) {

@@ -74,6 +74,7 @@ fn erasure_changes_exactly_the_reported_units() {
         "qwen3_f32",
         "phi3_f32",
         "gemma3_f32",
+        "gemma2_f32",
     ] {
         let ckpt = Checkpoint::load(&fixture(name), &Device::Cpu).unwrap();
         let before = tensors(&fixture(name));
@@ -1019,6 +1020,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
         "qwen3_f32",
         "phi3_f32",
         "gemma3_f32",
+        "gemma2_f32",
     ] {
         let (tmp, model, spans) = workspace(name, 3);
         let out = tmp.path().join("out");

@@ -1,12 +1,15 @@
-//! Gemma 3, text only (`Gemma3ForCausalLM`, model type `gemma3_text`; MedGemma's text models):
+//! Gemma 3, text only (`Gemma3ForCausalLM`, model type `gemma3_text`; MedGemma's text models),
+//! and Gemma 2 (`Gemma2ForCausalLM`), which differs in switches:
 //! embeddings scaled by sqrt(hidden), RMSNorm with the (1 + weight) convention (also over each
 //! query and key head), pre- and post-norms around both attention and the feed-forward,
 //! gelu-tanh GeGLU, attention scaled by `query_pre_attn_scalar`, sliding-window and global
 //! layers as `layer_types` says, each kind with its own rotary base (`rope_local_base_freq` for
 //! the sliding ones), tied head.
 //!
-//! Soft-capping (Gemma 2's attention and final-logit caps) is refused where configured: the
-//! fused loss and the eval read raw logits.
+//! Gemma 2 has no query/key norms and one rotary base, and soft-caps attention scores and final
+//! logits (`cap * tanh(x / cap)`, by default 50 and 30): its attention and head then run on
+//! composed ops (the fused kernels have no cap), so it trains slower and with more memory. Gemma
+//! 3 configs that set a cap are refused.
 
 use super::config::{default_init_range, ArchConfig, ConfigSummary, SpecialTokenIds};
 use super::llama::Linear;
@@ -20,7 +23,12 @@ use std::sync::Arc;
 pub(super) const GEMMA3: super::Architecture = super::Architecture {
     name: "Gemma3ForCausalLM",
     model_type: "gemma3_text",
-    parse: Gemma3Config::parse,
+    parse: |text| Gemma3Config::parse(text, false),
+};
+pub(super) const GEMMA2: super::Architecture = super::Architecture {
+    name: "Gemma2ForCausalLM",
+    model_type: "gemma2",
+    parse: |text| Gemma3Config::parse(text, true),
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +79,9 @@ pub struct Gemma3Config {
     pub initializer_range: f64,
     #[serde(flatten)]
     pub tokens: SpecialTokenIds,
+    /// Gemma 2 (from `architectures`, not a config field).
+    #[serde(skip)]
+    pub gemma2: bool,
 }
 
 fn gemma_head_dim() -> usize {
@@ -98,8 +109,32 @@ struct Rope {
 }
 
 impl Gemma3Config {
-    fn parse(text: &str) -> Result<Arc<dyn ArchConfig>> {
-        let c: Gemma3Config = serde_json::from_str(text)?;
+    fn parse(text: &str, gemma2: bool) -> Result<Arc<dyn ArchConfig>> {
+        let mut c: Gemma3Config = serde_json::from_str(text)?;
+        c.gemma2 = gemma2;
+        if gemma2 {
+            // transformers' defaults where the key is absent (an explicit null turns a cap off).
+            let raw: serde_json::Value = serde_json::from_str(text)?;
+            for (key, default, cap) in [
+                (
+                    "final_logit_softcapping",
+                    30.0,
+                    &mut c.final_logit_softcapping,
+                ),
+                (
+                    "attn_logit_softcapping",
+                    50.0,
+                    &mut c.attn_logit_softcapping,
+                ),
+            ] {
+                if raw.get(key).is_none() {
+                    *cap = Some(default);
+                }
+            }
+            if c.sliding_window_pattern.is_none() {
+                c.sliding_window_pattern = Some(2);
+            }
+        }
         if c.num_attention_heads == 0 || !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
             bail!(
                 "field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
@@ -116,8 +151,14 @@ impl Gemma3Config {
             ("final_logit_softcapping", c.final_logit_softcapping),
             ("attn_logit_softcapping", c.attn_logit_softcapping),
         ] {
-            if let Some(cap) = cap {
-                bail!("field `{field}`: soft-capping ({cap}) is not supported");
+            match cap {
+                Some(cap) if !gemma2 => {
+                    bail!("field `{field}`: soft-capping ({cap}) is supported for Gemma 2 only")
+                }
+                Some(cap) if cap.is_nan() || cap <= 0.0 => {
+                    bail!("field `{field}`: must be above 0, got {cap}")
+                }
+                _ => {}
             }
         }
         if c.use_bidirectional_attention == Some(true) {
@@ -165,7 +206,8 @@ impl Gemma3Config {
 
     /// The rotary parameters of one layer kind, wherever the config put them.
     fn rope(&self, kind: &str) -> Result<Rope> {
-        let global = kind == "full_attention";
+        // Gemma 2: one rotary base for every layer (10,000 by default).
+        let global = kind == "full_attention" || self.gemma2;
         let nested = self
             .rope_parameters
             .as_ref()
@@ -192,7 +234,11 @@ impl Gemma3Config {
             } else {
                 self.rope_local_base_freq
             })
-            .unwrap_or(if global { 1_000_000.0 } else { 10_000.0 });
+            .unwrap_or(if global && !self.gemma2 {
+                1_000_000.0
+            } else {
+                10_000.0
+            });
         let rope_type = params
             .get("rope_type")
             .or_else(|| params.get("type"))
@@ -282,8 +328,11 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    q_norm: GemmaNorm,
-    k_norm: GemmaNorm,
+    /// Gemma 3 only.
+    q_norm: Option<GemmaNorm>,
+    k_norm: Option<GemmaNorm>,
+    /// Gemma 2's `attn_logit_softcapping`.
+    softcap: Option<f64>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -306,8 +355,13 @@ impl Attention {
             k_proj: Linear::load(&mut w.pp("k_proj"), d, kvh * hd, bias)?,
             v_proj: Linear::load(&mut w.pp("v_proj"), d, kvh * hd, bias)?,
             o_proj: Linear::load(&mut w.pp("o_proj"), h * hd, d, bias)?,
-            q_norm: GemmaNorm::load(&mut w.pp("q_norm"), hd, cfg.rms_norm_eps)?,
-            k_norm: GemmaNorm::load(&mut w.pp("k_norm"), hd, cfg.rms_norm_eps)?,
+            q_norm: (!cfg.gemma2)
+                .then(|| GemmaNorm::load(&mut w.pp("q_norm"), hd, cfg.rms_norm_eps))
+                .transpose()?,
+            k_norm: (!cfg.gemma2)
+                .then(|| GemmaNorm::load(&mut w.pp("k_norm"), hd, cfg.rms_norm_eps))
+                .transpose()?,
+            softcap: cfg.attn_logit_softcapping,
             heads: h,
             kv_heads: kvh,
             head_dim: hd,
@@ -328,10 +382,14 @@ impl Attention {
         let (b, t, _) = a.dims3()?;
         let (cos, sin) = rope;
         let hd = self.head_dim;
-        let normed = |x: Tensor, norm: &GemmaNorm, heads: usize| -> Result<Tensor> {
-            Ok(norm
-                .forward(&x.reshape((b, t, heads, hd))?)?
-                .reshape((b, t, heads * hd))?)
+        let normed = |x: Tensor, norm: &Option<GemmaNorm>, heads: usize| -> Result<Tensor> {
+            Ok(match norm {
+                Some(norm) => {
+                    norm.forward(&x.reshape((b, t, heads, hd))?)?
+                        .reshape((b, t, heads * hd))?
+                }
+                None => x,
+            })
         };
         let q = normed(self.q_proj.forward(a)?, &self.q_norm, self.heads)?;
         let k = normed(self.k_proj.forward(a)?, &self.k_norm, self.kv_heads)?;
@@ -345,7 +403,11 @@ impl Attention {
         if let Some(cache) = cache {
             (k, v) = cache.append(layer, k.contiguous()?, v.contiguous()?)?;
         }
-        let attn = ops::attention(&q, &k, &v, ctx.mask_for(self.window), self.scale)?;
+        let mask = ctx.mask_for(self.window);
+        let attn = match self.softcap {
+            Some(cap) => ops::attention_softcapped(&q, &k, &v, mask, self.scale, cap)?,
+            None => ops::attention(&q, &k, &v, mask, self.scale)?,
+        };
         Ok(self.o_proj.forward(&attn)?)
     }
 }
@@ -426,6 +488,8 @@ pub struct Gemma3 {
     /// [head_dim / 2] rotary inverse frequencies of the global and of the sliding layers.
     inv_freq_global: Tensor,
     inv_freq_local: Tensor,
+    /// Gemma 2's `final_logit_softcapping`.
+    final_softcap: Option<f64>,
 }
 
 impl Gemma3 {
@@ -452,6 +516,7 @@ impl Gemma3 {
             hidden_size: d,
             inv_freq_global: Tensor::new(cfg.inv_freq("full_attention")?, &dev)?,
             inv_freq_local: Tensor::new(cfg.inv_freq("sliding_attention")?, &dev)?,
+            final_softcap: cfg.final_logit_softcapping,
             embed_tokens,
             blocks,
             norm,
@@ -513,6 +578,10 @@ impl CausalLm for Gemma3 {
         &self.lm_head
     }
 
+    fn final_logit_softcap(&self) -> Option<f64> {
+        self.final_softcap
+    }
+
     fn sliding_window(&self) -> Option<usize> {
         self.blocks.iter().filter_map(|b| b.self_attn.window).min()
     }
@@ -559,10 +628,7 @@ mod tests {
             Some(0.0)
         );
         for (extra, field) in [
-            (
-                r#""final_logit_softcapping": 30.0"#,
-                "final_logit_softcapping",
-            ),
+            (r#""final_logit_softcapping": 30.0"#, "Gemma 2 only"),
             (
                 r#""attn_logit_softcapping": 50.0"#,
                 "attn_logit_softcapping",

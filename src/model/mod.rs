@@ -45,6 +45,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     llama::QWEN3,
     llama::PHI3,
     gemma3::GEMMA3,
+    gemma3::GEMMA2,
 ];
 
 /// The forward pieces of a causal LM, as training, erasure and decoding use them.
@@ -64,6 +65,10 @@ pub trait CausalLm: Send + Sync {
     fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
     /// The output projection weight [vocab, d] (the embedding when tied).
     fn lm_head_weight(&self) -> &Tensor;
+    /// Gemma 2's `final_logit_softcapping`: logits become `cap * tanh(logits / cap)`.
+    fn final_logit_softcap(&self) -> Option<f64> {
+        None
+    }
     /// The smallest sliding window any layer uses (None when all attend fully).
     fn sliding_window(&self) -> Option<usize>;
     /// The tensors of `layer` indexed by MLP unit, and along which axis.
@@ -345,7 +350,11 @@ impl Model {
     /// Logits from final hidden states: [b, t, d] -> [b, t, vocab].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let normed = self.final_norm(hidden)?;
-        Ok(ops::linear(&normed, self.lm_head_weight(), None)?)
+        let logits = ops::linear(&normed, self.lm_head_weight(), None)?;
+        Ok(match self.lm.final_logit_softcap() {
+            Some(cap) => ops::softcap(&logits, cap)?,
+            None => logits,
+        })
     }
 
     /// Per-position NLL of `targets` ([b * t] u32) after final hidden states [b, t, d], through
@@ -360,6 +369,14 @@ impl Model {
         let normed = self.final_norm(hidden)?;
         let d = normed.dim(candle_core::D::Minus1)?;
         let rows = normed.elem_count() / d.max(1);
+        if let Some(cap) = self.lm.final_logit_softcap() {
+            // Soft-capped logits are materialized (composed ops; the fused head has no cap).
+            let logits = ops::linear(&normed.reshape((rows, d))?, self.lm_head_weight(), None)?;
+            return Ok(ops::token_nll_composed(
+                &ops::softcap(&logits, cap)?,
+                targets,
+            )?);
+        }
         Ok(ops::lm_head_nll(
             &normed.reshape((rows, d))?,
             self.lm_head_weight(),

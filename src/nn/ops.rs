@@ -237,6 +237,34 @@ pub fn attention_composed(
     out.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
+/// `cap * tanh(x / cap)`: Gemma 2's soft-capping of attention scores and logits (composed
+/// ops, so any dtype or device, with candle's backward).
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
+/// [`attention`] with the scaled scores soft-capped before the mask (Gemma 2), composed.
+pub fn attention_softcapped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let (k, v) = if kvh != h {
+        (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    let probs = softmax_last(&softcap(&scores, cap)?.broadcast_add(mask)?)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
 /// `softmax(scores * scale + mask)` over the last dim; scores [b, h, t, s], mask [b or 1, 1, t, s]
 /// (broadcast over heads). The mask gets no gradient.
 pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
