@@ -16,7 +16,7 @@ use super::llama::Linear;
 use super::{AttnContext, CausalLm, KvCache, UnitSlice, Weights};
 use crate::nn::ops;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -534,12 +534,7 @@ impl Gemma3 {
         } else {
             &self.inv_freq_local
         };
-        let (b, t) = positions.dims2()?;
-        let half = inv_freq.dim(0)?;
-        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok((emb.cos()?, emb.sin()?))
+        super::llama::rope_tables(positions, inv_freq, 1.0)
     }
 }
 

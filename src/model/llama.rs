@@ -347,6 +347,23 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     freqs.into_iter().map(|f| f as f32).collect()
 }
 
+/// cos and sin [b, 1, t, 2 * inv_freq.len()] for the given positions [b, t], times `scale`.
+pub(super) fn rope_tables(
+    positions: &Tensor,
+    inv_freq: &Tensor,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, t) = positions.dims2()?;
+    let half = inv_freq.dim(0)?;
+    let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq.reshape((1, 1, half))?)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+    if scale != 1.0 {
+        return Ok(((emb.cos()? * scale)?, (emb.sin()? * scale)?));
+    }
+    Ok((emb.cos()?, emb.sin()?))
+}
+
 /// A projection `x @ W^T (+ b)`, weight stored (out, in).
 pub(super) struct Linear {
     pub(super) weight: Tensor,
@@ -654,18 +671,7 @@ impl Llama {
 
     /// cos and sin [b, 1, t, head_dim] for the given positions.
     fn rope_tables(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let (b, t) = positions.dims2()?;
-        let half = self.inv_freq.dim(0)?;
-        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        if self.rope_scale != 1.0 {
-            return Ok((
-                (emb.cos()? * self.rope_scale)?,
-                (emb.sin()? * self.rope_scale)?,
-            ));
-        }
-        Ok((emb.cos()?, emb.sin()?))
+        rope_tables(positions, &self.inv_freq, self.rope_scale)
     }
 }
 

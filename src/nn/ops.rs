@@ -223,6 +223,16 @@ pub fn attention_composed(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_with_probs(q, k, v, |scores| scaled_masked_softmax(scores, mask, scale))
+}
+
+/// Grouped-query attention with `probs` turning the raw scores [b, h, t, s] into weights.
+fn attention_with_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let (k, v) = if kvh != h {
@@ -232,8 +242,7 @@ pub fn attention_composed(
     };
     // candle's matmul takes the transposed view of a contiguous k as is: no copy of k^T.
     let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
-    let probs = scaled_masked_softmax(&scores, mask, scale)?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    let out = probs(&scores)?.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
@@ -252,17 +261,9 @@ pub fn attention_softcapped(
     scale: f64,
     cap: f64,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let (k, v) = if kvh != h {
-        (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?)
-    } else {
-        (k.clone(), v.clone())
-    };
-    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
-    let probs = softmax_last(&softcap(&scores, cap)?.broadcast_add(mask)?)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    out.transpose(1, 2)?.reshape((b, t, h * d))
+    attention_with_probs(q, k, v, |scores| {
+        softmax_last(&softcap(&(scores * scale)?, cap)?.broadcast_add(mask)?)
+    })
 }
 
 /// `softmax(scores * scale + mask)` over the last dim; scores [b, h, t, s], mask [b or 1, 1, t, s]
