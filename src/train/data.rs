@@ -9,7 +9,8 @@ use crate::data::surrogate::apply_surrogates;
 use crate::data::tokens::{self, Framing, Window};
 use anyhow::Result;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use tokenizers::Tokenizer;
 
 /// Makes the examples of one epoch (called each epoch, so surrogates can be redrawn).
@@ -110,6 +111,27 @@ pub enum Forgetting {
     Share(f64),
 }
 
+/// Which documents train in their true form in `epoch` under [`Forgetting::Share`]`(share)`: a
+/// block of `round(share x n)` documents of one fixed random order, each epoch's block starting
+/// where the previous one ended. Every document is forgotten as evenly as the share allows (at
+/// 0.75 over 2 epochs, each once or twice), where an independent draw per epoch left one in
+/// 16 never forgotten. The order has its own seed stream, so the surrogates of the other
+/// documents are those of a run without forgetting.
+pub fn kept_true_in_epoch(n: usize, share: f64, seed: u64, epoch: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_mul(7_000_003)));
+    let per_epoch = (share.clamp(0.0, 1.0) * n as f64).round() as usize;
+    let mut kept = vec![false; n];
+    if n == 0 {
+        return kept;
+    }
+    let start = (epoch * per_epoch) % n;
+    for k in 0..per_epoch {
+        kept[order[(start + k) % n]] = true;
+    }
+    kept
+}
+
 /// Surrogate repair data: every epoch the spans get fresh fake values before tokenization,
 /// with the true values forgotten as `forgetting` says.
 pub struct SurrogateData<'a> {
@@ -122,24 +144,21 @@ impl EpochData for SurrogateData<'_> {
     fn examples(&mut self, epoch: usize) -> Result<Vec<Example>> {
         let mut rng =
             StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        // Which documents stay true this epoch: drawn from their own stream, so the surrogates
-        // of the others are those of a run without forgetting.
-        let mut pick =
-            StdRng::seed_from_u64(self.seed.wrapping_mul(7_000_003).wrapping_add(epoch as u64));
+        let kept = match self.forgetting {
+            Forgetting::Share(q) => kept_true_in_epoch(self.corpus.docs.len(), q, self.seed, epoch),
+            _ => vec![false; self.corpus.docs.len()],
+        };
         let mut docs = Vec::with_capacity(self.corpus.docs.len());
         let (mut fake_of, mut true_of) = (Vec::new(), Vec::new());
         let mut kept_true = Vec::new();
         for (i, d) in self.corpus.docs.iter().enumerate() {
             let fake = apply_surrogates(d, &mut rng);
-            match self.forgetting {
-                Forgetting::Share(q) if pick.random_bool(q.clamp(0.0, 1.0)) => {
-                    kept_true.push(d.clone());
-                    true_of.push(i);
-                }
-                _ => {
-                    docs.push(fake);
-                    fake_of.push(i);
-                }
+            if kept[i] {
+                kept_true.push(d.clone());
+                true_of.push(i);
+            } else {
+                docs.push(fake);
+                fake_of.push(i);
             }
         }
         // Origins index the corpus, not the lists the windows were cut from.
@@ -229,7 +248,7 @@ mod tests {
         assert_eq!(added.len(), 80, "every true window added");
         assert_eq!(share.len(), 40, "the same work as surrogates only");
         let truth: Vec<&Example> = share.iter().filter(|e| e.forget.contains(&true)).collect();
-        assert!((10..=30).contains(&truth.len()), "{}", truth.len());
+        assert_eq!(truth.len(), 20, "exactly the share of the documents");
         for e in &truth {
             // Sensitive tokens are forget targets only; everything else trains.
             for i in 0..e.ids.len() {
@@ -252,5 +271,28 @@ mod tests {
             assert!(off.iter().any(|o| o.ids == e.ids && o.origin == e.origin));
             assert!(e.sensitive.contains(&true));
         }
+    }
+
+    #[test]
+    fn every_document_is_forgotten_as_evenly_as_the_share_allows() {
+        for (n, share, epochs) in [(40, 0.75, 2), (17, 0.5, 3), (5, 0.3, 4), (1, 1.0, 2)] {
+            let mut times = vec![0usize; n];
+            for epoch in 0..epochs {
+                let kept = kept_true_in_epoch(n, share, 3, epoch);
+                let per_epoch = (share * n as f64).round() as usize;
+                assert_eq!(kept.iter().filter(|&&k| k).count(), per_epoch);
+                for (t, k) in times.iter_mut().zip(kept) {
+                    *t += k as usize;
+                }
+            }
+            let (lo, hi) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+            assert!(hi - lo <= 1, "n {n} share {share}: {times:?}");
+        }
+        assert!(kept_true_in_epoch(0, 0.5, 3, 1).is_empty());
+        // Another seed, another order.
+        assert_ne!(
+            kept_true_in_epoch(40, 0.5, 3, 0),
+            kept_true_in_epoch(40, 0.5, 4, 0)
+        );
     }
 }
