@@ -331,3 +331,69 @@ fn lora_repair_is_written_as_a_peft_adapter_that_merges_into_the_model_output() 
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn lora_holds_a_16_bit_models_adapted_weights_in_their_stored_dtype_and_merges_them_once() {
+    use candle_core::Tensor;
+    use sani::io::checkpoint::Checkpoint;
+    use sani::nn::lora::LoraConfig;
+    let dir = fixture("qwen2_bf16");
+    let ckpt = Checkpoint::open(&dir, &Device::Cpu).unwrap();
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        seed: 1,
+    };
+    let model = Model::load_with_lora(&ckpt, &|_| false, Some(&lora)).unwrap();
+    let held: Vec<(String, DType)> = ckpt
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype()))
+        .collect();
+    assert!(!held.is_empty());
+    for (name, dtype) in &held {
+        let adapted = name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight");
+        let want = if adapted { DType::BF16 } else { DType::F32 };
+        assert_eq!(*dtype, want, "{name}");
+    }
+    // What the merge writes: the base widened, plus scale B A, rounded once to bf16.
+    let reference = Checkpoint::load(&dir, &Device::Cpu).unwrap();
+    let first = &model.lora_adapters()[0];
+    let (d_out, r) = first.b.dims2().unwrap();
+    first
+        .b
+        .set(&Tensor::randn(0f32, 0.05, (d_out, r), &Device::Cpu).unwrap())
+        .unwrap();
+    let delta = (first.b.as_tensor().matmul(first.a.as_tensor()).unwrap() * first.scale).unwrap();
+    let want = (reference.vars()[&first.weight].as_tensor() + delta)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    model.merge_lora().unwrap();
+    let merged = ckpt.vars()[&first.weight].as_tensor().clone();
+    assert_eq!(merged.dtype(), DType::BF16);
+    assert_eq!(
+        merged
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        want.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    // Asked for in f32 again (by an op that needs it), the tensor is widened, values kept.
+    let shape = merged.dims().to_vec();
+    let v = ckpt.var(&first.weight, &shape).unwrap();
+    assert_eq!(v.dtype(), DType::F32);
+    assert_eq!(
+        max_abs_diff(v.as_tensor(), &merged.to_dtype(DType::F32).unwrap()),
+        0.0
+    );
+}

@@ -606,6 +606,36 @@ fn linear_and_conv1d_match_composed_and_finite_differences() {
 }
 
 #[test]
+fn lora_linear_on_a_16_bit_frozen_weight_equals_it_widened_to_f32() {
+    let mut r = rng(13);
+    let (k, out, rank) = (9usize, 6usize, 2usize);
+    for dtype in [DType::BF16, DType::F16] {
+        for transposed in [true, false] {
+            let what = format!("lora {dtype:?} t={transposed}");
+            let wshape = if transposed { [out, k] } else { [k, out] };
+            let w16 = tensor(randn(&mut r, k * out, 0.5), &wshape)
+                .to_dtype(dtype)
+                .unwrap();
+            let w32 = w16.to_dtype(DType::F32).unwrap();
+            let bias = tensor(randn(&mut r, out, 0.5), &[out]);
+            let x = Var::from_tensor(&tensor(randn(&mut r, 3 * k, 1.0), &[3, k])).unwrap();
+            let a = Var::from_tensor(&tensor(randn(&mut r, rank * k, 0.5), &[rank, k])).unwrap();
+            let b =
+                Var::from_tensor(&tensor(randn(&mut r, out * rank, 0.5), &[out, rank])).unwrap();
+            let rw = tensor(randn(&mut r, 3 * out, 1.0), &[3, out]);
+            let run = |w: &Tensor| {
+                let y = ops::lora_linear(&x, w, Some(&bias), (&a, &b, 2.0), transposed).unwrap();
+                let g = weighted_sum(&y, &rw).backward().unwrap();
+                let grads = [&x, &a, &b].map(|v| flat(g.get(v).unwrap()));
+                (flat(&y), grads)
+            };
+            // The same f32 values reach the same kernels: equal to the bit.
+            assert_eq!(run(&w16), run(&w32), "{what}");
+        }
+    }
+}
+
+#[test]
 fn lora_linear_matches_composed_and_finite_differences() {
     let mut r = rng(12);
     let (k, out, rank) = (7usize, 5usize, 3usize);

@@ -275,24 +275,33 @@ impl Checkpoint {
 
     /// Reads float tensor `e` from its mapped file into a new f32 var (kept in `varmap`).
     fn read_var(&self, e: &TensorEntry) -> Result<Var> {
-        let t = self.read_f32(e, &self.device)?;
-        let var = Var::from_tensor(&t)?;
+        self.read_var_as(e, DType::F32)
+    }
+
+    /// Reads tensor `e` in `dtype` and makes it the resident var of its name.
+    fn read_var_as(&self, e: &TensorEntry, dtype: DType) -> Result<Var> {
+        let t = self.read_as(e, dtype, &self.device)?;
+        self.make_resident(&e.name, &t)
+    }
+
+    fn make_resident(&self, name: &str, t: &Tensor) -> Result<Var> {
+        let var = Var::from_tensor(t)?;
         self.varmap
             .data()
             .lock()
             .unwrap()
-            .insert(e.name.clone(), var.clone());
+            .insert(name.to_string(), var.clone());
         Ok(var)
     }
 
-    /// Float tensor `e` as stored in the input file, in f32 on `device`.
-    fn read_f32(&self, e: &TensorEntry, device: &Device) -> Result<Tensor> {
+    /// Float tensor `e` as stored in the input file, in `dtype` on `device`.
+    fn read_as(&self, e: &TensorEntry, dtype: DType, device: &Device) -> Result<Tensor> {
         let file = &self.files[&e.shard];
         let data = &file[e.bytes.clone()];
         let t = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), data)
             .map_err(anyhow::Error::from)
             .and_then(|v| Ok(v.load(&Device::Cpu)?))
-            .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+            .and_then(|t| Ok(t.to_dtype(dtype)?))
             .and_then(|t| Ok(t.to_device(device)?))
             .with_context(|| {
                 format!("{}: tensor `{}`", self.dir.join(&e.shard).display(), e.name)
@@ -389,6 +398,10 @@ impl Checkpoint {
         }
         let resident = self.varmap.data().lock().unwrap().get(name).cloned();
         let resident = match resident {
+            // Held in its stored 16-bit dtype (`stored`) until now: back to f32.
+            Some(v) if v.dtype() != DType::F32 => {
+                Some(self.make_resident(name, &v.as_tensor().to_dtype(DType::F32)?)?)
+            }
             None if self.residency == Residency::OnDemand => {
                 let e = self.float_entry(name, shape)?;
                 Some(self.read_var(e)?)
@@ -413,6 +426,28 @@ impl Checkpoint {
             );
         }
         Ok(var)
+    }
+
+    /// The var stored under `name` in its stored dtype when that is 16-bit (bf16 or f16: half
+    /// the memory of f32), else as [`Checkpoint::var`] gives it. For frozen weights that are
+    /// only read through ops that widen them as they go (a LoRA adapter's base). A resident f32
+    /// var of a 16-bit tensor (erased, say) is rounded to the stored dtype, as writing it would.
+    pub fn stored(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        let e = self.float_entry(name, shape)?;
+        let dtype = match candle_dtype(e.dtype) {
+            Some(d @ (DType::BF16 | DType::F16)) => d,
+            _ => return self.var(name, shape),
+        };
+        if self.residency == Residency::HeadersOnly {
+            return self.var(name, shape);
+        }
+        let resident = self.varmap.data().lock().unwrap().get(name).cloned();
+        match resident {
+            Some(v) if v.dtype() == dtype => Ok(v),
+            Some(v) => self.make_resident(name, &v.as_tensor().to_dtype(dtype)?),
+            None if self.residency == Residency::OnDemand => self.read_var_as(e, dtype),
+            None => self.var(name, shape),
+        }
     }
 
     /// The float vars read so far (all of them unless opened with [`Checkpoint::open`]), sorted
@@ -624,6 +659,9 @@ impl WeightSource for Shapes<'_> {
 impl WeightSource for Checkpoint {
     fn var(&self, name: &str, shape: &[usize]) -> Result<Var> {
         Checkpoint::var(self, name, shape)
+    }
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        Checkpoint::stored(self, name, shape)
     }
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)

@@ -130,10 +130,11 @@ struct Conv1D {
 
 impl Conv1D {
     fn load(w: &mut Weights, d_in: usize, d_out: usize) -> Result<Self> {
+        let (weight, lora) = w.projection(d_in, d_out, true)?;
         Ok(Conv1D {
-            weight: w.get("weight", &[d_in, d_out])?,
+            weight,
             bias: w.get("bias", &[d_out])?,
-            lora: w.lora(d_in, d_out, true)?,
+            lora,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

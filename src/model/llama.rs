@@ -375,11 +375,8 @@ impl Linear {
     pub(super) fn load(w: &mut Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         // Biases first: the order tensors are drawn in when a fresh model is initialized.
         let bias = w.get_if(bias, "bias", &[d_out])?;
-        Ok(Linear {
-            weight: w.get("weight", &[d_out, d_in])?,
-            bias,
-            lora: w.lora(d_in, d_out, false)?,
-        })
+        let (weight, lora) = w.projection(d_in, d_out, false)?;
+        Ok(Linear { weight, bias, lora })
     }
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.lora {

@@ -18,6 +18,12 @@ pub trait WeightSource {
     fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         Ok(self.var(name, shape)?.as_tensor().detach())
     }
+    /// The tensor under `name` in the dtype it is stored in when that takes less memory than
+    /// f32 (bf16, f16), else as [`WeightSource::var`] gives it: for frozen weights read only by
+    /// ops that widen them as they go.
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        self.var(name, shape)
+    }
 }
 
 /// Which part of the model a tensor belongs to (for training scopes).
@@ -48,8 +54,6 @@ pub struct Loader<'a> {
     lora: Option<LoraConfig>,
     /// The adapters created, in load order (their vars are also in `vars`).
     pub adapters: Vec<LoraVars>,
-    /// With LoRA, the tensors loaded so far (an adapter's base weight is loaded before it).
-    loaded: BTreeMap<String, Var>,
 }
 
 impl<'a> Loader<'a> {
@@ -62,7 +66,6 @@ impl<'a> Loader<'a> {
             vars: BTreeMap::new(),
             lora: None,
             adapters: Vec::new(),
-            loaded: BTreeMap::new(),
         }
     }
 
@@ -72,25 +75,29 @@ impl<'a> Loader<'a> {
         self
     }
 
-    fn adapter(
+    /// The weight of the projection `module` (stored `shape`, mapping `dims`) and its adapter,
+    /// when LoRA targets it. The adapted weight stays frozen, held in its stored dtype (see
+    /// [`WeightSource::stored`]); the merge at the end updates it in place.
+    fn adapted_weight(
         &mut self,
         module: &str,
+        shape: &[usize],
         dims: (usize, usize),
         stored_in_out: bool,
-    ) -> Result<Option<LoraAdapter>> {
-        let Some(cfg) = self.lora.as_ref().filter(|c| c.targets_module(module)) else {
+    ) -> Result<Option<(Tensor, LoraAdapter)>> {
+        let Some(cfg) = self.lora.clone().filter(|c| c.targets_module(module)) else {
             return Ok(None);
         };
-        let weight = format!("{module}.weight");
-        let Some(base) = self.loaded.get(&weight).cloned() else {
-            anyhow::bail!("LoRA on `{module}`: its weight must be loaded first");
-        };
-        let (vars, adapter) = LoraVars::new(cfg, module, base, dims, stored_in_out)?;
+        let name = format!("{module}.weight");
+        let base = self.source.stored(&name, shape)?;
+        self.record(&name);
+        let weight = base.as_tensor().detach();
+        let (vars, adapter) = LoraVars::new(&cfg, module, base, dims, stored_in_out)?;
         let (a, b) = vars.var_names();
         self.vars.insert(a, vars.a.clone());
         self.vars.insert(b, vars.b.clone());
         self.adapters.push(vars);
-        Ok(Some(adapter))
+        Ok(Some((weight, adapter)))
     }
 
     /// The root view (no prefix).
@@ -112,23 +119,13 @@ impl<'a> Loader<'a> {
     }
 
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let frozen = self.lora.is_none() && !(self.trainable)(name);
-        if frozen {
-            let t = self.source.frozen(name, shape)?;
-            self.record(name);
-            return Ok(t);
+        self.record(name);
+        if !(self.trainable)(name) {
+            return self.source.frozen(name, shape);
         }
         let var = self.source.var(name, shape)?;
-        if self.lora.is_some() {
-            self.loaded.insert(name.to_string(), var.clone());
-        }
-        self.record(name);
-        if (self.trainable)(name) {
-            self.vars.insert(name.to_string(), var.clone());
-            Ok(var.as_tensor().clone())
-        } else {
-            Ok(var.as_tensor().detach())
-        }
+        self.vars.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
     }
 }
 
@@ -176,16 +173,27 @@ impl<'a> Weights<'_, 'a> {
         self.loader.source.contains(&self.name(name))
     }
 
-    /// The LoRA adapter of the projection at this prefix (weight `<prefix>.weight`, `d_in` ->
-    /// `d_out`), when LoRA is on and targets it. `stored_in_out`: a GPT-2 `Conv1D` weight.
-    pub fn lora(
+    /// The weight of the projection at this prefix (`<prefix>.weight`, `d_in` -> `d_out`,
+    /// stored (in, out) when `stored_in_out`, a GPT-2 `Conv1D`, else (out, in)) and its LoRA
+    /// adapter when LoRA is on and targets it.
+    pub fn projection(
         &mut self,
         d_in: usize,
         d_out: usize,
         stored_in_out: bool,
-    ) -> Result<Option<LoraAdapter>> {
+    ) -> Result<(Tensor, Option<LoraAdapter>)> {
+        let shape = match stored_in_out {
+            true => [d_in, d_out],
+            false => [d_out, d_in],
+        };
         let module = self.prefix.clone();
-        self.loader.adapter(&module, (d_in, d_out), stored_in_out)
+        match self
+            .loader
+            .adapted_weight(&module, &shape, (d_in, d_out), stored_in_out)?
+        {
+            Some((weight, adapter)) => Ok((weight, Some(adapter))),
+            None => Ok((self.get("weight", &shape)?, None)),
+        }
     }
 
     /// Loads transformer block `layer` with `load`, recording the names it loads as the block's.

@@ -152,7 +152,8 @@ impl LoraVars {
         )
     }
 
-    /// W += scale * B A (transposed for a weight stored (in, out)), in place.
+    /// W += scale * B A (transposed for a weight stored (in, out)), in place, summed in f32
+    /// and rounded once to W's dtype.
     pub fn merge(&self) -> Result<()> {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
         let delta = if self.stored_in_out {
@@ -161,7 +162,8 @@ impl LoraVars {
             delta
         };
         let w = self.base.as_tensor();
-        self.base.set(&(w + delta.to_dtype(w.dtype())?)?)?;
+        let merged = (w.to_dtype(candle_core::DType::F32)? + delta)?;
+        self.base.set(&merged.to_dtype(w.dtype())?)?;
         Ok(())
     }
 }

@@ -72,10 +72,16 @@ pub fn lora_linear(
     (a, b, scale): (&Tensor, &Tensor, f64),
     transposed: bool,
 ) -> Result<Tensor> {
-    if fused_linear_fits(x, w, bias) && use_fused(&[a, b]) {
+    // The frozen weight may be held in its stored 16-bit dtype: the ops widen it as they go.
+    let w_fits = w.rank() == 2
+        && w.device().is_cpu()
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    let bias_fits = bias.is_none_or(|b| b.rank() == 1 && use_fused(&[b]));
+    if x.rank() >= 1 && w_fits && bias_fits && use_fused(&[x, a, b]) {
         return fused::lora_linear(x, w, bias, a, b, scale, transposed);
     }
-    let w_out_in = if transposed { w.clone() } else { w.t()? };
+    let w = w.to_dtype(x.dtype())?;
+    let w_out_in = if transposed { w } else { w.t()? };
     let y = linear_composed(x, &w_out_in, bias)?;
     let up = linear_composed(&linear_composed(x, a, None)?, b, None)?;
     y + (up * scale)?

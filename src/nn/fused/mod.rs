@@ -8,8 +8,8 @@
 //! kernels themselves are applied without a backward (no second derivatives).
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    Storage, Tensor,
 };
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -1331,7 +1331,8 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = widened(&self.w)?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             bail!("{}: CPU tensors only", self.name())
         };
@@ -1375,7 +1376,7 @@ impl CustomOp3 for LoraLinear {
         // gradient at the adapter's rank-r bottleneck
         let g_low = (g2.matmul(&b)? * s)?;
         let dx = {
-            let w = self.w.detach();
+            let w = widened(&self.w)?;
             let base = if self.base.transposed {
                 g2.matmul(&w)?
             } else {
@@ -1390,9 +1391,41 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
+/// `w` in f32: itself when it is f32, else a widened copy of a bf16 or f16 weight, converted
+/// in parallel (a frozen weight held in its stored dtype costs one such copy per projection
+/// at a time, and a conversion per pass that is small beside the matmul: n = batch x seq
+/// multiply-adds per element).
+fn widened(w: &Tensor) -> Result<Tensor> {
+    let w = w.detach().contiguous()?;
+    if w.dtype() == DType::F32 {
+        return Ok(w);
+    }
+    let (st, l) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else {
+        bail!("sani-lora-linear: CPU tensors only")
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    let mut out = vec![0f32; b - a];
+    match cpu {
+        CpuStorage::BF16(v) => out
+            .par_chunks_mut(16384)
+            .zip(v[a..b].par_chunks(16384))
+            .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, v)| *o = v.to_f32())),
+        CpuStorage::F16(v) => out
+            .par_chunks_mut(16384)
+            .zip(v[a..b].par_chunks(16384))
+            .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, v)| *o = v.to_f32())),
+        _ => bail!("sani-lora-linear: weight of dtype {:?}", w.dtype()),
+    }
+    drop(st);
+    Tensor::from_vec(out, w.shape(), w.device())
+}
+
 /// `x W^T + b + scale (x A^T) B^T` for a frozen W stored (out, in) (`transposed`) or (in, out),
-/// A [r, in] and B [out, r] trainable; x f32 CPU with any leading dims. Gradients flow to x, A
-/// and B.
+/// A [r, in] and B [out, r] trainable; x f32 CPU with any leading dims; W in f32, bf16 or f16.
+/// Gradients flow to x, A and B.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
