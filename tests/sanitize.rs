@@ -330,6 +330,16 @@ fn config_file_then_command_line() {
         (0.7..1.3).contains(&default_share),
         "the default forgets at no extra work, got {default_share}"
     );
+    // Resolved for this 2-block, tiny model: the built-in erase-layers erases a quarter of the
+    // blocks (at least one), and `train-modules auto` trains every tensor.
+    assert!(resolved.contains("erase-layers = 1\n"), "{resolved}");
+    assert!(resolved.contains("train-modules = \"all\""), "{resolved}");
+    let report = read_json(&tmp.path().join("default").join("sani_report.json"));
+    assert_eq!(report["erased_layers"], serde_json::json!([1]));
+    let (resolved, _) = seen_with("given", &["--erase-layers", "2"]);
+    assert!(resolved.contains("erase-layers = 2\n"), "{resolved}");
+    let report = read_json(&tmp.path().join("given").join("sani_report.json"));
+    assert_eq!(report["erased_layers"], serde_json::json!([0, 1]));
     let (resolved, added) = seen_with("added", &["--forget-weight", "0.5", "--forget-share", "0"]);
     assert!(resolved.contains("forget-share = 0.0"), "{resolved}");
     assert!(added > 1.3, "surrogate and true windows, got {added}");

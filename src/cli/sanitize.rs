@@ -17,7 +17,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.toml");
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SanitizeOptions {
-    /// Erase MLP units in the last N transformer blocks [default.toml: 4; paper: 1]
+    /// Erase MLP units in the last N transformer blocks; the built-in default erases at most a
+    /// quarter of the model's blocks (at least 1) [default.toml: 4; paper: 1]
     #[arg(long)]
     pub erase_layers: Option<usize>,
     /// Share of the MLP units of each erased block to reset, 0 disables erasure [default.toml: 0.5; paper: 0.5]
@@ -82,7 +83,8 @@ pub struct SanitizeOptions {
     pub checkpoint_activations: Option<bool>,
     /// Which tensors full-parameter repair trains: `all`, or module names (a component of the
     /// tensor name), comma-separated, e.g. `mlp` or `mlp,self_attn`; LoRA uses --lora-targets
-    /// instead [default.toml: mlp; paper: all]
+    /// instead; `auto`: all on a model of up to 50M parameters, else mlp [default.toml: auto;
+    /// paper: all]
     #[arg(long, value_name = "LIST")]
     pub train_modules: Option<String>,
     /// Bounded unlikelihood on the true sensitive tokens: repair also pushes each one's NLL up,

@@ -82,6 +82,16 @@ pub struct Checkpoint {
     pub from_pickle: bool,
 }
 
+impl Checkpoint {
+    /// Parameters stored in the checkpoint (elements of every tensor).
+    pub fn num_params(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
+    }
+}
+
 fn candle_dtype(dtype: StDtype) -> Option<DType> {
     Some(match dtype {
         StDtype::F32 => DType::F32,

@@ -175,7 +175,8 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
         ..cfg.clone()
     };
     let mut erase = sanitize_in_memory(&ckpt, &tok, &docs, &erase_only, job.quiet)?;
-    erase.config = cfg.clone();
+    erase.config = cfg.for_model(ckpt.config.num_layers(), ckpt.num_params());
+    let cfg = &erase.config.clone();
     erase.command = std::env::args().collect::<Vec<_>>().join(" ");
     erase.input_weights_sha256 = input_sha.clone();
     let pad_id = ckpt

@@ -119,7 +119,32 @@ pub struct ResolvedConfig {
     pub forget_weight_given: bool,
 }
 
+/// `--train-modules auto` trains every tensor of a model up to this many parameters (its
+/// weights, gradients and AdamW moments in f32 are then at most 0.8 GB) and the MLPs of a
+/// larger one.
+pub const AUTO_ALL_MODULES_MAX_PARAMS: usize = 50_000_000;
+
 impl ResolvedConfig {
+    /// The settings that depend on the model, resolved for one with `n_layers` blocks and
+    /// `n_params` parameters: the built-in `erase-layers` erases at most a quarter of the
+    /// blocks (at least one; a given value is kept as it is), and `train-modules auto` becomes
+    /// `all` or `mlp` (see [`AUTO_ALL_MODULES_MAX_PARAMS`]). On a shallow model, erasing every
+    /// block and repairing only the MLPs cost the most fluency (README "Attack suite").
+    pub fn for_model(&self, n_layers: usize, n_params: usize) -> ResolvedConfig {
+        let mut cfg = self.clone();
+        if !cfg.erase_layers_given {
+            cfg.erase_layers = cfg.erase_layers.min((n_layers / 4).max(1));
+        }
+        if cfg.train_modules.trim() == "auto" {
+            cfg.train_modules = match n_params <= AUTO_ALL_MODULES_MAX_PARAMS {
+                true => "all",
+                false => "mlp",
+            }
+            .to_string();
+        }
+        cfg
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.erase_fraction) {
             bail!(
@@ -316,6 +341,7 @@ pub fn sanitize_in_memory(
     quiet: bool,
 ) -> Result<SanitizeReport> {
     let n_layers = ckpt.config.num_layers();
+    let cfg = &cfg.for_model(n_layers, ckpt.num_params());
     if cfg.erase_layers_given && cfg.erase_layers > n_layers {
         bail!(
             "--erase-layers {}: the model has only {n_layers} layers",
@@ -475,6 +501,8 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
     provenance.insert("sani_version".to_string(), report.sani_version.clone());
     provenance.insert("sani_operation".to_string(), "sanitize".to_string());
     provenance.insert("sani_source_sha256".to_string(), input_sha);
+    // The configuration as resolved for this model (what `--config` reproduces).
+    let cfg = &report.config.clone();
     provenance.insert("sani_config".to_string(), serde_json::to_string(cfg)?);
     let tw = Instant::now();
     match job.output_format {
@@ -657,4 +685,39 @@ pub fn shards_line(shards: &[ShardWrite]) -> Option<String> {
         shards.len(),
         shards.len() - rewritten
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built_in() -> ResolvedConfig {
+        toml::from_str(crate::cli::sanitize::DEFAULT_CONFIG).unwrap()
+    }
+
+    #[test]
+    fn the_default_is_resolved_by_model_depth_and_size() {
+        let cfg = built_in();
+        assert_eq!(cfg.train_modules, "auto");
+        // SmolLM2-135M: the last 4 of 30 blocks, MLPs only.
+        let real = cfg.for_model(30, 134_515_008);
+        assert_eq!((real.erase_layers, real.train_modules.as_str()), (4, "mlp"));
+        // The demo's 4-block toys: one block, every tensor.
+        let toy = cfg.for_model(4, 400_000);
+        assert_eq!((toy.erase_layers, toy.train_modules.as_str()), (1, "all"));
+        assert_eq!(cfg.for_model(12, 50_000_000).erase_layers, 3);
+        assert_eq!(cfg.for_model(12, 50_000_001).train_modules, "mlp");
+        // What the user gave is kept.
+        let given = ResolvedConfig {
+            erase_layers: 4,
+            erase_layers_given: true,
+            train_modules: "mlp,self_attn".into(),
+            ..cfg
+        };
+        let kept = given.for_model(4, 400_000);
+        assert_eq!(
+            (kept.erase_layers, kept.train_modules.as_str()),
+            (4, "mlp,self_attn")
+        );
+    }
 }
