@@ -175,7 +175,8 @@ pub fn run(job: &SanitizeJob) -> Result<()> {
         ..cfg.clone()
     };
     let mut erase = sanitize_in_memory(&ckpt, &tok, &docs, &erase_only, job.quiet)?;
-    erase.config = cfg.for_model(ckpt.config.num_layers(), ckpt.num_params());
+    // The erasure's config is already resolved for this model; only the epochs differ.
+    erase.config.epochs = cfg.epochs;
     let cfg = &erase.config.clone();
     erase.command = std::env::args().collect::<Vec<_>>().join(" ");
     erase.input_weights_sha256 = input_sha.clone();
