@@ -324,7 +324,7 @@ fn config_file_then_command_line() {
         "one pass of the corpus, got {share}"
     );
     let (resolved, default_share) = seen_with("default", &[]);
-    assert!(resolved.contains("forget-weight = 1.0"), "{resolved}");
+    assert!(resolved.contains("forget-weight = 0.85"), "{resolved}");
     assert!(resolved.contains("forget-share = 0.75"), "{resolved}");
     assert!(
         (0.7..1.3).contains(&default_share),

@@ -90,7 +90,7 @@ pub struct SanitizeOptions {
     /// Bounded unlikelihood on the true sensitive tokens: repair also pushes each one's NLL up,
     /// with this weight, until it is no likelier than the surrogates' (0: off). Surrogate repair
     /// only: the default is dropped with --repair-target mask and in `sani prepare`
-    /// [default.toml: 1.0]
+    /// [default.toml: 0.85]
     #[arg(long, value_name = "W")]
     pub forget_weight: Option<f64>,
     /// With --forget-weight above 0: each epoch, this share of the documents trains in its true
