@@ -34,7 +34,8 @@ SEP = ["--doc-separator", "<|im_end|>"]
 # name -> extra sanitize flags.  "old" is the default before the real-size work.
 VARIANTS = {
     "old": ["--adapter", "none", "--epochs", "6", "--lr", "5e-4", "--train-modules", "all",
-            "--checkpoint-activations", "false", "--batch-size", "8", "--grad-accum", "1"],
+            "--checkpoint-activations", "false", "--batch-size", "8", "--grad-accum", "1",
+            "--forget-weight", "0", "--erase-layers", "4"],
     "default": [],
     "paper": ["--config", os.path.join(ROOT, "configs", "paper.toml")],
 }

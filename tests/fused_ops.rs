@@ -1075,3 +1075,49 @@ fn lm_head_nll_matches_composed_across_chunks() {
         }
     }
 }
+
+#[test]
+fn linear_and_conv1d_on_a_16_bit_frozen_weight_equal_it_widened_to_f32() {
+    let mut r = rng(14);
+    let (k, out) = (9usize, 6usize);
+    for dtype in [DType::BF16, DType::F16] {
+        for transposed in [true, false] {
+            for with_bias in [true, false] {
+                if !transposed && !with_bias {
+                    continue; // a GPT-2 Conv1D always has its bias
+                }
+                let what = format!("{dtype:?} t={transposed} bias={with_bias}");
+                let wshape = if transposed { [out, k] } else { [k, out] };
+                let w16 = tensor(randn(&mut r, k * out, 0.5), &wshape)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let w32 = w16.to_dtype(DType::F32).unwrap();
+                let bias = tensor(randn(&mut r, out, 0.5), &[out]);
+                let x =
+                    Var::from_tensor(&tensor(randn(&mut r, 2 * 3 * k, 1.0), &[2, 3, k])).unwrap();
+                let rw = tensor(randn(&mut r, 2 * 3 * out, 1.0), &[2, 3, out]);
+                let run = |w: &Tensor| {
+                    let y = match (transposed, with_bias) {
+                        (true, true) => ops::linear(&x, w, Some(&bias)),
+                        (true, false) => ops::linear(&x, w, None),
+                        (false, _) => ops::conv1d(&x, w, &bias),
+                    }
+                    .unwrap();
+                    let g = weighted_sum(&y, &rw).backward().unwrap();
+                    (flat(&y), flat(g.get(&x).unwrap()))
+                };
+                // The same f32 values reach the same kernels: equal to the bit.
+                assert_eq!(run(&w16), run(&w32), "{what}");
+            }
+        }
+    }
+    // A trainable bias next to a 16-bit frozen weight still gets its gradient.
+    let w16 = tensor(randn(&mut r, k * out, 0.5), &[out, k])
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let bias = Var::from_tensor(&tensor(randn(&mut r, out, 0.5), &[out])).unwrap();
+    let x = tensor(randn(&mut r, 3 * k, 1.0), &[3, k]);
+    let y = ops::linear(&x, &w16, Some(bias.as_tensor())).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(flat(g.get(&bias).unwrap()), vec![3.0; out]);
+}

@@ -697,7 +697,34 @@ impl Model {
         trainable: &dyn Fn(&str) -> bool,
         lora: Option<&crate::nn::lora::LoraConfig>,
     ) -> Result<Self> {
-        let model = Self::from_source_with_lora(ckpt, &ckpt.config, &ckpt.device, trainable, lora)?;
+        Self::load_checked(ckpt, trainable, lora, false)
+    }
+
+    /// Loads for training: as [`Model::load_with_lora`], but the frozen projections (every one
+    /// `trainable` leaves out, and LoRA's bases) are held in their stored dtype when it is bf16
+    /// or f16, half the memory of f32; the linear ops widen them per pass.
+    pub fn load_to_train(
+        ckpt: &Checkpoint,
+        trainable: &dyn Fn(&str) -> bool,
+        lora: Option<&crate::nn::lora::LoraConfig>,
+    ) -> Result<Self> {
+        Self::load_checked(ckpt, trainable, lora, true)
+    }
+
+    fn load_checked(
+        ckpt: &Checkpoint,
+        trainable: &dyn Fn(&str) -> bool,
+        lora: Option<&crate::nn::lora::LoraConfig>,
+        frozen_stored: bool,
+    ) -> Result<Self> {
+        let model = Self::from_source_with_lora(
+            ckpt,
+            &ckpt.config,
+            &ckpt.device,
+            trainable,
+            lora,
+            frozen_stored,
+        )?;
         let spec = ckpt.config.spec();
         ckpt.check_no_extra(model.loaded_names(), |n| spec.is_known_buffer(n))?;
         Ok(model)

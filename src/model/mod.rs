@@ -241,19 +241,24 @@ impl Model {
         device: &Device,
         trainable: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        Self::from_source_with_lora(source, config, device, trainable, None)
+        Self::from_source_with_lora(source, config, device, trainable, None, false)
     }
 
     /// Like [`Model::from_source`], with LoRA adapters on the projections `lora` targets (their
-    /// vars are trainable, in addition to what `trainable` selects).
+    /// vars are trainable, in addition to what `trainable` selects). `frozen_stored`: frozen
+    /// projections held in their stored 16-bit dtype (for training; see
+    /// [`Loader::holding_frozen_projections_stored`]).
     pub fn from_source_with_lora(
         source: &dyn WeightSource,
         config: &ModelConfig,
         device: &Device,
         trainable: &dyn Fn(&str) -> bool,
         lora: Option<&crate::nn::lora::LoraConfig>,
+        frozen_stored: bool,
     ) -> Result<Self> {
-        let mut loader = Loader::new(source, trainable).with_lora(lora.cloned());
+        let mut loader = Loader::new(source, trainable)
+            .with_lora(lora.cloned())
+            .holding_frozen_projections_stored(frozen_stored);
         let lm = config.spec().load(&mut loader.root())?;
         if lora.is_some() && loader.adapters.is_empty() {
             anyhow::bail!(
@@ -302,7 +307,11 @@ impl Model {
 
     /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
     pub fn mlp_down_weight(&self, layer: usize) -> Result<Tensor> {
-        self.lm.mlp_down_weight(layer)
+        // f32 even where a frozen projection is held in its stored 16-bit dtype.
+        Ok(self
+            .lm
+            .mlp_down_weight(layer)?
+            .to_dtype(candle_core::DType::F32)?)
     }
 
     /// Every tensor name the model loaded.

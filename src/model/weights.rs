@@ -54,6 +54,9 @@ pub struct Loader<'a> {
     lora: Option<LoraConfig>,
     /// The adapters created, in load order (their vars are also in `vars`).
     pub adapters: Vec<LoraVars>,
+    /// Frozen projection weights held in their stored 16-bit dtype (see
+    /// [`Loader::holding_frozen_projections_stored`]).
+    frozen_projections_stored: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -66,7 +69,17 @@ impl<'a> Loader<'a> {
             vars: BTreeMap::new(),
             lora: None,
             adapters: Vec::new(),
+            frozen_projections_stored: false,
         }
+    }
+
+    /// Holds the frozen projection weights (every one but the trained ones) in their stored
+    /// dtype when that is 16-bit, as LoRA's base weights are: the linear ops widen them per
+    /// pass. For training, where the f32 copies would stay resident for the whole run; not for
+    /// inference, where a decoding step would widen every weight each time.
+    pub fn holding_frozen_projections_stored(mut self, on: bool) -> Self {
+        self.frozen_projections_stored = on;
+        self
     }
 
     /// Adds LoRA adapters to the projections `cfg` targets.
@@ -192,7 +205,15 @@ impl<'a> Weights<'_, 'a> {
             .adapted_weight(&module, &shape, (d_in, d_out), stored_in_out)?
         {
             Some((weight, adapter)) => Ok((weight, Some(adapter))),
-            None => Ok((self.get("weight", &shape)?, None)),
+            None => {
+                let name = self.name("weight");
+                if self.loader.frozen_projections_stored && !(self.loader.trainable)(&name) {
+                    self.loader.record(&name);
+                    let w = self.loader.source.stored(&name, &shape)?;
+                    return Ok((w.as_tensor().detach(), None));
+                }
+                Ok((self.get("weight", &shape)?, None))
+            }
         }
     }
 

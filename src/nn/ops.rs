@@ -29,12 +29,34 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(s == 0.0)
 }
 
-/// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims.
+/// `x @ w^T + b` for a PyTorch `Linear` weight stored (out, in), over any leading dims. A
+/// frozen weight may be held in bf16 or f16 (see `Model::load_to_train`): it is widened per pass.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if is_narrow(w) {
+        if frozen_linear_fits(x, w, b) {
+            return fused::frozen_linear(x, w, b, true);
+        }
+        return linear_composed(x, &w.to_dtype(x.dtype())?, b);
+    }
     if fused_linear_fits(x, w, b) {
         return fused::linear(x, w, b);
     }
     linear_composed(x, w, b)
+}
+
+/// A weight held in 16 bits (bf16 or f16): frozen, read by widening it.
+fn is_narrow(w: &Tensor) -> bool {
+    matches!(w.dtype(), DType::BF16 | DType::F16)
+}
+
+/// Whether the fused frozen-weight op applies to a 16-bit `w`: f32 CPU input, and a bias that
+/// is f32 and frozen too (the op gives no gradient but the input's).
+fn frozen_linear_fits(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    x.rank() >= 1
+        && w.rank() == 2
+        && w.device().is_cpu()
+        && b.is_none_or(|b| b.rank() == 1 && !b.track_op() && use_fused(&[b]))
+        && use_fused(&[x])
 }
 
 /// Whether the fused linear / conv1d op applies: f32 CPU, 2-d weight, 1-d bias, rank >= 1 input.
@@ -87,8 +109,15 @@ pub fn lora_linear(
     y + (up * scale)?
 }
 
-/// `x @ w + b` for a GPT-2 `Conv1D` weight stored (in, out).
+/// `x @ w + b` for a GPT-2 `Conv1D` weight stored (in, out); a frozen `w` may be 16-bit, as in
+/// [`linear`].
 pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if is_narrow(w) {
+        if frozen_linear_fits(x, w, Some(b)) {
+            return fused::frozen_linear(x, w, Some(b), false);
+        }
+        return conv1d_composed(x, &w.to_dtype(x.dtype())?, b);
+    }
     if fused_linear_fits(x, w, Some(b)) {
         return fused::conv1d(x, w, Some(b));
     }

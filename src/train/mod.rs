@@ -227,8 +227,10 @@ pub fn fit_keeping_adapters(
     cfg: &TrainConfig,
     quiet: bool,
 ) -> Result<(Vec<EpochMetrics>, Vec<crate::nn::lora::TrainedLora>)> {
-    // Block and norm names come from loading, so the scope needs one frozen load first.
-    let probe = Model::load_frozen(ckpt)?;
+    // Block and norm names come from loading, so the scope needs the structure first. Shapes
+    // only: a frozen load would make every tensor resident in f32 before LoRA's base weights
+    // could be read in their stored 16-bit dtype.
+    let probe = Model::load_shapes(ckpt)?;
     let scoped = scope_predicate(&probe, scope);
     let in_scope = |name: &str| scoped(name) && in_modules(name, &cfg.modules);
     if !cfg.modules.is_empty() && !probe.loaded_names().iter().any(|n| in_scope(n)) {
@@ -239,11 +241,11 @@ pub fn fit_keeping_adapters(
     }
     drop(probe);
     let model = match &cfg.lora {
-        None => Model::load(ckpt, &in_scope)?,
+        None => Model::load_to_train(ckpt, &in_scope, None)?,
         Some(_) if scope != TrainScope::All => {
             bail!("LoRA adapters train in every block: use --train-scope all with --adapter lora")
         }
-        Some(lora) => Model::load_with_lora(ckpt, &|_| false, Some(lora))?,
+        Some(lora) => Model::load_to_train(ckpt, &|_| false, Some(lora))?,
     };
     let loop_cfg = LoopConfig {
         epochs: cfg.epochs,

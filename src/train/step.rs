@@ -459,6 +459,69 @@ mod tests {
     }
 
     #[test]
+    fn frozen_projections_held_in_16_bits_give_the_same_loss_and_gradients() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_bf16");
+        let load = || crate::io::checkpoint::Checkpoint::load(&dir, &Device::Cpu).unwrap();
+        let vocab = load().config.vocab_size() as u32;
+        let examples: Vec<Example> = (0..2)
+            .map(|r| {
+                let n = 10 + 3 * r;
+                Example {
+                    forget: Vec::new(),
+                    ids: (0..n)
+                        .map(|i| (i as u32 * 5 + r as u32 * 17) % vocab)
+                        .collect(),
+                    train: vec![true; n],
+                    sensitive: (0..n).map(|i| i % 5 == 3).collect(),
+                    origin: Origin::default(),
+                }
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = Batch::new(&refs, &Device::Cpu).unwrap();
+        let mlp = |n: &str| crate::train::in_modules(n, &["mlp".to_string()]);
+        for checkpointing in [false, true] {
+            let (wide, narrow) = (load(), load());
+            let reference = Model::load(&wide, &mlp).unwrap();
+            let model = Model::load_to_train(&narrow, &mlp, None).unwrap();
+            let held: Vec<(String, candle_core::DType)> = narrow
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.dtype()))
+                .collect();
+            let is_frozen_projection = |n: &str| n.ends_with("_proj.weight") && !mlp(n);
+            assert!(held.iter().any(|(n, _)| is_frozen_projection(n)));
+            for (name, dtype) in &held {
+                let want = match is_frozen_projection(name) {
+                    true => candle_core::DType::BF16,
+                    false => candle_core::DType::F32,
+                };
+                assert_eq!(*dtype, want, "{name}");
+            }
+            let run = |m: &Model| {
+                TrainStep::new(m, 0)
+                    .with_checkpointing(checkpointing)
+                    .run(&[(&batch, None)])
+                    .unwrap()
+            };
+            let (x, y) = (run(&reference), run(&model));
+            assert_eq!(x.train_nll, y.train_nll);
+            let (gx, gy) = (x.grads.unwrap(), y.grads.unwrap());
+            let pairs: Vec<_> = reference
+                .trainable_vars()
+                .iter()
+                .zip(model.trainable_vars())
+                .collect();
+            assert!(pairs.len() >= 3);
+            for ((name, p), (_, q)) in pairs {
+                let (p, q) = (gx.get(p).unwrap(), gy.get(q).unwrap());
+                assert_eq!(max_diff(p, q), 0.0, "{name} checkpointing {checkpointing}");
+            }
+        }
+    }
+
+    #[test]
     fn forgetting_pushes_true_tokens_only_up_to_the_surrogate_level() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let ckpt =

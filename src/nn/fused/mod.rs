@@ -1304,6 +1304,67 @@ fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> 
 }
 
 // ------------------------------------------------------------------------------------------
+// a frozen projection held in 16 bits
+
+/// `x W^T + b` (`x W + b` for a weight stored (in, out)) for a frozen W in f32, bf16 or f16
+/// and a frozen b, both held by the op: the only input is x, and the backward returns dx,
+/// widening W again instead of keeping an f32 copy alive between the passes.
+struct FrozenLinear {
+    base: FusedLinear,
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "sani-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = widened(&self.w)?;
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            bail!("{}: CPU tensors only", self.name())
+        };
+        let bias = match &self.bias {
+            Some(t) => Some(t.contiguous()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        self.base.fwd(xs, xl, ws, wl, bias.as_deref())
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let out = grad.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count() / k.max(1);
+        let g2 = grad.reshape((n, out))?;
+        let w = widened(&self.w)?;
+        let dx = if self.base.transposed {
+            g2.matmul(&w)?
+        } else {
+            g2.matmul(&w.t()?)?
+        };
+        Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
+/// `x @ w^T (+ b)` (`transposed`, w stored (out, in)) or `x @ w (+ b)` for a frozen `w` in f32,
+/// bf16 or f16 and a frozen f32 `b`; x f32 CPU with any leading dims. Gradients flow to x only.
+pub fn frozen_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let op = FrozenLinear {
+        base: FusedLinear { transposed },
+        w: w.detach().contiguous()?,
+        bias: bias.map(|b| b.detach()),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+// ------------------------------------------------------------------------------------------
 // a frozen projection with a LoRA adapter, as one graph node
 
 /// `x W^T + b + s (x A^T) B^T` (`x W + ...` for a weight stored (in, out)), where W and b are
@@ -1402,7 +1463,7 @@ fn widened(w: &Tensor) -> Result<Tensor> {
     }
     let (st, l) = w.storage_and_layout();
     let Storage::Cpu(cpu) = &*st else {
-        bail!("sani-lora-linear: CPU tensors only")
+        bail!("sani: frozen weights on the CPU only")
     };
     let (a, b) = l
         .contiguous_offsets()
@@ -1417,7 +1478,7 @@ fn widened(w: &Tensor) -> Result<Tensor> {
             .par_chunks_mut(16384)
             .zip(v[a..b].par_chunks(16384))
             .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, v)| *o = v.to_f32())),
-        _ => bail!("sani-lora-linear: weight of dtype {:?}", w.dtype()),
+        _ => bail!("sani: a frozen weight of dtype {:?}", w.dtype()),
     }
     drop(st);
     Tensor::from_vec(out, w.shape(), w.device())
