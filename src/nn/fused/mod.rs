@@ -1315,16 +1315,13 @@ struct FrozenLinear {
     bias: Option<Tensor>,
 }
 
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "sani-frozen-linear"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+impl FrozenLinear {
+    /// `x W^T + b` as [`FusedLinear`] computes it, W widened for this pass.
+    fn forward(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = widened(&self.w)?;
         let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
-            bail!("{}: CPU tensors only", self.name())
+            bail!("sani: frozen weights on the CPU only")
         };
         let bias = match &self.bias {
             Some(t) => Some(t.contiguous()?.to_vec1::<f32>()?),
@@ -1333,17 +1330,30 @@ impl CustomOp1 for FrozenLinear {
         self.base.fwd(xs, xl, ws, wl, bias.as_deref())
     }
 
+    /// The input's gradient `g W` (`g W^T` for a weight stored (in, out)) for `g2` [n, out].
+    fn input_grad(&self, g2: &Tensor) -> Result<Tensor> {
+        let w = widened(&self.w)?;
+        match self.base.transposed {
+            true => g2.matmul(&w),
+            false => g2.matmul(&w.t()?),
+        }
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "sani-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(xs, xl)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let k = x.dim(candle_core::D::Minus1)?;
         let out = grad.dim(candle_core::D::Minus1)?;
         let n = x.elem_count() / k.max(1);
-        let g2 = grad.reshape((n, out))?;
-        let w = widened(&self.w)?;
-        let dx = if self.base.transposed {
-            g2.matmul(&w)?
-        } else {
-            g2.matmul(&w.t()?)?
-        };
+        let dx = self.input_grad(&grad.reshape((n, out))?)?;
         Ok(Some(dx.reshape(x.shape())?))
     }
 }
@@ -1372,9 +1382,7 @@ pub fn frozen_linear(
 /// B [out, r], and the backward returns dx, dA and dB. Composed, the adapter's path keeps three
 /// [n, out] tensors per projection alive for the backward pass; here only x is needed.
 struct LoraLinear {
-    base: FusedLinear,
-    w: Tensor,
-    bias: Option<Tensor>,
+    frozen: FrozenLinear,
     scale: f32,
 }
 
@@ -1392,16 +1400,7 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let w = widened(&self.w)?;
-        let (ws, wl) = w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else {
-            bail!("{}: CPU tensors only", self.name())
-        };
-        let bias = match &self.bias {
-            Some(t) => Some(t.contiguous()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        let (y, shape) = self.base.fwd(xs, xl, ws, wl, bias.as_deref())?;
+        let (y, shape) = self.frozen.forward(xs, xl)?;
         let adapter = FusedLinear { transposed: true };
         let (low, low_shape) = adapter.fwd(xs, xl, a, al, None)?;
         let (up, _) = adapter.fwd(&low, &Layout::contiguous(low_shape), b, bl, None)?;
@@ -1436,15 +1435,7 @@ impl CustomOp3 for LoraLinear {
         let s = self.scale as f64;
         // gradient at the adapter's rank-r bottleneck
         let g_low = (g2.matmul(&b)? * s)?;
-        let dx = {
-            let w = widened(&self.w)?;
-            let base = if self.base.transposed {
-                g2.matmul(&w)?
-            } else {
-                g2.matmul(&w.t()?)?
-            };
-            (base + g_low.matmul(&a)?)?.reshape(x.shape())?
-        };
+        let dx = (self.frozen.input_grad(&g2)? + g_low.matmul(&a)?)?.reshape(x.shape())?;
         let da = g_low.t()?.matmul(&x2)?;
         let low = x2.matmul(&a.t()?)?;
         let db = (g2.t()?.matmul(&low)? * s)?;
@@ -1498,9 +1489,11 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = LoraLinear {
-        base: FusedLinear { transposed },
-        w: w.contiguous()?,
-        bias: bias.cloned(),
+        frozen: FrozenLinear {
+            base: FusedLinear { transposed },
+            w: w.contiguous()?,
+            bias: bias.cloned(),
+        },
         scale: scale as f32,
     };
     x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
