@@ -605,6 +605,22 @@ fn linear_and_conv1d_match_composed_and_finite_differences() {
     assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![4.0; 4]; 2]);
 }
 
+/// A random `k -> out` projection weight in `dtype` (stored (out, in) when `transposed`, else
+/// (in, out)) and the same values widened to f32.
+fn weight_16_and_widened(
+    r: &mut rand::rngs::StdRng,
+    dtype: DType,
+    (k, out): (usize, usize),
+    transposed: bool,
+) -> (Tensor, Tensor) {
+    let shape = if transposed { [out, k] } else { [k, out] };
+    let w16 = tensor(randn(r, k * out, 0.5), &shape)
+        .to_dtype(dtype)
+        .unwrap();
+    let w32 = w16.to_dtype(DType::F32).unwrap();
+    (w16, w32)
+}
+
 #[test]
 fn lora_linear_on_a_16_bit_frozen_weight_equals_it_widened_to_f32() {
     let mut r = rng(13);
@@ -612,11 +628,7 @@ fn lora_linear_on_a_16_bit_frozen_weight_equals_it_widened_to_f32() {
     for dtype in [DType::BF16, DType::F16] {
         for transposed in [true, false] {
             let what = format!("lora {dtype:?} t={transposed}");
-            let wshape = if transposed { [out, k] } else { [k, out] };
-            let w16 = tensor(randn(&mut r, k * out, 0.5), &wshape)
-                .to_dtype(dtype)
-                .unwrap();
-            let w32 = w16.to_dtype(DType::F32).unwrap();
+            let (w16, w32) = weight_16_and_widened(&mut r, dtype, (k, out), transposed);
             let bias = tensor(randn(&mut r, out, 0.5), &[out]);
             let x = Var::from_tensor(&tensor(randn(&mut r, 3 * k, 1.0), &[3, k])).unwrap();
             let a = Var::from_tensor(&tensor(randn(&mut r, rank * k, 0.5), &[rank, k])).unwrap();
@@ -1087,11 +1099,7 @@ fn linear_and_conv1d_on_a_16_bit_frozen_weight_equal_it_widened_to_f32() {
                     continue; // a GPT-2 Conv1D always has its bias
                 }
                 let what = format!("{dtype:?} t={transposed} bias={with_bias}");
-                let wshape = if transposed { [out, k] } else { [k, out] };
-                let w16 = tensor(randn(&mut r, k * out, 0.5), &wshape)
-                    .to_dtype(dtype)
-                    .unwrap();
-                let w32 = w16.to_dtype(DType::F32).unwrap();
+                let (w16, w32) = weight_16_and_widened(&mut r, dtype, (k, out), transposed);
                 let bias = tensor(randn(&mut r, out, 0.5), &[out]);
                 let x =
                     Var::from_tensor(&tensor(randn(&mut r, 2 * 3 * k, 1.0), &[2, 3, k])).unwrap();
