@@ -51,8 +51,13 @@ pub fn trace_rss(what: &str) {
             .unwrap_or(0.0)
             / 1024.0
     };
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64();
     eprintln!(
-        "[rss] {what}: {:.0} MB (peak {:.0})",
+        "[rss {t:7.2} s] {what}: {:.0} MB (peak {:.0})",
         get("VmRSS:"),
         get("VmHWM:")
     );

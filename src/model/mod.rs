@@ -181,6 +181,25 @@ impl AttnContext {
         Self::new(key_valid, t, 0, window, false, device)
     }
 
+    /// Training context for rows that each hold whole sequences back to back (`segments[b]`:
+    /// their lengths; the rest of the row is padding): every sequence counts its positions from
+    /// 0 and attends only within itself, as if it had a row of its own.
+    pub fn for_segments(
+        segments: &[Vec<usize>],
+        t: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(AttnContext {
+            positions: ops::segment_positions(segments, t, device)?,
+            mask: ops::segment_mask(segments, t, None, device)?,
+            window_mask: match window {
+                Some(w) => Some(ops::segment_mask(segments, t, Some(w), device)?),
+                None => None,
+            },
+        })
+    }
+
     pub(crate) fn mask_for(&self, window: Option<usize>) -> &Tensor {
         match (window, &self.window_mask) {
             (Some(_), Some(m)) => m,

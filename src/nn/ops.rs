@@ -358,6 +358,55 @@ pub fn attention_mask(
     Tensor::from_vec(data, (b, 1, q_len, s), device)
 }
 
+/// For rows that each hold several sequences back to back (`segments[b]`: their lengths, in
+/// order; the rest of the row is padding), where each position's sequence starts: a padding
+/// position is a sequence of its own.
+fn segment_starts(segments: &[usize], t: usize) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(t);
+    for &n in segments {
+        let s0 = starts.len();
+        starts.extend(std::iter::repeat_n(s0, n));
+    }
+    assert!(starts.len() <= t, "segments longer than the row");
+    starts.extend(starts.len()..t);
+    starts
+}
+
+/// Additive mask [b, 1, t, t] for rows of sequences packed back to back (see
+/// [`segment_starts`]): a position sees the positions of its own sequence up to itself (the
+/// last `window` of them with a sliding window), never another sequence's.
+pub fn segment_mask(
+    segments: &[Vec<usize>],
+    t: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = segments.len();
+    let mut data = vec![f32::MIN; b * t * t];
+    for (bi, row) in segments.iter().enumerate() {
+        let starts = segment_starts(row, t);
+        for (i, &s0) in starts.iter().enumerate() {
+            let from = window.map_or(s0, |w| s0.max((i + 1).saturating_sub(w)));
+            data[(bi * t + i) * t..][from..=i].fill(0.0);
+        }
+    }
+    Tensor::from_vec(data, (b, 1, t, t), device)
+}
+
+/// Positions [b, t] for rows of packed sequences: each sequence counts from 0 (padding: 0).
+pub fn segment_positions(segments: &[Vec<usize>], t: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<u32> = segments
+        .iter()
+        .flat_map(|row| {
+            segment_starts(row, t)
+                .into_iter()
+                .enumerate()
+                .map(|(i, s0)| (i - s0) as u32)
+        })
+        .collect();
+    Tensor::from_vec(data, (segments.len(), t), device)
+}
+
 /// Positions the way HF `generate` computes them: count of real tokens before, pads get 1.
 pub fn positions_from_mask(
     key_valid: &[Vec<bool>],
@@ -455,4 +504,45 @@ pub fn token_nll_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .gather(&targets.unsqueeze(1)?, 1)?
         .squeeze(1)?
         .neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_sequences_see_only_themselves_and_count_positions_from_zero() {
+        let dev = Device::Cpu;
+        // A row of two sequences (3 and 2 tokens) and a padding position.
+        let segments = vec![vec![3, 2]];
+        let visible = |window| -> Vec<Vec<u8>> {
+            let m = segment_mask(&segments, 6, window, &dev).unwrap();
+            m.squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|r| r.iter().map(|&x| (x == 0.0) as u8).collect())
+                .collect()
+        };
+        let full = vec![
+            vec![1, 0, 0, 0, 0, 0],
+            vec![1, 1, 0, 0, 0, 0],
+            vec![1, 1, 1, 0, 0, 0],
+            vec![0, 0, 0, 1, 0, 0],
+            vec![0, 0, 0, 1, 1, 0],
+            vec![0, 0, 0, 0, 0, 1],
+        ];
+        assert_eq!(visible(None), full);
+        let mut windowed = full.clone();
+        windowed[2][0] = 0;
+        assert_eq!(visible(Some(2)), windowed);
+        let positions = segment_positions(&segments, 6, &dev).unwrap();
+        assert_eq!(
+            positions.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 1, 2, 0, 1, 0]]
+        );
+    }
 }

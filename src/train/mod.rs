@@ -330,14 +330,14 @@ pub fn train(
             let batches = step_idx
                 .chunks(micro)
                 .map(|idx| {
-                    let batch = Batch::new(
+                    let batch = Batch::for_device(
                         &idx.iter().map(|&i| &examples[i]).collect::<Vec<_>>(),
                         &model.device,
                     )?;
                     let prefix = match &prefix_cache {
                         Some(cache) => {
                             let parts: Vec<&Tensor> = idx.iter().map(|&i| &cache[i]).collect();
-                            Some(step::stack_prefix(&parts, batch.ids.dim(1)?)?)
+                            Some(step::stack_prefix(&parts, &batch)?)
                         }
                         None => None,
                     };

@@ -1,11 +1,11 @@
 //! One training step, callable on its own (the loop and the benchmark both call it): forward
-//! over right-padded micro-batches, the NLL summed over trained targets (and, detached, over
-//! sensitive ones), backward, and gradients summed over the micro-batches of an optimizer step.
+//! over micro-batches of examples packed into right-padded rows, the NLL summed over trained
+//! targets (and, detached, over sensitive ones), backward, and gradients summed over the
+//! micro-batches of an optimizer step.
 //!
 //! Blocks before `first_block` are frozen; their output can be given as a precomputed prefix
 //! (see [`frozen_prefix`]) so that only the trained blocks run.
 
-use crate::data::tokens::right_pad;
 use crate::model::{AttnContext, Model};
 use anyhow::Result;
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
@@ -32,10 +32,15 @@ pub struct Origin {
     pub start: usize,
 }
 
-/// A batch on the device: right-padded ids with target weights (shifted: row i predicts i+1).
+/// A batch on the device: rows of whole examples back to back, right-padded, with target
+/// weights (shifted: position i predicts i+1; the last position of an example predicts
+/// nothing, even where another example follows it in the row).
 pub struct Batch {
     pub ids: Tensor,
-    pub valid: Vec<Vec<bool>>,
+    /// Per row, the indices (into the examples the batch was made of) that it holds, in order.
+    pub rows: Vec<Vec<usize>>,
+    /// Per row, the lengths of those examples.
+    pub segments: Vec<Vec<usize>>,
     train_w: Tensor,
     /// `train_w` on the host.
     train_weights: Vec<f32>,
@@ -48,22 +53,95 @@ pub struct Batch {
     pub n_tokens: usize,
 }
 
+/// Two examples to a row, the longest with the shortest, the next longest with the next
+/// shortest, and so on, when that leaves less padding than one example to a row (it does unless
+/// they are all about as long): rows of similar length whatever examples the batch drew.
+pub fn rows_in_pairs(lens: &[usize]) -> Vec<Vec<usize>> {
+    let one_each: Vec<Vec<usize>> = (0..lens.len()).map(|i| vec![i]).collect();
+    let mut by_len: Vec<usize> = (0..lens.len()).collect();
+    by_len.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    let n = by_len.len();
+    let pairs: Vec<Vec<usize>> = (0..n.div_ceil(2))
+        .map(|k| match n - 1 - k {
+            j if j > k => vec![by_len[k], by_len[j]],
+            _ => vec![by_len[k]],
+        })
+        .collect();
+    let padded = |rows: &[Vec<usize>]| {
+        let width = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| lens[i]).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        rows.len() * width
+    };
+    match padded(&pairs) < padded(&one_each) {
+        true => pairs,
+        false => one_each,
+    }
+}
+
 impl Batch {
+    /// One example to a row.
     pub fn new(examples: &[&Example], device: &Device) -> Result<Batch> {
-        let rows: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
-        let (ids, valid, t) = right_pad(&rows);
-        let b = examples.len();
+        let rows: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
+        Self::with_rows(examples, rows, device)
+    }
+
+    /// The layout that costs least on `device`: on the CPU, where the fused attention reads only
+    /// the keys a query can see, examples are packed in pairs ([`rows_in_pairs`]); elsewhere
+    /// attention computes every score of a row, so each example keeps a row of its own.
+    pub fn for_device(examples: &[&Example], device: &Device) -> Result<Batch> {
+        if !device.is_cpu() {
+            return Self::new(examples, device);
+        }
+        let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        Self::with_rows(examples, rows_in_pairs(&lens), device)
+    }
+
+    /// The examples laid out as `rows` say (each index exactly once).
+    pub fn with_rows(
+        examples: &[&Example],
+        rows: Vec<Vec<usize>>,
+        device: &Device,
+    ) -> Result<Batch> {
+        let segments: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| examples[i].ids.len()).collect())
+            .collect();
+        let t = segments
+            .iter()
+            .map(|s| s.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let b = rows.len();
+        let mut ids = Vec::with_capacity(b * t);
         let mut train_w = Vec::with_capacity(b * (t - 1));
         let mut sens_w = Vec::with_capacity(b * (t - 1));
         let mut forget = Vec::with_capacity(b * (t - 1));
         let (mut n_train, mut n_sens, mut n_tokens, mut n_forget) = (0, 0, 0, 0);
-        for e in examples {
-            let n = e.ids.len();
-            n_tokens += n;
-            for i in 1..t {
-                let tr = i < n && e.train[i];
-                let se = i < n && e.sensitive[i];
-                let fo = i < n && e.forget.get(i).copied().unwrap_or(false);
+        for row in &rows {
+            let start = ids.len();
+            // Per position of the row: the example and the index in it (None: padding).
+            let mut at: Vec<Option<(&Example, usize)>> = Vec::with_capacity(t);
+            for &i in row {
+                let e = examples[i];
+                n_tokens += e.ids.len();
+                ids.extend_from_slice(&e.ids);
+                at.extend((0..e.ids.len()).map(|j| Some((e, j))));
+            }
+            ids.resize(start + t, 0);
+            at.resize(t, None);
+            // Target i is token j of an example whose token j - 1 is at position i - 1.
+            for slot in &at[1..] {
+                let (tr, se, fo) = match *slot {
+                    Some((e, j)) if j > 0 => (
+                        e.train[j],
+                        e.sensitive[j],
+                        e.forget.get(j).copied().unwrap_or(false),
+                    ),
+                    _ => (false, false, false),
+                };
                 n_train += tr as usize;
                 n_sens += se as usize;
                 n_forget += fo as usize;
@@ -74,7 +152,8 @@ impl Batch {
         }
         Ok(Batch {
             ids: Tensor::from_vec(ids, (b, t), device)?,
-            valid,
+            rows,
+            segments,
             train_w: Tensor::from_vec(train_w.clone(), b * (t - 1), device)?,
             train_weights: train_w,
             sens_w: Tensor::from_vec(sens_w, b * (t - 1), device)?,
@@ -84,6 +163,16 @@ impl Batch {
             n_sens,
             n_tokens,
         })
+    }
+
+    /// The attention context of this layout (see [`AttnContext::for_segments`]).
+    pub fn attention_context(&self, model: &Model) -> Result<AttnContext> {
+        AttnContext::for_segments(
+            &self.segments,
+            self.ids.dim(1)?,
+            model.sliding_window(),
+            &model.device,
+        )
     }
 }
 
@@ -246,7 +335,7 @@ impl<'a> TrainStep<'a> {
     ) -> Result<(f64, f64, GradStore)> {
         let model = self.model;
         let vars = model.trainable_vars();
-        let ctx = AttnContext::for_training(&batch.valid, model.sliding_window(), &model.device)?;
+        let ctx = batch.attention_context(model)?;
         let first = self.first_block;
         let mut h = match prefix {
             Some(p) => p.detach(),
@@ -298,7 +387,7 @@ impl<'a> TrainStep<'a> {
     ) -> Result<(Tensor, f64, f64)> {
         let model = self.model;
         let (b, t) = batch.ids.dims2()?;
-        let ctx = AttnContext::for_training(&batch.valid, model.sliding_window(), &model.device)?;
+        let ctx = batch.attention_context(model)?;
         let h = match prefix {
             Some(p) => model.run_blocks(self.first_block, p, &ctx, None, None)?,
             None => {
@@ -368,20 +457,25 @@ pub fn frozen_prefix(
         .collect()
 }
 
-/// The prefixes of a micro-batch, right-padded with zeros to `t` positions and stacked.
-pub fn stack_prefix(prefix: &[&Tensor], t: usize) -> Result<Tensor> {
-    let padded = prefix
+/// The prefixes of a micro-batch laid out like `batch` (each row's examples back to back),
+/// right-padded with zeros to its width, and stacked; `prefix[i]` belongs to the batch's
+/// example i.
+pub fn stack_prefix(prefix: &[&Tensor], batch: &Batch) -> Result<Tensor> {
+    let t = batch.ids.dim(1)?;
+    let rows = batch
+        .rows
         .iter()
-        .map(|p| {
-            let n = p.dim(0)?;
-            if n == t {
-                Ok((*p).clone())
-            } else {
-                p.pad_with_zeros(0, 0, t - n)
+        .map(|row| {
+            let parts: Vec<&Tensor> = row.iter().map(|&i| prefix[i]).collect();
+            let joined = Tensor::cat(&parts, 0)?;
+            let n = joined.dim(0)?;
+            match n == t {
+                true => Ok(joined),
+                false => joined.pad_with_zeros(0, 0, t - n),
             }
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&padded, 0)?)
+    Ok(Tensor::stack(&rows, 0)?)
 }
 
 #[cfg(test)]
@@ -586,5 +680,106 @@ mod tests {
                 assert!(max_diff(gn.get(v).unwrap(), gr.get(v).unwrap()) < 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn examples_packed_in_pairs_give_the_loss_and_gradients_of_a_row_each() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // gemma3, qwen3 and phi3 have sliding windows shorter than the examples.
+        for name in [
+            "gpt2_f32",
+            "llama_gqa",
+            "qwen2_bf16",
+            "gemma3_f32",
+            "qwen3_f32",
+            "phi3_f32",
+        ] {
+            let ckpt =
+                crate::io::checkpoint::Checkpoint::load(&root.join(name), &Device::Cpu).unwrap();
+            let vocab = ckpt.config.vocab_size() as u32;
+            let examples: Vec<Example> = [7usize, 15, 9, 12, 20]
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| Example {
+                    ids: (0..n)
+                        .map(|i| (i as u32 * 7 + r as u32 * 13 + 1) % vocab)
+                        .collect(),
+                    train: (0..n).map(|i| r != 2 && i % 4 != 2).collect(),
+                    sensitive: (0..n).map(|i| r != 2 && i % 4 == 2).collect(),
+                    forget: (0..n).map(|i| r == 2 && i % 3 == 1).collect(),
+                    origin: Origin::default(),
+                })
+                .collect();
+            let refs: Vec<&Example> = examples.iter().collect();
+            let one_each = Batch::new(&refs, &Device::Cpu).unwrap();
+            let packed = Batch::for_device(&refs, &Device::Cpu).unwrap();
+            assert_eq!(packed.rows, vec![vec![4, 0], vec![1, 2], vec![3]]);
+            assert_eq!(packed.ids.dims2().unwrap(), (3, 27));
+            assert_eq!(
+                (
+                    packed.n_train,
+                    packed.n_sens,
+                    packed.n_forget,
+                    packed.n_tokens
+                ),
+                (
+                    one_each.n_train,
+                    one_each.n_sens,
+                    one_each.n_forget,
+                    one_each.n_tokens
+                )
+            );
+            for first in [0, 1] {
+                let model = Model::load(&ckpt, &|_: &str| true).unwrap();
+                let prefix = |batch: &Batch| {
+                    (first > 0).then(|| {
+                        let p = frozen_prefix(&model, &examples, first).unwrap();
+                        stack_prefix(&p.iter().collect::<Vec<_>>(), batch).unwrap()
+                    })
+                };
+                for checkpoint in [false, true] {
+                    let step = TrainStep::new(&model, first)
+                        .with_checkpointing(checkpoint)
+                        .with_forgetting(0.5);
+                    let x = step.run(&[(&one_each, prefix(&one_each))]).unwrap();
+                    let y = step.run(&[(&packed, prefix(&packed))]).unwrap();
+                    let what = format!("{name} first {first} checkpoint {checkpoint}");
+                    assert!(
+                        (x.train_nll - y.train_nll).abs() < 1e-4 * x.train_nll.abs(),
+                        "{what}: {} vs {}",
+                        x.train_nll,
+                        y.train_nll
+                    );
+                    assert!((x.sensitive_nll - y.sensitive_nll).abs() < 1e-4 * x.sensitive_nll);
+                    let (gx, gy) = (x.grads.unwrap(), y.grads.unwrap());
+                    let mut compared = 0;
+                    for (var_name, v) in model.trainable_vars() {
+                        match (gx.get(v), gy.get(v)) {
+                            (Some(p), Some(q)) => {
+                                let d = max_diff(p, q);
+                                assert!(d < 1e-5, "{what} {var_name}: {d:e}");
+                                compared += 1;
+                            }
+                            (None, None) => {}
+                            _ => panic!("{what} {var_name}: gradient in one only"),
+                        }
+                    }
+                    assert!(compared > 4, "{what}: {compared}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_are_the_longest_with_the_shortest_unless_that_saves_no_padding() {
+        assert_eq!(
+            rows_in_pairs(&[5, 30, 10, 20, 25]),
+            vec![vec![1, 0], vec![4, 2], vec![3]]
+        );
+        assert_eq!(rows_in_pairs(&[8, 9, 2, 3]), vec![vec![1, 2], vec![0, 3]]);
+        // Equal lengths: pairs would pad nothing less, so one to a row.
+        assert_eq!(rows_in_pairs(&[6, 6, 6]), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(rows_in_pairs(&[4]), vec![vec![0]]);
+        assert!(rows_in_pairs(&[]).is_empty());
     }
 }

@@ -2,9 +2,10 @@
 //! and backward, without materializing the [b, h, t, s] score and probability tensors.
 //!
 //! One rayon task per (batch row, head) in the forward and per (batch row, key/value head) in the
-//! backward. Queries are processed in tiles; a tile only reads the keys up to the last one any of
-//! its rows can see (half the work under a causal mask). The backward recomputes the tile's
-//! probabilities from q and k instead of keeping them from the forward pass.
+//! backward. Queries are processed in tiles; a tile only reads the keys from the first to the last
+//! one any of its rows can see (half the work under a causal mask; under the block-diagonal mask
+//! of windows packed into one row, about the work of each window on its own). The backward
+//! recomputes the tile's probabilities from q and k instead of keeping them from the forward pass.
 //!
 //! q/k/v may be strided views (e.g. heads transposed out of [b, t, h, d]); only the last dim
 //! must be contiguous. The output is [b, t, h * d], the layout the output projection reads.
@@ -256,20 +257,20 @@ impl Dims {
     }
 }
 
-/// For each query row, how many leading keys it must read: one past its last visible key, or
-/// all keys when it sees none (a fully masked row softmaxes uniformly over all of them).
-fn key_extents(mask: &[f32], dims: &Dims) -> Vec<usize> {
+/// For each query row, the keys it must read: from its first visible key to one past its last,
+/// or all keys when it sees none (a fully masked row softmaxes uniformly over all of them).
+fn key_ranges(mask: &[f32], dims: &Dims) -> Vec<(usize, usize)> {
     let s = dims.s;
+    let visible = |m: &f32| *m > f32::MIN / 2.0;
     mask.chunks_exact(s.max(1))
-        .map(|row| {
-            row.iter()
-                .rposition(|&m| m > f32::MIN / 2.0)
-                .map_or(s, |j| j + 1)
+        .map(|row| match row.iter().position(visible) {
+            Some(lo) => (lo, row.iter().rposition(visible).map_or(s, |j| j + 1)),
+            None => (0, s),
         })
         .collect()
 }
 
-/// The probabilities of query rows [i0, i1) of head (bi, hi) over their first `ext` keys, into
+/// The probabilities of query rows [i0, i1) of head (bi, hi) over keys [lo, lo + ext), into
 /// `p` (row stride `ext`).
 #[allow(clippy::too_many_arguments)]
 fn tile_probs(
@@ -279,13 +280,13 @@ fn tile_probs(
     dims: &Dims,
     (bi, hi): (usize, usize),
     (i0, i1): (usize, usize),
-    ext: usize,
+    (lo, ext): (usize, usize),
     scale: f32,
     p: &mut [f32],
 ) {
     let rows = i1 - i0;
     let kv = hi / (dims.h / dims.kvh);
-    // SAFETY: q rows i0..i1 and k rows 0..ext exist; p holds rows * ext elements.
+    // SAFETY: q rows i0..i1 and k rows lo..lo+ext exist; p holds rows * ext elements.
     unsafe {
         matmul(
             (rows, ext, dims.d),
@@ -293,13 +294,13 @@ fn tile_probs(
             ext as isize,
             false,
             (q.mat(bi, hi).offset(i0 as isize * q.rs()), q.rs(), 1),
-            (k.mat(bi, kv), 1, k.rs()),
+            (k.mat(bi, kv).offset(lo as isize * k.rs()), 1, k.rs()),
             scale,
         );
     }
     let mrows = &mask[(bi % dims.mask_b) * dims.t * dims.s..];
     for (r, row) in p[..rows * ext].chunks_exact_mut(ext).enumerate() {
-        let mrow = &mrows[(i0 + r) * dims.s..][..ext];
+        let mrow = &mrows[(i0 + r) * dims.s + lo..][..ext];
         for (x, &m) in row.iter_mut().zip(mrow) {
             *x += m;
         }
@@ -311,15 +312,30 @@ fn tile_probs(
     }
 }
 
-/// Query tiles with the number of keys each reads.
-fn tiles(extents: &[usize], bi: usize, dims: &Dims) -> Vec<(usize, usize, usize)> {
-    let rows = &extents[(bi % dims.mask_b) * dims.t..][..dims.t];
+/// A tile of query rows [i0, i1) and the keys [lo, lo + ext) that it reads.
+#[derive(Clone, Copy)]
+struct Tile {
+    i0: usize,
+    i1: usize,
+    lo: usize,
+    ext: usize,
+}
+
+/// Query tiles with the keys each reads.
+fn tiles(ranges: &[(usize, usize)], bi: usize, dims: &Dims) -> Vec<Tile> {
+    let rows = &ranges[(bi % dims.mask_b) * dims.t..][..dims.t];
     (0..dims.t)
         .step_by(TILE)
         .map(|i0| {
             let i1 = (i0 + TILE).min(dims.t);
-            let ext = rows[i0..i1].iter().copied().max().unwrap_or(dims.s);
-            (i0, i1, ext)
+            let lo = rows[i0..i1].iter().map(|r| r.0).min().unwrap_or(0);
+            let hi = rows[i0..i1].iter().map(|r| r.1).max().unwrap_or(dims.s);
+            Tile {
+                i0,
+                i1,
+                lo,
+                ext: hi - lo,
+            }
         })
         .collect()
 }
@@ -352,14 +368,24 @@ fn forward_into(
     out: &mut [f32],
 ) {
     let Dims { b, h, t, d, .. } = *dims;
-    let extents = key_extents(mask, dims);
+    let ranges = key_ranges(mask, dims);
     let dst = OutPtr(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each(|task| {
         let (bi, hi) = (task / h, task % h);
         let kv = hi / (h / dims.kvh);
         let mut p = vec![0f32; TILE.min(t) * dims.s];
-        for (i0, i1, ext) in tiles(&extents, bi, dims) {
-            tile_probs(q, k, mask, dims, (bi, hi), (i0, i1), ext, scale, &mut p);
+        for Tile { i0, i1, lo, ext } in tiles(&ranges, bi, dims) {
+            tile_probs(
+                q,
+                k,
+                mask,
+                dims,
+                (bi, hi),
+                (i0, i1),
+                (lo, ext),
+                scale,
+                &mut p,
+            );
             // SAFETY: this task alone writes columns hi*d..(hi+1)*d of rows (bi, i0..i1).
             unsafe {
                 let o = dst.get().add((bi * t + i0) * h * d + hi * d);
@@ -369,7 +395,7 @@ fn forward_into(
                     (h * d) as isize,
                     false,
                     (p.as_ptr(), ext as isize, 1),
-                    (v.mat(bi, kv), v.rs(), 1),
+                    (v.mat(bi, kv).offset(lo as isize * v.rs()), v.rs(), 1),
                     1.0,
                 );
             }
@@ -414,16 +440,26 @@ fn backward_into(
         b, h, kvh, t, s, d, ..
     } = *dims;
     let rep = h / kvh;
-    let extents = key_extents(mask, dims);
+    let ranges = key_ranges(mask, dims);
     (0..b * kvh).into_par_iter().for_each(|task| {
         let (bi, kv) = (task / kvh, task % kvh);
         let mut p = vec![0f32; TILE.min(t) * s];
         let mut dp = vec![0f32; TILE.min(t) * s];
-        let tiles = tiles(&extents, bi, dims);
+        let tiles = tiles(&ranges, bi, dims);
         for hi in kv * rep..(kv + 1) * rep {
-            for &(i0, i1, ext) in &tiles {
+            for &Tile { i0, i1, lo, ext } in &tiles {
                 let rows = i1 - i0;
-                tile_probs(q, k, mask, dims, (bi, hi), (i0, i1), ext, scale, &mut p);
+                tile_probs(
+                    q,
+                    k,
+                    mask,
+                    dims,
+                    (bi, hi),
+                    (i0, i1),
+                    (lo, ext),
+                    scale,
+                    &mut p,
+                );
                 // SAFETY: g rows (bi, i0..i1) of head hi exist; this task alone writes dq of
                 // heads kv*rep.. (kv+1)*rep and dk, dv of head kv, for batch row bi.
                 unsafe {
@@ -432,7 +468,7 @@ fn backward_into(
                     // dv += p^T g
                     matmul(
                         (ext, d, rows),
-                        dv.row(bi, kv, 0),
+                        dv.row(bi, kv, lo),
                         dv.rs(),
                         true,
                         (p.as_ptr(), 1, ext as isize),
@@ -446,7 +482,7 @@ fn backward_into(
                         ext as isize,
                         false,
                         (g_tile, g_rs, 1),
-                        (v.mat(bi, kv), 1, v.rs()),
+                        (v.mat(bi, kv).offset(lo as isize * v.rs()), 1, v.rs()),
                         1.0,
                     );
                 }
@@ -469,13 +505,13 @@ fn backward_into(
                         dq.rs(),
                         false,
                         (dp.as_ptr(), ext as isize, 1),
-                        (k.mat(bi, kv), k.rs(), 1),
+                        (k.mat(bi, kv).offset(lo as isize * k.rs()), k.rs(), 1),
                         scale,
                     );
                     // dk += scale * ds^T q
                     matmul(
                         (ext, d, rows),
-                        dk.row(bi, kv, 0),
+                        dk.row(bi, kv, lo),
                         dk.rs(),
                         true,
                         (dp.as_ptr(), 1, ext as isize),
