@@ -1,6 +1,6 @@
 //! From character spans to tokens: encoding documents with char offsets, marking the tokens that
-//! overlap sensitive spans, choosing the BOS token, cutting training windows, and a small
-//! byte-level BPE trainer (used by tests and the demo).
+//! overlap sensitive spans, choosing the BOS token, cutting training windows, laying windows out
+//! in the rows of a batch, and a small byte-level BPE trainer (used by tests and the demo).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -484,21 +484,104 @@ pub fn make_windows(
     windows
 }
 
-/// Right-pads token rows to the longest with id 0: (ids row-major [b, t], per row which
-/// positions are real tokens, t).
-pub fn right_pad(rows: &[&[u32]]) -> (Vec<u32>, Vec<Vec<bool>>, usize) {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(rows.len() * t);
-    let mut valid = Vec::with_capacity(rows.len());
-    for row in rows {
-        let n = row.len();
-        ids.extend_from_slice(row);
-        ids.extend(std::iter::repeat_n(0u32, t - n));
-        let mut v = vec![true; n];
-        v.resize(t, false);
-        valid.push(v);
+/// Which sequences each row of a batch holds, back to back, and the rows' common width (the
+/// longest row; the others are right-padded to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLayout {
+    /// Per row, the indices of its sequences, in order.
+    pub rows: Vec<Vec<usize>>,
+    /// Per row, the lengths of those sequences.
+    pub segments: Vec<Vec<usize>>,
+    pub width: usize,
+}
+
+impl RowLayout {
+    fn new(rows: Vec<Vec<usize>>, lens: &[usize]) -> Self {
+        let segments: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| lens[i]).collect())
+            .collect();
+        let width = segments
+            .iter()
+            .map(|s| s.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        RowLayout {
+            rows,
+            segments,
+            width,
+        }
     }
-    (ids, valid, t)
+
+    /// One sequence to a row.
+    pub fn one_each(lens: &[usize]) -> Self {
+        Self::new((0..lens.len()).map(|i| vec![i]).collect(), lens)
+    }
+
+    /// Two sequences to a row, the longest with the shortest, the next longest with the next
+    /// shortest, and so on, when that leaves less padding than one to a row (it does unless
+    /// they are all about as long): rows of similar length whatever sequences were drawn.
+    pub fn in_pairs(lens: &[usize]) -> Self {
+        let mut by_len: Vec<usize> = (0..lens.len()).collect();
+        by_len.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+        let n = by_len.len();
+        let pairs = Self::new(
+            (0..n.div_ceil(2))
+                .map(|k| match n - 1 - k {
+                    j if j > k => vec![by_len[k], by_len[j]],
+                    _ => vec![by_len[k]],
+                })
+                .collect(),
+            lens,
+        );
+        let one_each = Self::one_each(lens);
+        match pairs.padded_len() < one_each.padded_len() {
+            true => pairs,
+            false => one_each,
+        }
+    }
+
+    /// [`RowLayout::in_pairs`] where attention reads only the keys a query can see (the fused
+    /// CPU kernel), so a row of two costs what two rows do; one to a row elsewhere, where
+    /// attention computes every score of a row.
+    pub fn cheapest_on(lens: &[usize], cpu: bool) -> Self {
+        match cpu {
+            true => Self::in_pairs(lens),
+            false => Self::one_each(lens),
+        }
+    }
+
+    /// Positions the rows take, padding included.
+    pub fn padded_len(&self) -> usize {
+        self.rows.len() * self.width
+    }
+
+    /// The ids of `seqs` laid out in rows, each row right-padded with 0 to the width.
+    pub fn ids(&self, seqs: &[&[u32]]) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(self.padded_len());
+        for row in &self.rows {
+            let start = ids.len();
+            for &i in row {
+                ids.extend_from_slice(seqs[i]);
+            }
+            ids.resize(start + self.width, 0);
+        }
+        ids
+    }
+
+    /// For each sequence, its row and the position of its first token in that row.
+    pub fn places(&self) -> Vec<(usize, usize)> {
+        let n = self.rows.iter().map(Vec::len).sum();
+        let mut places = vec![(0, 0); n];
+        for (r, (row, lens)) in self.rows.iter().zip(&self.segments).enumerate() {
+            let mut at = 0;
+            for (&i, &len) in row.iter().zip(lens) {
+                places[i] = (r, at);
+                at += len;
+            }
+        }
+        places
+    }
 }
 
 /// Name used by [`masked_token_counts`] for sensitive positions whose label is not in the list.
@@ -577,6 +660,27 @@ pub fn train_test_tokenizer(texts: &[&str], vocab: usize) -> Tokenizer {
 mod tests {
     use super::*;
     use crate::data::spans::{merge_spans, Span};
+
+    #[test]
+    fn pairs_are_the_longest_with_the_shortest_unless_that_saves_no_padding() {
+        let rows = |lens: &[usize]| RowLayout::in_pairs(lens).rows;
+        assert_eq!(
+            rows(&[5, 30, 10, 20, 25]),
+            vec![vec![1, 0], vec![4, 2], vec![3]]
+        );
+        assert_eq!(rows(&[8, 9, 2, 3]), vec![vec![1, 2], vec![0, 3]]);
+        // Equal lengths: pairs would pad nothing less, so one to a row.
+        assert_eq!(rows(&[6, 6, 6]), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(rows(&[4]), vec![vec![0]]);
+        assert!(rows(&[]).is_empty());
+        let layout = RowLayout::in_pairs(&[2, 3, 1]);
+        assert_eq!(layout.segments, vec![vec![3, 1], vec![2]]);
+        assert_eq!(layout.width, 4);
+        assert_eq!(layout.places(), vec![(1, 0), (0, 0), (0, 3)]);
+        let seqs: [&[u32]; 3] = [&[7, 8], &[1, 2, 3], &[9]];
+        assert_eq!(layout.ids(&seqs), vec![1, 2, 3, 9, 7, 8, 0, 0]);
+        assert_eq!(RowLayout::cheapest_on(&[2, 3, 1], false).rows.len(), 3);
+    }
 
     #[test]
     fn long_texts_encode_in_pieces_exactly_like_whole() {

@@ -578,18 +578,21 @@ fn continuation_log_probs(
             })
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let (ids, valid, t) = tokens::right_pad(&refs);
-        let input = Tensor::from_vec(ids, (chunk.len(), t), dev)?;
-        let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
+        let lens: Vec<usize> = refs.iter().map(|s| s.len()).collect();
+        let layout = tokens::RowLayout::cheapest_on(&lens, dev.is_cpu());
+        let t = layout.width;
+        let input = Tensor::from_vec(layout.ids(&refs), (layout.rows.len(), t), dev)?;
+        let ctx = AttnContext::for_segments(&layout.segments, t, model.sliding_window(), dev)?;
         let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
-        for (r, ((prompt, _), seq)) in chunk.iter().zip(&seqs).enumerate() {
+        let places = layout.places();
+        for (((prompt, _), seq), &(r, at)) in chunk.iter().zip(&seqs).zip(&places) {
             let n = seq.len().saturating_sub(prompt.len());
             if n == 0 || prompt.is_empty() {
                 out.push(0.0);
                 continue;
             }
             // Logits only where a continuation token is predicted.
-            let hid = h.narrow(0, r, 1)?.narrow(1, prompt.len() - 1, n)?;
+            let hid = h.narrow(0, r, 1)?.narrow(1, at + prompt.len() - 1, n)?;
             let logits = model.logits(&hid)?.squeeze(0)?.to_dtype(DType::F32)?;
             let targets = Tensor::from_slice(&seq[prompt.len()..], n, dev)?;
             let nll = crate::nn::ops::token_nll(&logits, &targets)?.to_vec1::<f32>()?;

@@ -131,22 +131,24 @@ pub fn perplexity_parts(
         .chunks(batch.max(1))
         .zip(sums.chunks_mut(batch.max(1)))
     {
-        let rows: Vec<&[u32]> = chunk.iter().map(|w| w.ids.as_slice()).collect();
-        let (ids, valid, t) = tokens::right_pad(&rows);
-        if t < 2 {
+        let seqs: Vec<&[u32]> = chunk.iter().map(|w| w.ids.as_slice()).collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let layout = tokens::RowLayout::cheapest_on(&lens, dev.is_cpu());
+        let t = layout.width;
+        if lens.iter().all(|&n| n < 2) {
             continue;
         }
-        let b = chunk.len();
-        let input = Tensor::from_vec(ids, (b, t), dev)?;
-        let ctx = AttnContext::for_training(&valid, model.sliding_window(), dev)?;
+        let input = Tensor::from_vec(layout.ids(&seqs), (layout.rows.len(), t), dev)?;
+        let ctx = AttnContext::for_segments(&layout.segments, t, model.sliding_window(), dev)?;
         let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
         // Logits in slices of positions, so [t, vocab] never exists for a long window.
-        for (r, (w, ws)) in chunk.iter().zip(chunk_sums.iter_mut()).enumerate() {
+        let places = layout.places();
+        for ((w, ws), &(r, at)) in chunk.iter().zip(chunk_sums.iter_mut()).zip(&places) {
             let n = w.ids.len();
             let mut p0 = 0;
             while p0 + 1 < n {
                 let len = LOGIT_SLICE.min(n - 1 - p0);
-                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, p0, len)?)?;
+                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, at + p0, len)?)?;
                 let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
                 let tg = Tensor::from_slice(&w.ids[p0 + 1..p0 + 1 + len], len, dev)?;
                 let nll = crate::nn::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;

@@ -6,6 +6,7 @@
 //! Blocks before `first_block` are frozen; their output can be given as a precomputed prefix
 //! (see [`frozen_prefix`]) so that only the trained blocks run.
 
+use crate::data::tokens::RowLayout;
 use crate::model::{AttnContext, Model};
 use anyhow::Result;
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
@@ -37,10 +38,8 @@ pub struct Origin {
 /// nothing, even where another example follows it in the row).
 pub struct Batch {
     pub ids: Tensor,
-    /// Per row, the indices (into the examples the batch was made of) that it holds, in order.
-    pub rows: Vec<Vec<usize>>,
-    /// Per row, the lengths of those examples.
-    pub segments: Vec<Vec<usize>>,
+    /// Which examples (indices into those the batch was made of) each row holds.
+    pub layout: RowLayout,
     train_w: Tensor,
     /// `train_w` on the host.
     train_weights: Vec<f32>,
@@ -53,84 +52,40 @@ pub struct Batch {
     pub n_tokens: usize,
 }
 
-/// Two examples to a row, the longest with the shortest, the next longest with the next
-/// shortest, and so on, when that leaves less padding than one example to a row (it does unless
-/// they are all about as long): rows of similar length whatever examples the batch drew.
-pub fn rows_in_pairs(lens: &[usize]) -> Vec<Vec<usize>> {
-    let one_each: Vec<Vec<usize>> = (0..lens.len()).map(|i| vec![i]).collect();
-    let mut by_len: Vec<usize> = (0..lens.len()).collect();
-    by_len.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
-    let n = by_len.len();
-    let pairs: Vec<Vec<usize>> = (0..n.div_ceil(2))
-        .map(|k| match n - 1 - k {
-            j if j > k => vec![by_len[k], by_len[j]],
-            _ => vec![by_len[k]],
-        })
-        .collect();
-    let padded = |rows: &[Vec<usize>]| {
-        let width = rows
-            .iter()
-            .map(|r| r.iter().map(|&i| lens[i]).sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        rows.len() * width
-    };
-    match padded(&pairs) < padded(&one_each) {
-        true => pairs,
-        false => one_each,
-    }
-}
-
 impl Batch {
     /// One example to a row.
     pub fn new(examples: &[&Example], device: &Device) -> Result<Batch> {
-        let rows: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
-        Self::with_rows(examples, rows, device)
-    }
-
-    /// The layout that costs least on `device`: on the CPU, where the fused attention reads only
-    /// the keys a query can see, examples are packed in pairs ([`rows_in_pairs`]); elsewhere
-    /// attention computes every score of a row, so each example keeps a row of its own.
-    pub fn for_device(examples: &[&Example], device: &Device) -> Result<Batch> {
-        if !device.is_cpu() {
-            return Self::new(examples, device);
-        }
         let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-        Self::with_rows(examples, rows_in_pairs(&lens), device)
+        Self::with_layout(examples, RowLayout::one_each(&lens), device)
     }
 
-    /// The examples laid out as `rows` say (each index exactly once).
-    pub fn with_rows(
-        examples: &[&Example],
-        rows: Vec<Vec<usize>>,
-        device: &Device,
-    ) -> Result<Batch> {
-        let segments: Vec<Vec<usize>> = rows
-            .iter()
-            .map(|r| r.iter().map(|&i| examples[i].ids.len()).collect())
-            .collect();
-        let t = segments
-            .iter()
-            .map(|s| s.iter().sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        let b = rows.len();
-        let mut ids = Vec::with_capacity(b * t);
+    /// The layout that costs least on `device` ([`RowLayout::cheapest_on`]).
+    pub fn for_device(examples: &[&Example], device: &Device) -> Result<Batch> {
+        let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        Self::with_layout(
+            examples,
+            RowLayout::cheapest_on(&lens, device.is_cpu()),
+            device,
+        )
+    }
+
+    /// The examples laid out as `layout` says (each index exactly once).
+    pub fn with_layout(examples: &[&Example], layout: RowLayout, device: &Device) -> Result<Batch> {
+        let (b, t) = (layout.rows.len(), layout.width);
+        let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
+        let ids = layout.ids(&seqs);
         let mut train_w = Vec::with_capacity(b * (t - 1));
         let mut sens_w = Vec::with_capacity(b * (t - 1));
         let mut forget = Vec::with_capacity(b * (t - 1));
-        let (mut n_train, mut n_sens, mut n_tokens, mut n_forget) = (0, 0, 0, 0);
-        for row in &rows {
-            let start = ids.len();
+        let (mut n_train, mut n_sens, mut n_forget) = (0, 0, 0);
+        let n_tokens = seqs.iter().map(|s| s.len()).sum();
+        for row in &layout.rows {
             // Per position of the row: the example and the index in it (None: padding).
             let mut at: Vec<Option<(&Example, usize)>> = Vec::with_capacity(t);
             for &i in row {
                 let e = examples[i];
-                n_tokens += e.ids.len();
-                ids.extend_from_slice(&e.ids);
                 at.extend((0..e.ids.len()).map(|j| Some((e, j))));
             }
-            ids.resize(start + t, 0);
             at.resize(t, None);
             // Target i is token j of an example whose token j - 1 is at position i - 1.
             for slot in &at[1..] {
@@ -152,8 +107,7 @@ impl Batch {
         }
         Ok(Batch {
             ids: Tensor::from_vec(ids, (b, t), device)?,
-            rows,
-            segments,
+            layout,
             train_w: Tensor::from_vec(train_w.clone(), b * (t - 1), device)?,
             train_weights: train_w,
             sens_w: Tensor::from_vec(sens_w, b * (t - 1), device)?,
@@ -168,8 +122,8 @@ impl Batch {
     /// The attention context of this layout (see [`AttnContext::for_segments`]).
     pub fn attention_context(&self, model: &Model) -> Result<AttnContext> {
         AttnContext::for_segments(
-            &self.segments,
-            self.ids.dim(1)?,
+            &self.layout.segments,
+            self.layout.width,
             model.sliding_window(),
             &model.device,
         )
@@ -461,8 +415,9 @@ pub fn frozen_prefix(
 /// right-padded with zeros to its width, and stacked; `prefix[i]` belongs to the batch's
 /// example i.
 pub fn stack_prefix(prefix: &[&Tensor], batch: &Batch) -> Result<Tensor> {
-    let t = batch.ids.dim(1)?;
+    let t = batch.layout.width;
     let rows = batch
+        .layout
         .rows
         .iter()
         .map(|row| {
@@ -713,7 +668,7 @@ mod tests {
             let refs: Vec<&Example> = examples.iter().collect();
             let one_each = Batch::new(&refs, &Device::Cpu).unwrap();
             let packed = Batch::for_device(&refs, &Device::Cpu).unwrap();
-            assert_eq!(packed.rows, vec![vec![4, 0], vec![1, 2], vec![3]]);
+            assert_eq!(packed.layout.rows, vec![vec![4, 0], vec![1, 2], vec![3]]);
             assert_eq!(packed.ids.dims2().unwrap(), (3, 27));
             assert_eq!(
                 (
@@ -768,18 +723,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn pairs_are_the_longest_with_the_shortest_unless_that_saves_no_padding() {
-        assert_eq!(
-            rows_in_pairs(&[5, 30, 10, 20, 25]),
-            vec![vec![1, 0], vec![4, 2], vec![3]]
-        );
-        assert_eq!(rows_in_pairs(&[8, 9, 2, 3]), vec![vec![1, 2], vec![0, 3]]);
-        // Equal lengths: pairs would pad nothing less, so one to a row.
-        assert_eq!(rows_in_pairs(&[6, 6, 6]), vec![vec![0], vec![1], vec![2]]);
-        assert_eq!(rows_in_pairs(&[4]), vec![vec![0]]);
-        assert!(rows_in_pairs(&[]).is_empty());
     }
 }
