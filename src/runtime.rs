@@ -36,8 +36,9 @@ pub fn keep_freed_memory() {
 pub fn on_worker_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
-/// With `SANI_TRACE_RSS` set, prints the resident and peak memory after `what` to stderr (for
-/// memory work: where in a run the peak is reached).
+/// With `SANI_TRACE_RSS` set, prints the seconds since the first trace and the resident, peak,
+/// anonymous and file-backed memory after `what` to stderr (for memory work: where in a run the
+/// peak is reached, and whether mapped files count in it).
 pub fn trace_rss(what: &str) {
     if std::env::var_os("SANI_TRACE_RSS").is_none() {
         return;
@@ -56,9 +57,19 @@ pub fn trace_rss(what: &str) {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_secs_f64();
+    // Minor page faults so far: field 10 of /proc/self/stat, counted after the command name.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let faults = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .unwrap_or("?")
+        .to_string();
     eprintln!(
-        "[rss {t:7.2} s] {what}: {:.0} MB (peak {:.0})",
+        "[rss {t:7.2} s] {what}: {:.0} MB (peak {:.0}; anonymous {:.0}, file-backed {:.0}; \
+         {faults} page faults)",
         get("VmRSS:"),
-        get("VmHWM:")
+        get("VmHWM:"),
+        get("RssAnon:"),
+        get("RssFile:")
     );
 }

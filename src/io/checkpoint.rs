@@ -898,34 +898,46 @@ fn copy_mode(like: Option<&Path>, path: &Path) -> Result<()> {
 /// Ok when every value of a float tensor (raw little-endian bytes of `dtype`) is finite, else a
 /// description of the first non-finite one and their count. Reads the exponent bits only.
 pub fn check_finite(dtype: StDtype, bytes: &[u8]) -> std::result::Result<(), String> {
-    let (width, exp_mask, mant_mask): (usize, u64, u64) = match dtype {
-        StDtype::F16 => (2, 0x7c00, 0x03ff),
-        StDtype::BF16 => (2, 0x7f80, 0x007f),
-        StDtype::F32 => (4, 0x7f80_0000, 0x007f_ffff),
-        StDtype::F64 => (8, 0x7ff0_0000_0000_0000, 0x000f_ffff_ffff_ffff),
-        _ => return Ok(()),
-    };
-    let mut first = None;
-    let mut count = 0usize;
-    for (i, chunk) in bytes.chunks_exact(width).enumerate() {
+    match dtype {
+        StDtype::F16 => non_finite::<2>(bytes, 0x7c00, 0x03ff),
+        StDtype::BF16 => non_finite::<2>(bytes, 0x7f80, 0x007f),
+        StDtype::F32 => non_finite::<4>(bytes, 0x7f80_0000, 0x007f_ffff),
+        StDtype::F64 => non_finite::<8>(bytes, 0x7ff0_0000_0000_0000, 0x000f_ffff_ffff_ffff),
+        _ => Ok(()),
+    }
+}
+
+/// [`check_finite`] for little-endian floats of `W` bytes: a value is not finite when all its
+/// exponent bits are set (an Inf when its mantissa is 0). The count is one branch-free pass
+/// (the width is a constant, so it vectorizes); the first is looked for only when there is one.
+fn non_finite<const W: usize>(
+    bytes: &[u8],
+    exp_mask: u64,
+    mant_mask: u64,
+) -> std::result::Result<(), String> {
+    let bits = |chunk: &[u8]| {
         let mut buf = [0u8; 8];
-        buf[..width].copy_from_slice(chunk);
-        let bits = u64::from_le_bytes(buf);
-        if bits & exp_mask == exp_mask {
-            count += 1;
-            if first.is_none() {
-                let kind = if bits & mant_mask == 0 { "Inf" } else { "NaN" };
-                first = Some((i, kind));
-            }
-        }
+        buf[..W].copy_from_slice(chunk);
+        u64::from_le_bytes(buf)
+    };
+    let count = bytes
+        .chunks_exact(W)
+        .map(|c| (bits(c) & exp_mask == exp_mask) as usize)
+        .sum::<usize>();
+    if count == 0 {
+        return Ok(());
     }
-    match first {
-        None => Ok(()),
-        Some((i, kind)) => Err(format!(
-            "{count} non-finite value{} (the first, element {i}, is {kind})",
-            if count == 1 { "" } else { "s" }
-        )),
-    }
+    let (i, first) = bytes
+        .chunks_exact(W)
+        .map(bits)
+        .enumerate()
+        .find(|(_, b)| b & exp_mask == exp_mask)
+        .expect("counted above");
+    let kind = if first & mant_mask == 0 { "Inf" } else { "NaN" };
+    Err(format!(
+        "{count} non-finite value{} (the first, element {i}, is {kind})",
+        if count == 1 { "" } else { "s" }
+    ))
 }
 
 /// Weight formats that must not be copied beside rewritten safetensors (they would be stale).
@@ -962,4 +974,36 @@ pub fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
             .with_context(|| format!("{}: cannot copy to {}", path.display(), dst.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_counted_and_the_first_named_in_every_float_dtype() {
+        // The bytes the writer stores for `xs` in `dtype`.
+        let bytes_in = |dtype: StDtype, xs: &[f32]| {
+            let t = Tensor::new(xs, &Device::Cpu).unwrap();
+            let t = t.to_dtype(candle_dtype(dtype).unwrap()).unwrap();
+            View::data(&t).into_owned()
+        };
+        for dtype in [StDtype::F16, StDtype::BF16, StDtype::F32, StDtype::F64] {
+            let bytes = |xs: &[f32]| bytes_in(dtype, xs);
+            let finite = [0.0, -1.5, 6e4, -0.0, 1e-3];
+            assert_eq!(check_finite(dtype, &bytes(&finite)), Ok(()), "{dtype:?}");
+            let bad = [1.0, f32::INFINITY, 2.0, f32::NAN, f32::NEG_INFINITY];
+            assert_eq!(
+                check_finite(dtype, &bytes(&bad)),
+                Err("3 non-finite values (the first, element 1, is Inf)".into()),
+                "{dtype:?}"
+            );
+            assert_eq!(
+                check_finite(dtype, &bytes(&[0.5, f32::NAN])),
+                Err("1 non-finite value (the first, element 1, is NaN)".into()),
+                "{dtype:?}"
+            );
+        }
+        assert_eq!(check_finite(StDtype::I64, &[0xff; 16]), Ok(()));
+    }
 }
