@@ -579,7 +579,9 @@ fn continuation_log_probs(
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let lens: Vec<usize> = refs.iter().map(|s| s.len()).collect();
-        let layout = tokens::RowLayout::cheapest_on(&lens, dev.is_cpu());
+        // One to a row, never packed: a sequence's figures must not depend on which others
+        // share its batch, so that shards merge to exactly the unsharded figures.
+        let layout = tokens::RowLayout::one_each(&lens);
         let t = layout.width;
         let input = Tensor::from_vec(layout.ids(&refs), (layout.rows.len(), t), dev)?;
         let ctx = AttnContext::for_segments(&layout.segments, t, model.sliding_window(), dev)?;

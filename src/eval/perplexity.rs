@@ -133,7 +133,9 @@ pub fn perplexity_parts(
     {
         let seqs: Vec<&[u32]> = chunk.iter().map(|w| w.ids.as_slice()).collect();
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let layout = tokens::RowLayout::cheapest_on(&lens, dev.is_cpu());
+        // One to a row, never packed: a sequence's figures must not depend on which others
+        // share its batch, so that shards merge to exactly the unsharded figures.
+        let layout = tokens::RowLayout::one_each(&lens);
         let t = layout.width;
         if lens.iter().all(|&n| n < 2) {
             continue;
