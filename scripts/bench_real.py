@@ -17,6 +17,11 @@ WORK/notes/heldout.jsonl (perplexity of non-sensitive tokens, against the input 
 memorized model: `cargo bench --bench eval_throughput` writes the prompts, bench_hf_generate.py
 decodes the same ones.
 
+--baseline BIN [--rounds N] times another build's default sanitize against this build's, one
+after the other, N rounds (wall and peak of each run, and the ratio of the summed walls): the
+issue-time default is the build of c43e7f3 (`git worktree add /tmp/issue14-base c43e7f3`, then
+`cargo build --release` there; it has no --doc-separator, so it runs with its own framing).
+
 Variants run one at a time (the numbers mean nothing if two heavy jobs share the 2 cores).
 """
 import argparse
@@ -88,7 +93,11 @@ def main():
                     help="NAME=FLAGS: one more variant, e.g. 'lora3=--adapter lora --epochs 3'")
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--eval-bench", action="store_true")
+    ap.add_argument("--baseline", help="another build's sani binary: its default against this one's")
+    ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
+    if a.baseline:
+        return against_baseline(a)
     model = os.path.join(a.work, "memorized")
     notes = os.path.join(a.work, "notes")
     outs = os.path.join(a.work, "out")
@@ -146,6 +155,29 @@ def main():
         print(out[-1500:])
         print(f"\neval (load + generation, {a.threads} threads): sani {sani_wall:.1f} s / {sani_rss:.0f} MB, "
               f"HF generate {hf_wall:.1f} s / {hf_rss:.0f} MB: {hf_wall / sani_wall:.2f}x")
+
+
+def against_baseline(a):
+    """The default sanitize of `a.baseline` and of this build, alternately, `a.rounds` rounds."""
+    model = os.path.join(a.work, "memorized")
+    notes = os.path.join(a.work, "notes", "notes.jsonl")
+    runs = {"baseline": [], "this build": []}
+    for r in range(a.rounds):
+        for name, binary, framing in [("baseline", a.baseline, []), ("this build", SANI, SEP)]:
+            out = os.path.join(a.work, "out", f"vs-{name.replace(' ', '-')}")
+            cmd = [binary, "sanitize", "--model", model, "--sensitive", notes, "--out", out, "--force",
+                   "--quiet", "--threads", str(a.threads), *framing]
+            _, _, wall, rss, _ = check(measured(cmd), cmd)
+            runs[name].append((wall, rss))
+            print(f"round {r + 1}, {name}: {wall:.1f} s, {rss:.0f} MB", flush=True)
+    print("\n| build | walls s | peak RSS MB |")
+    print("|---|---|---|")
+    for name, rs in runs.items():
+        print(f"| {name} | {', '.join(f'{w:.1f}' for w, _ in rs)} | {max(m for _, m in rs):.0f} |")
+    (bw, bm), (nw, nm) = [(sum(w for w, _ in rs), max(m for _, m in rs)) for rs in runs.values()]
+    ratios = [n[0] / b[0] for b, n in zip(runs["baseline"], runs["this build"])]
+    print(f"\nthis build vs baseline: {nw / bw:.2f}x time (summed walls; per round "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}), {nm / bm:.2f}x peak memory")
 
 
 if __name__ == "__main__":
