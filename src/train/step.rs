@@ -450,6 +450,31 @@ mod tests {
             .unwrap()
     }
 
+    /// Asserts that two runs of a step give the same losses (to 1e-4) and gradients (to 1e-5).
+    fn assert_same_step(what: &str, model: &Model, x: StepOutput, y: StepOutput) {
+        assert!(
+            (x.train_nll - y.train_nll).abs() < 1e-4 * x.train_nll.abs(),
+            "{what}: {} vs {}",
+            x.train_nll,
+            y.train_nll
+        );
+        assert!((x.sensitive_nll - y.sensitive_nll).abs() < 1e-4 * x.sensitive_nll.abs());
+        let (gx, gy) = (x.grads.unwrap(), y.grads.unwrap());
+        let mut compared = 0;
+        for (var_name, v) in model.trainable_vars() {
+            match (gx.get(v), gy.get(v)) {
+                (Some(p), Some(q)) => {
+                    let d = max_diff(p, q);
+                    assert!(d < 1e-5, "{what} {var_name}: {d:e}");
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{what} {var_name}: gradient in one only"),
+            }
+        }
+        assert!(compared > 4, "{what}: {compared}");
+    }
+
     #[test]
     fn checkpointing_gives_the_same_loss_and_gradients() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -487,22 +512,7 @@ mod tests {
                 let batches = [(&a, None), (&b, None)];
                 let x = plain.run(&batches).unwrap();
                 let y = ckpt_step.run(&batches).unwrap();
-                assert!((x.train_nll - y.train_nll).abs() < 1e-4 * x.train_nll.abs());
-                assert!((x.sensitive_nll - y.sensitive_nll).abs() < 1e-4 * x.sensitive_nll.abs());
-                let (gx, gy) = (x.grads.unwrap(), y.grads.unwrap());
-                let mut compared = 0;
-                for (var_name, v) in model.trainable_vars() {
-                    match (gx.get(v), gy.get(v)) {
-                        (Some(p), Some(q)) => {
-                            let d = max_diff(p, q);
-                            assert!(d < 1e-5, "{name} first {first} {var_name}: {d:e}");
-                            compared += 1;
-                        }
-                        (None, None) => {}
-                        _ => panic!("{name} first {first} {var_name}: gradient in one only"),
-                    }
-                }
-                assert!(compared > 4, "{name}: {compared}");
+                assert_same_step(&format!("{name} first {first}"), &model, x, y);
             }
         }
     }
@@ -699,27 +709,7 @@ mod tests {
                     let x = step.run(&[(&one_each, prefix(&one_each))]).unwrap();
                     let y = step.run(&[(&packed, prefix(&packed))]).unwrap();
                     let what = format!("{name} first {first} checkpoint {checkpoint}");
-                    assert!(
-                        (x.train_nll - y.train_nll).abs() < 1e-4 * x.train_nll.abs(),
-                        "{what}: {} vs {}",
-                        x.train_nll,
-                        y.train_nll
-                    );
-                    assert!((x.sensitive_nll - y.sensitive_nll).abs() < 1e-4 * x.sensitive_nll);
-                    let (gx, gy) = (x.grads.unwrap(), y.grads.unwrap());
-                    let mut compared = 0;
-                    for (var_name, v) in model.trainable_vars() {
-                        match (gx.get(v), gy.get(v)) {
-                            (Some(p), Some(q)) => {
-                                let d = max_diff(p, q);
-                                assert!(d < 1e-5, "{what} {var_name}: {d:e}");
-                                compared += 1;
-                            }
-                            (None, None) => {}
-                            _ => panic!("{what} {var_name}: gradient in one only"),
-                        }
-                    }
-                    assert!(compared > 4, "{what}: {compared}");
+                    assert_same_step(&what, &model, x, y);
                 }
             }
         }

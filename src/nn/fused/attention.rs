@@ -270,8 +270,8 @@ fn key_ranges(mask: &[f32], dims: &Dims) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The probabilities of query rows [i0, i1) of head (bi, hi) over keys [lo, lo + ext), into
-/// `p` (row stride `ext`).
+/// The probabilities of the tile's query rows [i0, i1) of head (bi, hi) over its keys
+/// [lo, lo + ext), into `p` (row stride `ext`).
 #[allow(clippy::too_many_arguments)]
 fn tile_probs(
     q: &View4,
@@ -279,8 +279,7 @@ fn tile_probs(
     mask: &[f32],
     dims: &Dims,
     (bi, hi): (usize, usize),
-    (i0, i1): (usize, usize),
-    (lo, ext): (usize, usize),
+    Tile { i0, i1, lo, ext }: Tile,
     scale: f32,
     p: &mut [f32],
 ) {
@@ -374,18 +373,9 @@ fn forward_into(
         let (bi, hi) = (task / h, task % h);
         let kv = hi / (h / dims.kvh);
         let mut p = vec![0f32; TILE.min(t) * dims.s];
-        for Tile { i0, i1, lo, ext } in tiles(&ranges, bi, dims) {
-            tile_probs(
-                q,
-                k,
-                mask,
-                dims,
-                (bi, hi),
-                (i0, i1),
-                (lo, ext),
-                scale,
-                &mut p,
-            );
+        for tile in tiles(&ranges, bi, dims) {
+            let Tile { i0, i1, lo, ext } = tile;
+            tile_probs(q, k, mask, dims, (bi, hi), tile, scale, &mut p);
             // SAFETY: this task alone writes columns hi*d..(hi+1)*d of rows (bi, i0..i1).
             unsafe {
                 let o = dst.get().add((bi * t + i0) * h * d + hi * d);
@@ -447,19 +437,10 @@ fn backward_into(
         let mut dp = vec![0f32; TILE.min(t) * s];
         let tiles = tiles(&ranges, bi, dims);
         for hi in kv * rep..(kv + 1) * rep {
-            for &Tile { i0, i1, lo, ext } in &tiles {
+            for &tile in &tiles {
+                let Tile { i0, i1, lo, ext } = tile;
                 let rows = i1 - i0;
-                tile_probs(
-                    q,
-                    k,
-                    mask,
-                    dims,
-                    (bi, hi),
-                    (i0, i1),
-                    (lo, ext),
-                    scale,
-                    &mut p,
-                );
+                tile_probs(q, k, mask, dims, (bi, hi), tile, scale, &mut p);
                 // SAFETY: g rows (bi, i0..i1) of head hi exist; this task alone writes dq of
                 // heads kv*rep.. (kv+1)*rep and dk, dv of head kv, for batch row bi.
                 unsafe {
