@@ -398,6 +398,7 @@ pub fn sanitize_in_memory(
         erased_tensors =
             erase::reset_units(ckpt, &probe, &units, cfg.reset, base.as_ref(), cfg.seed)?;
     }
+    crate::runtime::trace_rss("erased");
     timings.push(PhaseTiming::new("erase", t0, 0));
 
     // Repair.

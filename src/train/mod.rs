@@ -247,6 +247,7 @@ pub fn fit_keeping_adapters(
         }
         Some(lora) => Model::load_to_train(ckpt, &|_| false, Some(lora))?,
     };
+    crate::runtime::trace_rss("model loaded to train");
     let loop_cfg = LoopConfig {
         epochs: cfg.epochs,
         batch_size: cfg.batch_size,
