@@ -568,20 +568,6 @@ impl RowLayout {
         }
         ids
     }
-
-    /// For each sequence, its row and the position of its first token in that row.
-    pub fn places(&self) -> Vec<(usize, usize)> {
-        let n = self.rows.iter().map(Vec::len).sum();
-        let mut places = vec![(0, 0); n];
-        for (r, (row, lens)) in self.rows.iter().zip(&self.segments).enumerate() {
-            let mut at = 0;
-            for (&i, &len) in row.iter().zip(lens) {
-                places[i] = (r, at);
-                at += len;
-            }
-        }
-        places
-    }
 }
 
 /// Name used by [`masked_token_counts`] for sensitive positions whose label is not in the list.
@@ -676,7 +662,6 @@ mod tests {
         let layout = RowLayout::in_pairs(&[2, 3, 1]);
         assert_eq!(layout.segments, vec![vec![3, 1], vec![2]]);
         assert_eq!(layout.width, 4);
-        assert_eq!(layout.places(), vec![(1, 0), (0, 0), (0, 3)]);
         let seqs: [&[u32]; 3] = [&[7, 8], &[1, 2, 3], &[9]];
         assert_eq!(layout.ids(&seqs), vec![1, 2, 3, 9, 7, 8, 0, 0]);
         assert_eq!(RowLayout::cheapest_on(&[2, 3, 1], false).rows.len(), 3);

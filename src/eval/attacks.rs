@@ -586,15 +586,14 @@ fn continuation_log_probs(
         let input = Tensor::from_vec(layout.ids(&refs), (layout.rows.len(), t), dev)?;
         let ctx = AttnContext::for_segments(&layout.segments, t, model.sliding_window(), dev)?;
         let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
-        let places = layout.places();
-        for (((prompt, _), seq), &(r, at)) in chunk.iter().zip(&seqs).zip(&places) {
+        for (r, ((prompt, _), seq)) in chunk.iter().zip(&seqs).enumerate() {
             let n = seq.len().saturating_sub(prompt.len());
             if n == 0 || prompt.is_empty() {
                 out.push(0.0);
                 continue;
             }
             // Logits only where a continuation token is predicted.
-            let hid = h.narrow(0, r, 1)?.narrow(1, at + prompt.len() - 1, n)?;
+            let hid = h.narrow(0, r, 1)?.narrow(1, prompt.len() - 1, n)?;
             let logits = model.logits(&hid)?.squeeze(0)?.to_dtype(DType::F32)?;
             let targets = Tensor::from_slice(&seq[prompt.len()..], n, dev)?;
             let nll = crate::nn::ops::token_nll(&logits, &targets)?.to_vec1::<f32>()?;

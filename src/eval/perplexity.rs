@@ -144,13 +144,12 @@ pub fn perplexity_parts(
         let ctx = AttnContext::for_segments(&layout.segments, t, model.sliding_window(), dev)?;
         let h = model.hidden_before(model.num_layers(), &input, &ctx)?;
         // Logits in slices of positions, so [t, vocab] never exists for a long window.
-        let places = layout.places();
-        for ((w, ws), &(r, at)) in chunk.iter().zip(chunk_sums.iter_mut()).zip(&places) {
+        for (r, (w, ws)) in chunk.iter().zip(chunk_sums.iter_mut()).enumerate() {
             let n = w.ids.len();
             let mut p0 = 0;
             while p0 + 1 < n {
                 let len = LOGIT_SLICE.min(n - 1 - p0);
-                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, at + p0, len)?)?;
+                let logits = model.logits(&h.narrow(0, r, 1)?.narrow(1, p0, len)?)?;
                 let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
                 let tg = Tensor::from_slice(&w.ids[p0 + 1..p0 + 1 + len], len, dev)?;
                 let nll = crate::nn::ops::token_nll(&logits, &tg)?.to_vec1::<f32>()?;
