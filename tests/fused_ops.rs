@@ -503,6 +503,59 @@ fn silu_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn swiglu_matches_composed_and_finite_differences() {
+    let mut r = rng(18);
+    for shape in [&[3usize, 7][..], &[2, 5, 33], &[4, 10000]] {
+        let n: usize = shape.iter().product();
+        let mut gs = randn(&mut r, n, 3.0);
+        gs[0] = 100.0;
+        gs[1] = -100.0;
+        let us = randn(&mut r, n, 1.0);
+        let rs = randn(&mut r, n, 1.0);
+        let gate = Var::from_tensor(&tensor(gs.clone(), shape)).unwrap();
+        let up = Var::from_tensor(&tensor(us.clone(), shape)).unwrap();
+        let rw = tensor(rs.clone(), shape);
+        let yf = fused::swiglu(&gate, &up).unwrap();
+        let yc = (gate.silu().unwrap() * up.as_tensor()).unwrap();
+        assert_close(&format!("swiglu fwd {shape:?}"), &yf, &yc);
+        assert_close(
+            &format!("swiglu dispatch {shape:?}"),
+            &ops::swiglu(&gate, &up).unwrap(),
+            &yc,
+        );
+        let gf = weighted_sum(&yf, &rw).backward().unwrap();
+        let gc = weighted_sum(&yc, &rw).backward().unwrap();
+        for (what, v) in [("gate", &gate), ("up", &up)] {
+            assert_close(
+                &format!("swiglu d {what} {shape:?}"),
+                gf.get(v).unwrap(),
+                gc.get(v).unwrap(),
+            );
+        }
+        let up_t = up.as_tensor().clone();
+        let f = |t: &Tensor| weighted_sum_f64(&fused::swiglu(t, &up_t).unwrap(), &rs);
+        finite_diff(
+            &format!("swiglu gate {shape:?}"),
+            &gs,
+            shape,
+            gf.get(&gate).unwrap(),
+            1e-2,
+            &f,
+        );
+        let gate_t = gate.as_tensor().clone();
+        let f = |t: &Tensor| weighted_sum_f64(&fused::swiglu(&gate_t, t).unwrap(), &rs);
+        finite_diff(
+            &format!("swiglu up {shape:?}"),
+            &us,
+            shape,
+            gf.get(&up).unwrap(),
+            1e-2,
+            &f,
+        );
+    }
+}
+
+#[test]
 fn linear_and_conv1d_match_composed_and_finite_differences() {
     let mut r = rng(11);
     for (xshape, k, out) in [(&[2usize, 5, 7][..], 7usize, 3usize), (&[6, 16], 16, 9)] {

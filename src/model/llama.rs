@@ -15,6 +15,8 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+mod grad;
+
 pub(super) const LLAMA: super::Architecture = super::Architecture {
     name: "LlamaForCausalLM",
     model_type: "llama",
@@ -600,7 +602,7 @@ impl Mlp {
                 )
             }
         };
-        let hidden = (ops::silu(&gate)? * up)?;
+        let hidden = ops::swiglu(&gate, &up)?;
         if let Some(trace) = trace {
             trace.push(hidden.clone());
         }
@@ -693,6 +695,17 @@ impl CausalLm for Llama {
         let x = (x + blk.self_attn.forward(&a, layer, &rope, ctx, cache)?)?;
         let m = blk.post_attention_layernorm.forward(&x)?;
         Ok((&x + blk.mlp.forward(&m, mlp_trace)?)?)
+    }
+
+    fn block_grads(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        g: &Tensor,
+        ctx: &AttnContext,
+        want_input: bool,
+    ) -> Result<Option<super::BlockGrads>> {
+        self.plain_block_grads(layer, x, g, ctx, want_input)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {

@@ -61,6 +61,20 @@ pub trait CausalLm: Send + Sync {
         cache: Option<&mut KvCache>,
         mlp_trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor>;
+    /// The gradients of `sum(block(x) * g)` computed by hand, without a graph (the block's
+    /// forward runs again, keeping what its backward reads): the input's when `want_input`, and
+    /// each trainable weight's. None where the architecture or block has no hand-written
+    /// backward; the caller then differentiates the block's graph.
+    fn block_grads(
+        &self,
+        _layer: usize,
+        _x: &Tensor,
+        _g: &Tensor,
+        _ctx: &AttnContext,
+        _want_input: bool,
+    ) -> Result<Option<BlockGrads>> {
+        Ok(None)
+    }
     /// Final norm: [b, t, d] -> [b, t, d].
     fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
     /// The output projection weight [vocab, d] (the embedding when tied).
@@ -75,6 +89,14 @@ pub trait CausalLm: Send + Sync {
     fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice>;
     /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
     fn mlp_down_weight(&self, layer: usize) -> Result<Tensor>;
+}
+
+/// One block's gradients from [`CausalLm::block_grads`].
+pub struct BlockGrads {
+    /// The input's gradient, when asked for.
+    pub input: Option<Tensor>,
+    /// Each trainable weight (the tensor of its `Var`) with its gradient.
+    pub weights: Vec<(Tensor, Tensor)>,
 }
 
 /// Per-layer cached keys and values ([b, kv_heads, s, head_dim]) for incremental decoding.
@@ -363,6 +385,18 @@ impl Model {
         mlp_trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         self.lm.block(layer, x, ctx, cache, mlp_trace)
+    }
+
+    /// See [`CausalLm::block_grads`].
+    pub fn block_grads(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        g: &Tensor,
+        ctx: &AttnContext,
+        want_input: bool,
+    ) -> Result<Option<BlockGrads>> {
+        self.lm.block_grads(layer, x, g, ctx, want_input)
     }
 
     /// Final norm: [b, t, d] -> [b, t, d].

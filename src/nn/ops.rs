@@ -10,6 +10,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Whether the fused CPU kernels apply: every tensor f32 on the CPU, and not disabled with
 /// `SANI_FUSED=0` (for A/B measurements).
+pub fn fusable(ts: &[&Tensor]) -> bool {
+    use_fused(ts)
+}
+
 fn use_fused(ts: &[&Tensor]) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("SANI_FUSED").map_or(true, |v| v != "0"))
@@ -181,6 +185,14 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         return fused::silu(x);
     }
     x.silu()
+}
+
+/// `silu(gate) * up` (SwiGLU), one fused node on f32 CPU tensors.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if use_fused(&[gate, up]) && gate.dims() == up.dims() {
+        return fused::swiglu(gate, up);
+    }
+    silu(gate)? * up
 }
 
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {

@@ -560,19 +560,8 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = grad.contiguous()?.apply_op1_no_bwd(&AttentionBwd {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            mask: self.mask.clone(),
-            scale: self.scale,
-        })?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(packed.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-        ))
+        let (dq, dk, dv) = attention_grads(q, k, v, &self.mask, self.scale as f64, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
@@ -692,6 +681,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             scale: scale as f32,
         },
     )
+}
+
+/// The gradients (dq, dk, dv) of [`attention`] for the output gradient `grad` [b, t, h * d].
+pub fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let packed = grad.contiguous()?.apply_op1_no_bwd(&AttentionBwd {
+        q: q.detach(),
+        k: k.detach(),
+        v: v.detach(),
+        mask: mask.contiguous()?,
+        scale: scale as f32,
+    })?;
+    let (nq, nk) = (q.elem_count(), k.elem_count());
+    Ok((
+        packed.narrow(0, 0, nq)?.reshape(q.shape())?,
+        packed.narrow(0, nq, nk)?.reshape(k.shape())?,
+        packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+    ))
 }
 
 /// [`attention`] over a packed q|k|v tensor [b, t, 3 * heads * d] (q, then k, then v, each

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 
 mod attention;
 mod rope;
-pub use attention::{attention, attention_packed};
-pub use rope::rope_heads;
+pub use attention::{attention, attention_grads, attention_packed};
+pub use rope::{rope_heads, rope_heads_grad};
 
 /// Below this, `exp(x - max)` is zero (or a denormal) in f32: skip the call.
 const EXP_CUTOFF: f32 = -88.0;
@@ -519,6 +519,12 @@ fn norm_bwd(
         None
     };
     Ok((dx, dw, db))
+}
+
+/// The gradients (dx, dw) of [`rms_norm`] for the output gradient `g` (f32, CPU).
+pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (dx, dw, _) = norm_bwd(x, w, &g.contiguous()?, eps as f32, false)?;
+    Ok((dx, dw))
 }
 
 /// Fused layer norm over the last dim (f32, CPU); w and b are [d].
@@ -1117,6 +1123,89 @@ impl CustomOp2 for SiluBwd {
 /// Fused silu on an f32 CPU tensor.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Silu)
+}
+
+// ------------------------------------------------------------------------------------------
+// SwiGLU: silu(gate) * up
+
+/// `silu(gate) * up` as one node: the backward reads gate and up once and writes both
+/// gradients in the same pass, where silu then a product were two nodes, four gradient
+/// tensors and two products.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        map_binary(s1, l1, s2, l2, self.name(), |g, u| {
+            g / (1.0 + fast_exp(-g)) * u
+        })
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = swiglu_grads(gate, up, grad)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `silu(gate) * up` for f32 CPU tensors of one shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// The gradients (d gate, d up) of [`swiglu`] for the output gradient `grad`, in one pass:
+/// with s = sigmoid(gate), d up = grad * gate * s and d gate = grad * up * s * (1 + gate (1 - s)).
+pub fn swiglu_grads(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
+    if gate.dims() != up.dims() || gate.dims() != grad.dims() {
+        bail!(
+            "fused-swiglu-bwd: gate {:?}, up {:?}, grad {:?}",
+            gate.dims(),
+            up.dims(),
+            grad.dims()
+        );
+    }
+    let n = gate.elem_count();
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    with_f32(&gate, "fused-swiglu-bwd", |gs| {
+        with_f32(&up, "fused-swiglu-bwd", |us| {
+            with_f32(&grad, "fused-swiglu-bwd", |hs| {
+                const CHUNK: usize = 16384;
+                dg.par_chunks_mut(CHUNK)
+                    .zip(du.par_chunks_mut(CHUNK))
+                    .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
+                    .zip(hs.par_chunks(CHUNK))
+                    .for_each(|(((dg, du), (gs, us)), hs)| {
+                        for i in 0..dg.len() {
+                            let (g, u, h) = (gs[i], us[i], hs[i]);
+                            let s = 1.0 / (1.0 + fast_exp(-g));
+                            du[i] = h * g * s;
+                            dg[i] = h * u * s * (1.0 + g * (1.0 - s));
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(dg, gate.shape(), &dev)?,
+        Tensor::from_vec(du, gate.shape(), &dev)?,
+    ))
 }
 
 // ------------------------------------------------------------------------------------------

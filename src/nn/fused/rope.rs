@@ -128,3 +128,12 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Resul
     x.contiguous()?
         .apply_op1(Rope(Arc::new(RopeTables { heads, cos, sin })))
 }
+
+/// The gradient [b, t, heads * d] of [`rope_heads`]' input from its output gradient `grad`
+/// [b, heads, t, d], for the same `cos` / `sin`.
+pub fn rope_heads_grad(grad: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let cos = cos.flatten_all()?.to_vec1::<f32>()?;
+    let sin = sin.flatten_all()?.to_vec1::<f32>()?;
+    grad.contiguous()?
+        .apply_op1_no_bwd(&RopeBwd(Arc::new(RopeTables { heads, cos, sin })))
+}
