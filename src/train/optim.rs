@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -96,13 +97,25 @@ impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
             candle_core::bail!("adamw: size mismatch")
         }
         let (ib1, ib2) = (1.0 - self.b1, 1.0 - self.b2);
-        for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let gi = gi * self.grad_scale;
-            *mi = *mi * self.b1 + gi * ib1;
-            *vi = *vi * self.b2 + gi * gi * ib2;
-            let update = (*mi * self.rbc1) / ((*vi * self.rbc2).sqrt() + self.eps);
-            *pi = *pi * self.keep - update * self.lr;
-        }
+        let (b1, b2, rbc1, rbc2) = (self.b1, self.b2, self.rbc1, self.rbc2);
+        let (eps, lr, keep, grad_scale) = (self.eps, self.lr, self.keep, self.grad_scale);
+        // In parallel chunks: the first update also touches the moments' fresh pages, which
+        // costs as much as the arithmetic on a VM and splits over threads the same way.
+        const CHUNK: usize = 1 << 16;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g)
+                {
+                    let gi = gi * grad_scale;
+                    *mi = *mi * b1 + gi * ib1;
+                    *vi = *vi * b2 + gi * gi * ib2;
+                    let update = (*mi * rbc1) / ((*vi * rbc2).sqrt() + eps);
+                    *pi = *pi * keep - update * lr;
+                }
+            });
         Ok(())
     }
 }
