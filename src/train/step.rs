@@ -161,6 +161,14 @@ pub struct TrainStep<'a> {
     forget_level: std::cell::Cell<Option<f64>>,
 }
 
+/// Whether checkpointing uses the blocks' hand-written backward where they have one
+/// ([`Model::block_grads`]); `SANI_HAND_BACKWARD=0` differentiates every block's graph instead
+/// (for A/B measurements).
+fn hand_written_backward() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SANI_HAND_BACKWARD").map_or(true, |v| v != "0"))
+}
+
 /// Adds every gradient of `new` for `vars` into `acc`.
 fn merge_grads(acc: &mut GradStore, new: &GradStore, vars: &BTreeMap<String, Var>) -> Result<()> {
     for v in vars.values() {
@@ -316,7 +324,11 @@ impl<'a> TrainStep<'a> {
             // memory serves the gradients of the blocks below.
             let input = inputs[k].take().expect("each block input is taken once");
             let want_input = k > 0 || embedded.is_some();
-            if let Some(bg) = model.block_grads(layer, &input, &g, &ctx, want_input)? {
+            let by_hand = match hand_written_backward() {
+                true => model.block_grads(layer, &input, &g, &ctx, want_input)?,
+                false => None,
+            };
+            if let Some(bg) = by_hand {
                 drop(input);
                 for (w, dw) in bg.weights {
                     let sum = match grads.remove(&w) {
