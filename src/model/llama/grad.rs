@@ -40,10 +40,9 @@ struct Saved {
 #[derive(Default)]
 struct WeightGrads(Vec<(Tensor, Tensor)>);
 
-impl WeightGrads {
-    fn trains(t: &Tensor) -> bool {
-        t.track_op()
-    }
+/// Whether a weight trains: the tensor of a `Var` (frozen weights are plain tensors).
+fn trains(t: &Tensor) -> bool {
+    t.track_op()
 }
 
 impl Linear {
@@ -54,7 +53,7 @@ impl Linear {
     }
 
     fn trains(&self) -> bool {
-        WeightGrads::trains(&self.weight) || self.bias.as_ref().is_some_and(WeightGrads::trains)
+        trains(&self.weight) || self.bias.as_ref().is_some_and(trains)
     }
 
     /// For the output gradient `g` of `forward(x)`: the weight's and bias's gradients into
@@ -71,11 +70,11 @@ impl Linear {
             x.dim(candle_core::D::Minus1)?,
         );
         let g2 = g.reshape(((), d_out))?;
-        if WeightGrads::trains(&self.weight) {
+        if trains(&self.weight) {
             let x2 = x.reshape(((), d_in))?;
             out.0.push((self.weight.clone(), g2.t()?.matmul(&x2)?));
         }
-        if let Some(b) = self.bias.as_ref().filter(|b| WeightGrads::trains(b)) {
+        if let Some(b) = self.bias.as_ref().filter(|b| trains(b)) {
             out.0.push((b.clone(), g2.sum(0)?));
         }
         if !want_input {
@@ -93,7 +92,7 @@ impl RmsNorm {
     /// The input's gradient; the weight's into `out` when it trains.
     fn backward(&self, x: &Tensor, g: &Tensor, out: &mut WeightGrads) -> Result<Tensor> {
         let (dx, dw) = fused::rms_norm_grads(x, &self.weight.detach(), g, self.eps)?;
-        if WeightGrads::trains(&self.weight) {
+        if trains(&self.weight) {
             out.0.push((self.weight.clone(), dw));
         }
         Ok(dx)
@@ -208,7 +207,7 @@ impl Block {
             .backward(&s.x1, &d_m, &mut w)?)?;
         drop((d_m, s.x1));
         // Attention: x1 = x + o_proj(attention(rope(q(a)), rope(k(a)), v(a))), a = norm1(x).
-        let norm1_trains = WeightGrads::trains(&self.input_layernorm.weight);
+        let norm1_trains = trains(&self.input_layernorm.weight);
         let need_a = want_input || norm1_trains;
         let below_o = need_a || [q, k, v].iter().any(|l| l.trains());
         if below_o || att.o_proj.trains() {
