@@ -169,15 +169,21 @@ fn hand_written_backward() -> bool {
     *ON.get_or_init(|| std::env::var("SANI_HAND_BACKWARD").map_or(true, |v| v != "0"))
 }
 
+/// Adds `g` to the gradient `acc` holds for `t` (or stores it, when there is none yet).
+fn accumulate(acc: &mut GradStore, t: &Tensor, g: Tensor) -> Result<()> {
+    let sum = match acc.remove(t) {
+        Some(old) => (old + g)?,
+        None => g,
+    };
+    acc.insert(t, sum);
+    Ok(())
+}
+
 /// Adds every gradient of `new` for `vars` into `acc`.
 fn merge_grads(acc: &mut GradStore, new: &GradStore, vars: &BTreeMap<String, Var>) -> Result<()> {
     for v in vars.values() {
         if let Some(g) = new.get(v) {
-            let sum = match acc.remove(v) {
-                Some(old) => (old + g)?,
-                None => g.clone(),
-            };
-            acc.insert(v, sum);
+            accumulate(acc, v, g.clone())?;
         }
     }
     Ok(())
@@ -331,11 +337,7 @@ impl<'a> TrainStep<'a> {
             if let Some(bg) = by_hand {
                 drop(input);
                 for (w, dw) in bg.weights {
-                    let sum = match grads.remove(&w) {
-                        Some(old) => (old + dw)?,
-                        None => dw,
-                    };
-                    grads.insert(&w, sum);
+                    accumulate(&mut grads, &w, dw)?;
                 }
                 match bg.input {
                     Some(dx) => g = dx,

@@ -100,7 +100,7 @@ impl RmsNorm {
 }
 
 /// Sums the gradients that reached one tensor from several consumers.
-fn sum_all(parts: Vec<Option<Tensor>>) -> Result<Option<Tensor>> {
+fn sum_grads(parts: Vec<Option<Tensor>>) -> Result<Option<Tensor>> {
     let mut acc: Option<Tensor> = None;
     for p in parts.into_iter().flatten() {
         acc = Some(match acc {
@@ -196,7 +196,7 @@ impl Block {
         drop(s.hidden);
         let (d_gate, d_up) = fused::swiglu_grads(&s.gate, &s.up, &d_hidden)?;
         drop((d_hidden, s.gate, s.up));
-        let d_m = sum_all(vec![
+        let d_m = sum_grads(vec![
             gate.backward(&s.m, &d_gate, true, &mut w)?,
             up.backward(&s.m, &d_up, true, &mut w)?,
         ])?
@@ -224,7 +224,7 @@ impl Block {
                     t,
                     att.kv_heads * att.head_dim,
                 ))?;
-                let d_a = sum_all(vec![
+                let d_a = sum_grads(vec![
                     q.backward(&s.a, &dq, need_a, &mut w)?,
                     k.backward(&s.a, &dk, need_a, &mut w)?,
                     v.backward(&s.a, &dv, need_a, &mut w)?,
