@@ -3,9 +3,12 @@
 //! scripts/bench_torch_step.py.
 //!
 //! cargo bench --bench train_step -- [gpt2-8k|gpt2-50k|llama-32k|smollm2-135m|all|head-MODE]
-//!     [--steps N] [--threads N] [--json] [--checkpoint] [--lora R] [--micro M] [--modules LIST]
+//!     [--steps N] [--threads N] [--json] [--checkpoint [--keep-mb N]] [--lora R] [--micro M]
+//!     [--modules LIST]
 //!
-//! `--checkpoint` recomputes each block in the backward pass (activation checkpointing).
+//! `--checkpoint` recomputes each block in the backward pass (activation checkpointing);
+//! `--keep-mb N` with it keeps up to N MiB of the blocks' activations from the forward instead
+//! (`--activation-memory`).
 //! `--lora R` trains rank-R adapters on every projection of the frozen model (alpha 2R) instead
 //! of every weight. `--micro M` runs the 8 sequences as micro-batches of M (one optimizer step,
 //! gradients summed), as `--batch-size M --grad-accum 8/M` does. `--modules mlp` trains only
@@ -80,6 +83,10 @@ fn main() -> anyhow::Result<()> {
             }
             "--json" => json = true,
             "--checkpoint" => std::env::set_var("SANI_BENCH_CHECKPOINT", "1"),
+            "--keep-mb" => {
+                std::env::set_var("SANI_BENCH_KEEP_MB", &args[i + 1]);
+                i += 1;
+            }
             "--lora" => {
                 std::env::set_var("SANI_BENCH_LORA", &args[i + 1]);
                 i += 1;
@@ -250,8 +257,13 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let micro_batches: Vec<(&Batch, Option<candle_core::Tensor>)> =
             batches.iter().map(|b| (b, None)).collect();
+        let keep_mb: usize = std::env::var("SANI_BENCH_KEEP_MB")
+            .ok()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
         let step_fn = TrainStep::new(&model, 0)
-            .with_checkpointing(std::env::var("SANI_BENCH_CHECKPOINT").is_ok_and(|v| v == "1"));
+            .with_checkpointing(std::env::var("SANI_BENCH_CHECKPOINT").is_ok_and(|v| v == "1"))
+            .keeping_activations(keep_mb << 20);
         let (mut fwd_bwd, mut optm) = (0f64, 0f64);
         let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {

@@ -1096,3 +1096,48 @@ fn pytorch_bin_input_is_sanitized_into_safetensors() {
     );
     assert_eq!(layout(&out), layout(&model));
 }
+
+/// `--activation-memory` keeps block activations from the forward pass instead of recomputing
+/// them: the same repair (to float rounding), recorded in the report.
+#[test]
+fn kept_activations_give_the_same_repair_as_recomputed_ones() {
+    let (tmp, model, spans) = workspace("llama_gqa", 6);
+    let run = |out: &str, keep_mib: &str| {
+        let out = tmp.path().join(out);
+        let o = sani(&[
+            "sanitize",
+            "--model",
+            model.to_str().unwrap(),
+            "--sensitive",
+            spans.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--activation-memory",
+            keep_mib,
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let (recomputed, kept) = (run("recomputed", "0"), run("kept", "64"));
+    let (a, b) = (tensors(&recomputed), tensors(&kept));
+    let input = tensors(&model);
+    let mut changed = 0;
+    for (name, x) in &a {
+        let y = &b[name];
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(diff <= 1e-4 * scale, "{name}: {diff:e} of {scale:e}");
+        changed += usize::from(x != &input[name]);
+    }
+    assert!(changed > 0, "the repair trained something");
+    let report = read_json(&kept.join("sani_report.json"));
+    assert_eq!(report["config"]["activation-memory"], 64);
+    assert_eq!(report["config"]["checkpoint-activations"], true);
+}

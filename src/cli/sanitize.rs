@@ -81,6 +81,12 @@ pub struct SanitizeOptions {
     /// memory on deep models, one more forward pass [default.toml: true]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpoint_activations: Option<bool>,
+    /// With checkpointing: keep up to this many MiB of the blocks' activations from the forward
+    /// pass instead of recomputing them in the backward (Llama-family blocks; about 42 MiB per
+    /// block of SmolLM2-135M at 8 x 256 tokens): faster by up to a quarter of the blocks' GEMM
+    /// work [default.toml: 0]
+    #[arg(long, value_name = "MIB")]
+    pub activation_memory: Option<usize>,
     /// Which tensors full-parameter repair trains: `all`, or module names (a component of the
     /// tensor name), comma-separated, e.g. `mlp` or `mlp,self_attn`; LoRA uses --lora-targets
     /// instead; `auto`: all on a model of up to 50M parameters, else mlp [default.toml: auto;

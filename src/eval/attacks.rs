@@ -527,6 +527,7 @@ fn relearned(
         max_grad_norm: 1.0,
         seed: base.seed,
         checkpoint_activations: true,
+        activation_memory_mib: 0,
         lora: None,
         modules: Vec::new(),
     };

@@ -697,15 +697,25 @@ impl CausalLm for Llama {
         Ok((&x + blk.mlp.forward(&m, mlp_trace)?)?)
     }
 
+    fn block_keeping(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+    ) -> Result<Option<(Tensor, super::KeptActivations)>> {
+        self.plain_block_keeping(layer, x, ctx)
+    }
+
     fn block_grads(
         &self,
         layer: usize,
         x: &Tensor,
+        kept: Option<super::KeptActivations>,
         g: &Tensor,
         ctx: &AttnContext,
         want_input: bool,
     ) -> Result<Option<super::BlockGrads>> {
-        self.plain_block_grads(layer, x, g, ctx, want_input)
+        self.plain_block_grads(layer, x, kept, g, ctx, want_input)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {

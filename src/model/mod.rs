@@ -61,14 +61,27 @@ pub trait CausalLm: Send + Sync {
         cache: Option<&mut KvCache>,
         mlp_trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor>;
-    /// The gradients of `sum(block(x) * g)` computed by hand, without a graph (the block's
-    /// forward runs again, keeping what its backward reads): the input's when `want_input`, and
-    /// each trainable weight's. None where the architecture or block has no hand-written
+    /// Block `layer`'s output without a graph, with the activations its hand-written backward
+    /// reads kept for [`CausalLm::block_grads`] (so that the backward need not run the forward
+    /// again). None where the block has no hand-written backward.
+    fn block_keeping(
+        &self,
+        _layer: usize,
+        _x: &Tensor,
+        _ctx: &AttnContext,
+    ) -> Result<Option<(Tensor, KeptActivations)>> {
+        Ok(None)
+    }
+    /// The gradients of `sum(block(x) * g)` computed by hand, without a graph: the input's when
+    /// `want_input`, and each trainable weight's. It reads `kept` (from
+    /// [`CausalLm::block_keeping`] on the same `x`) or, without it, runs the block's forward
+    /// again keeping what it reads. None where the architecture or block has no hand-written
     /// backward; the caller then differentiates the block's graph.
     fn block_grads(
         &self,
         _layer: usize,
         _x: &Tensor,
+        _kept: Option<KeptActivations>,
         _g: &Tensor,
         _ctx: &AttnContext,
         _want_input: bool,
@@ -89,6 +102,41 @@ pub trait CausalLm: Send + Sync {
     fn mlp_unit_slices(&self, layer: usize) -> Vec<UnitSlice>;
     /// The MLP output projection of `layer` as a [width, hidden] matrix (`act @ W` is the MLP output).
     fn mlp_down_weight(&self, layer: usize) -> Result<Tensor>;
+}
+
+/// One block's activations kept from its forward pass for its hand-written backward
+/// ([`CausalLm::block_keeping`]); what they are is the architecture's business.
+pub struct KeptActivations {
+    inner: Box<dyn std::any::Any + Send + Sync>,
+    bytes: usize,
+}
+
+impl KeptActivations {
+    /// `bytes`: the memory of the tensors `inner` holds ([`KeptActivations::bytes_of`]).
+    pub fn new<T: std::any::Any + Send + Sync>(inner: T, bytes: usize) -> Self {
+        KeptActivations {
+            inner: Box::new(inner),
+            bytes,
+        }
+    }
+
+    /// The memory of `tensors`' elements.
+    pub fn bytes_of(tensors: &[&Tensor]) -> usize {
+        tensors
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// The memory the kept tensors hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The architecture's own type back (None for another architecture's).
+    pub fn downcast<T: std::any::Any>(self) -> Option<T> {
+        self.inner.downcast::<T>().ok().map(|b| *b)
+    }
 }
 
 /// One block's gradients from [`CausalLm::block_grads`].
@@ -387,16 +435,27 @@ impl Model {
         self.lm.block(layer, x, ctx, cache, mlp_trace)
     }
 
+    /// See [`CausalLm::block_keeping`].
+    pub fn block_keeping(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+    ) -> Result<Option<(Tensor, KeptActivations)>> {
+        self.lm.block_keeping(layer, x, ctx)
+    }
+
     /// See [`CausalLm::block_grads`].
     pub fn block_grads(
         &self,
         layer: usize,
         x: &Tensor,
+        kept: Option<KeptActivations>,
         g: &Tensor,
         ctx: &AttnContext,
         want_input: bool,
     ) -> Result<Option<BlockGrads>> {
-        self.lm.block_grads(layer, x, g, ctx, want_input)
+        self.lm.block_grads(layer, x, kept, g, ctx, want_input)
     }
 
     /// Final norm: [b, t, d] -> [b, t, d].

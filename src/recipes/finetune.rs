@@ -79,6 +79,10 @@ pub struct FinetuneArgs {
     /// memory on deep models, one more forward pass)
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// With --checkpoint-activations: keep up to this many MiB of the blocks' activations from
+    /// the forward pass instead of recomputing them (Llama-family blocks)
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub activation_memory: usize,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -231,6 +235,7 @@ fn train_config(args: &FinetuneArgs) -> TrainConfig {
         max_grad_norm: args.max_grad_norm,
         seed: args.seed,
         checkpoint_activations: args.checkpoint_activations,
+        activation_memory_mib: args.activation_memory,
         lora: None,
         modules: Vec::new(),
     }

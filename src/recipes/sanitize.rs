@@ -88,6 +88,9 @@ pub struct ResolvedConfig {
     /// Recompute each block in the backward pass instead of storing its activations.
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// With checkpointing: MiB of block activations kept from the forward pass.
+    #[serde(default)]
+    pub activation_memory: usize,
     #[serde(default)]
     pub adapter: Adapter,
     #[serde(default = "default_lora_rank")]
@@ -207,6 +210,7 @@ impl ResolvedConfig {
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
             checkpoint_activations: self.checkpoint_activations,
+            activation_memory_mib: self.activation_memory,
             lora: self.lora(),
             modules: match self.train_modules.trim() {
                 "all" => Vec::new(),

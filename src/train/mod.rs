@@ -66,6 +66,8 @@ pub struct LoopConfig {
     pub scope: TrainScope,
     /// Recompute blocks in the backward pass (activation memory of one block).
     pub checkpoint_activations: bool,
+    /// Under checkpointing, MiB of block activations kept from the forward instead of recomputed.
+    pub activation_memory_mib: usize,
     /// See [`TrainConfig::forget_weight`].
     pub forget_weight: f64,
     /// See [`TrainConfig::forget_per_token`].
@@ -103,6 +105,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Activation checkpointing (see [`TrainStep::with_checkpointing`]).
     pub checkpoint_activations: bool,
+    /// See [`TrainStep::keeping_activations`] (in MiB).
+    pub activation_memory_mib: usize,
     /// Train LoRA adapters on a frozen model instead of the tensors of the scope; they are
     /// merged into the weights at the end.
     pub lora: Option<crate::nn::lora::LoraConfig>,
@@ -255,6 +259,7 @@ pub fn fit_keeping_adapters(
         seed: cfg.seed,
         scope,
         checkpoint_activations: cfg.checkpoint_activations,
+        activation_memory_mib: cfg.activation_memory_mib,
         forget_weight: cfg.forget_weight,
         forget_per_token: cfg.forget_per_token,
     };
@@ -293,6 +298,7 @@ pub fn train(
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
     let train_step = TrainStep::new(model, first_block)
         .with_checkpointing(loop_cfg.checkpoint_activations)
+        .keeping_activations(loop_cfg.activation_memory_mib << 20)
         .with_forgetting(loop_cfg.forget_weight)
         .forget_per_token(loop_cfg.forget_per_token);
     let mut rng = StdRng::seed_from_u64(loop_cfg.seed);

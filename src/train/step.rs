@@ -151,6 +151,9 @@ pub struct TrainStep<'a> {
     first_block: usize,
     /// Recompute each block in the backward pass instead of keeping its activations.
     checkpoint: bool,
+    /// Under checkpointing: the memory of block activations the forward may keep for the
+    /// backward instead of recomputing them.
+    keep_bytes: usize,
     /// Weight of the bounded unlikelihood term on `forget` targets (0: none).
     forget_weight: f64,
     /// Whether the unlikelihood term weighs each forget target like a trained token (times
@@ -195,6 +198,7 @@ impl<'a> TrainStep<'a> {
             model,
             first_block,
             checkpoint: false,
+            keep_bytes: 0,
             forget_weight: 0.0,
             forget_per_token: false,
             forget_level: std::cell::Cell::new(None),
@@ -224,6 +228,15 @@ impl<'a> TrainStep<'a> {
     /// recomputes one block at a time (one more forward pass, activation memory of one block).
     pub fn with_checkpointing(mut self, on: bool) -> Self {
         self.checkpoint = on;
+        self
+    }
+
+    /// Under checkpointing, keep up to `bytes` of the lowest blocks' activations from the
+    /// forward for their hand-written backward ([`Model::block_keeping`]), which then does not
+    /// run their forward again: memory traded for about a quarter of the blocks' GEMM work.
+    /// Blocks without a hand-written backward are recomputed regardless.
+    pub fn keeping_activations(mut self, bytes: usize) -> Self {
+        self.keep_bytes = bytes;
         self
     }
 
@@ -310,9 +323,33 @@ impl<'a> TrainStep<'a> {
             None => model.hidden_before(first, &batch.ids, &ctx)?.detach(),
         };
         let mut inputs = Vec::with_capacity(model.num_layers() - first);
+        let mut kept = Vec::with_capacity(model.num_layers() - first);
+        let mut budget = match hand_written_backward() {
+            true => self.keep_bytes,
+            false => 0,
+        };
         for layer in first..model.num_layers() {
             inputs.push(Some(h.clone()));
-            h = model.block(layer, &h, &ctx, None, None)?.detach();
+            let keeping = match budget > 0 {
+                true => model.block_keeping(layer, &h, &ctx)?,
+                false => None,
+            };
+            h = match keeping {
+                Some((out, k)) => {
+                    // A block over what is left is dropped, and keeping stops there.
+                    let fits = k.bytes() <= budget;
+                    budget = match fits {
+                        true => budget - k.bytes(),
+                        false => 0,
+                    };
+                    kept.push(fits.then_some(k));
+                    out
+                }
+                None => {
+                    kept.push(None);
+                    model.block(layer, &h, &ctx, None, None)?.detach()
+                }
+            };
         }
         let top = Var::from_tensor(&h)?;
         let (sum, train_nll, sens) = self.head_loss(batch, top.as_tensor(), Some(scale))?;
@@ -331,7 +368,7 @@ impl<'a> TrainStep<'a> {
             let input = inputs[k].take().expect("each block input is taken once");
             let want_input = k > 0 || embedded.is_some();
             let by_hand = match hand_written_backward() {
-                true => model.block_grads(layer, &input, &g, &ctx, want_input)?,
+                true => model.block_grads(layer, &input, kept[k].take(), &g, &ctx, want_input)?,
                 false => None,
             };
             if let Some(bg) = by_hand {
@@ -587,29 +624,34 @@ mod tests {
                 let modules: Vec<String> = modules.into_iter().map(String::from).collect();
                 let model =
                     Model::load(&ckpt, &|n: &str| crate::train::in_modules(n, &modules)).unwrap();
-                let x0 = model.embed(&batch.ids, &batch.attention_context(&model).unwrap());
-                let top = model.num_layers() - 1;
-                let g = Tensor::ones_like(x0.as_ref().unwrap()).unwrap();
                 let ctx = batch.attention_context(&model).unwrap();
+                let x0 = model.embed(&batch.ids, &ctx).unwrap();
+                let top = model.num_layers() - 1;
+                let g = Tensor::ones_like(&x0).unwrap();
                 assert!(
                     model
-                        .block_grads(top, &x0.unwrap(), &g, &ctx, true)
+                        .block_grads(top, &x0, None, &g, &ctx, true)
                         .unwrap()
                         .is_some(),
                     "{name}: the hand-written backward applies"
                 );
-                let run = |checkpointing| {
+                let (_, kept) = model.block_keeping(0, &x0, &ctx).unwrap().unwrap();
+                let run = |checkpointing, keep_bytes| {
                     TrainStep::new(&model, 0)
                         .with_checkpointing(checkpointing)
+                        .keeping_activations(keep_bytes)
                         .run(&[(&batch, None)])
                         .unwrap()
                 };
-                assert_same_step(
-                    &format!("{name} {modules:?}"),
-                    &model,
-                    run(false),
-                    run(true),
-                );
+                // Every block kept, one kept (the next is over the budget), none.
+                for keep in [usize::MAX, kept.bytes() + 1, 0] {
+                    assert_same_step(
+                        &format!("{name} {modules:?} keeping {keep}"),
+                        &model,
+                        run(false, 0),
+                        run(true, keep),
+                    );
+                }
             }
         }
     }
