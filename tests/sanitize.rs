@@ -989,9 +989,14 @@ fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// `sani sanitize` with one short epoch of repair.
-fn sanitize_one_epoch(model: &Path, spans: &Path, out: &Path) -> std::process::Output {
-    sani(&[
+/// `sani sanitize` with one short epoch of repair, and `extra` options.
+fn sanitize_one_epoch(
+    model: &Path,
+    spans: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
         "sanitize",
         "--model",
         model.to_str().unwrap(),
@@ -1004,7 +1009,9 @@ fn sanitize_one_epoch(model: &Path, spans: &Path, out: &Path) -> std::process::O
         "--max-seq-len",
         "48",
         "-q",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    sani(&args)
 }
 
 /// Every stored tensor's dtype and shape, by name.
@@ -1034,7 +1041,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
     ] {
         let (tmp, model, spans) = workspace(name, 3);
         let out = tmp.path().join("out");
-        let o = sanitize_one_epoch(&model, &spans, &out);
+        let o = sanitize_one_epoch(&model, &spans, &out, &[]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let report = read_json(&out.join("sani_report.json"));
         let reset = report["erased_tensors"].as_array().unwrap();
@@ -1070,7 +1077,7 @@ fn every_architecture_sanitizes_and_evaluates_end_to_end() {
 fn pytorch_bin_input_is_sanitized_into_safetensors() {
     let (tmp, model, spans) = workspace("qwen2_bin_sharded", 3);
     let out = tmp.path().join("out");
-    let o = sanitize_one_epoch(&model, &spans, &out);
+    let o = sanitize_one_epoch(&model, &spans, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report = read_json(&out.join("sani_report.json"));
     assert_eq!(
@@ -1104,24 +1111,12 @@ fn kept_activations_give_the_same_repair_as_recomputed_ones() {
     let (tmp, model, spans) = workspace("llama_gqa", 6);
     let run = |out: &str, keep_mib: &str| {
         let out = tmp.path().join(out);
-        let o = sani(&[
-            "sanitize",
-            "--model",
-            model.to_str().unwrap(),
-            "--sensitive",
-            spans.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--max-seq-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--activation-memory",
-            keep_mib,
-            "--quiet",
-        ]);
+        let o = sanitize_one_epoch(
+            &model,
+            &spans,
+            &out,
+            &["--batch-size", "4", "--activation-memory", keep_mib],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         out
     };

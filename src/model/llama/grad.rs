@@ -22,6 +22,16 @@ struct Saved {
     /// The normalized input of the attention [b, t, d], and of the MLP.
     a: Tensor,
     m: Tensor,
+    /// silu(gate) * up, the input of `down_proj`.
+    hidden: Tensor,
+    kept: Kept,
+}
+
+/// The part of [`Saved`] kept between the passes ([`Llama::plain_block_keeping`]): the
+/// normalized inputs and SwiGLU's output are recomputed from it and the block input
+/// (element-wise, cheap), so a kept block holds 5,184 floats per token on SmolLM2-135M
+/// instead of 7,872.
+struct Kept {
     /// The block input after attention (x + attention) [b, t, d].
     x1: Tensor,
     /// Rotated queries [b, h, t, hd] and keys, values [b, kvh, t, hd].
@@ -32,39 +42,14 @@ struct Saved {
     attn: Tensor,
     gate: Tensor,
     up: Tensor,
-    /// silu(gate) * up, the input of `down_proj`.
-    hidden: Tensor,
 }
 
-/// The part of [`Saved`] kept between the passes ([`Llama::plain_block_keeping`]): the
-/// normalized inputs and SwiGLU's output are recomputed from it and the block input
-/// (element-wise, cheap), so a kept block holds 5,184 floats per token on SmolLM2-135M
-/// instead of 7,872.
-struct Kept {
-    x1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn: Tensor,
-    gate: Tensor,
-    up: Tensor,
-}
-
-impl Saved {
-    fn into_kept(self) -> KeptActivations {
+impl Kept {
+    fn into_activations(self) -> KeptActivations {
         let bytes = KeptActivations::bytes_of(&[
             &self.x1, &self.q, &self.k, &self.v, &self.attn, &self.gate, &self.up,
         ]);
-        let kept = Kept {
-            x1: self.x1,
-            q: self.q,
-            k: self.k,
-            v: self.v,
-            attn: self.attn,
-            gate: self.gate,
-            up: self.up,
-        };
-        KeptActivations::new(kept, bytes)
+        KeptActivations::new(self, bytes)
     }
 }
 
@@ -196,14 +181,16 @@ impl Block {
         Ok(Saved {
             a,
             m,
-            x1,
-            q,
-            k,
-            v,
-            attn,
-            gate,
-            up,
             hidden,
+            kept: Kept {
+                x1,
+                q,
+                k,
+                v,
+                attn,
+                gate,
+                up,
+            },
         })
     }
 
@@ -214,13 +201,7 @@ impl Block {
             a: norm(&self.input_layernorm, x)?,
             m: norm(&self.post_attention_layernorm, &kept.x1)?,
             hidden: fused::swiglu(&kept.gate, &kept.up)?,
-            x1: kept.x1,
-            q: kept.q,
-            k: kept.k,
-            v: kept.v,
-            attn: kept.attn,
-            gate: kept.gate,
-            up: kept.up,
+            kept,
         })
     }
 
@@ -235,36 +216,50 @@ impl Block {
     ) -> Result<BlockGrads> {
         let ([q, k, v], [gate, up]) = self.plain_parts().expect("checked by the caller");
         let att = &self.self_attn;
+        let Saved {
+            a,
+            m,
+            hidden,
+            kept:
+                Kept {
+                    x1,
+                    q: q_rot,
+                    k: k_rot,
+                    v: v_heads,
+                    attn,
+                    gate: gate_out,
+                    up: up_out,
+                },
+        } = s;
         let mut w = WeightGrads::default();
         // MLP: out = x1 + down(swiglu(gate(m), up(m))), m = norm2(x1).
         let mlp = &self.mlp;
         let d_hidden = mlp
             .down_proj
-            .backward(&s.hidden, g, true, &mut w)?
+            .backward(&hidden, g, true, &mut w)?
             .expect("asked for");
-        drop(s.hidden);
-        let (d_gate, d_up) = fused::swiglu_grads(&s.gate, &s.up, &d_hidden)?;
-        drop((d_hidden, s.gate, s.up));
+        drop(hidden);
+        let (d_gate, d_up) = fused::swiglu_grads(&gate_out, &up_out, &d_hidden)?;
+        drop((d_hidden, gate_out, up_out));
         let d_m = sum_grads(vec![
-            gate.backward(&s.m, &d_gate, true, &mut w)?,
-            up.backward(&s.m, &d_up, true, &mut w)?,
+            gate.backward(&m, &d_gate, true, &mut w)?,
+            up.backward(&m, &d_up, true, &mut w)?,
         ])?
         .expect("asked for");
-        drop((d_gate, d_up, s.m));
-        let d_x1 = (g + self
-            .post_attention_layernorm
-            .backward(&s.x1, &d_m, &mut w)?)?;
-        drop((d_m, s.x1));
+        drop((d_gate, d_up, m));
+        let d_x1 = (g + self.post_attention_layernorm.backward(&x1, &d_m, &mut w)?)?;
+        drop((d_m, x1));
         // Attention: x1 = x + o_proj(attention(rope(q(a)), rope(k(a)), v(a))), a = norm1(x).
         let norm1_trains = trains(&self.input_layernorm.weight);
         let need_a = want_input || norm1_trains;
         let below_o = need_a || [q, k, v].iter().any(|l| l.trains());
         if below_o || att.o_proj.trains() {
-            let d_attn = att.o_proj.backward(&s.attn, &d_x1, below_o, &mut w)?;
+            let d_attn = att.o_proj.backward(&attn, &d_x1, below_o, &mut w)?;
             if let Some(d_attn) = d_attn {
                 let scale = 1.0 / (att.head_dim as f64).sqrt();
-                let (dq, dk, dv) = fused::attention_grads(&s.q, &s.k, &s.v, mask, scale, &d_attn)?;
-                drop((d_attn, s.q, s.k, s.v));
+                let (dq, dk, dv) =
+                    fused::attention_grads(&q_rot, &k_rot, &v_heads, mask, scale, &d_attn)?;
+                drop((d_attn, q_rot, k_rot, v_heads));
                 let (b, t, _) = x.dims3()?;
                 let dq = fused::rope_heads_grad(&dq, cos, sin, att.heads)?;
                 let dk = fused::rope_heads_grad(&dk, cos, sin, att.kv_heads)?;
@@ -274,9 +269,9 @@ impl Block {
                     att.kv_heads * att.head_dim,
                 ))?;
                 let d_a = sum_grads(vec![
-                    q.backward(&s.a, &dq, need_a, &mut w)?,
-                    k.backward(&s.a, &dk, need_a, &mut w)?,
-                    v.backward(&s.a, &dv, need_a, &mut w)?,
+                    q.backward(&a, &dq, need_a, &mut w)?,
+                    k.backward(&a, &dk, need_a, &mut w)?,
+                    v.backward(&a, &dv, need_a, &mut w)?,
                 ])?;
                 if let Some(d_a) = d_a {
                     let d_x = self.input_layernorm.backward(x, &d_a, &mut w)?;
@@ -309,8 +304,8 @@ impl Llama {
         let rope = self.rope_tables(&ctx.positions)?;
         let x = x.detach();
         let saved = blk.forward_saved(&x, &rope, ctx.mask_for(blk.self_attn.window))?;
-        let out = (&saved.x1 + blk.mlp.down_proj.forward_detached(&saved.hidden)?)?;
-        Ok(Some((out, saved.into_kept())))
+        let out = (&saved.kept.x1 + blk.mlp.down_proj.forward_detached(&saved.hidden)?)?;
+        Ok(Some((out, saved.kept.into_activations())))
     }
 
     /// See [`crate::model::CausalLm::block_grads`].
