@@ -263,7 +263,7 @@ fn bench(which: &str, steps: usize, json: bool) -> anyhow::Result<()> {
             .unwrap_or(0);
         let step_fn = TrainStep::new(&model, 0)
             .with_checkpointing(std::env::var("SANI_BENCH_CHECKPOINT").is_ok_and(|v| v == "1"))
-            .keeping_activations(keep_mb << 20);
+            .keeping_activations(keep_mb.saturating_mul(1 << 20));
         let (mut fwd_bwd, mut optm) = (0f64, 0f64);
         let mut totals = Vec::with_capacity(steps);
         for step in 0..steps + 2 {

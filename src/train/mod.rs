@@ -298,7 +298,7 @@ pub fn train(
     let first_block = loop_cfg.scope.first_trained_block(model.num_layers());
     let train_step = TrainStep::new(model, first_block)
         .with_checkpointing(loop_cfg.checkpoint_activations)
-        .keeping_activations(loop_cfg.activation_memory_mib << 20)
+        .keeping_activations(loop_cfg.activation_memory_mib.saturating_mul(1 << 20))
         .with_forgetting(loop_cfg.forget_weight)
         .forget_per_token(loop_cfg.forget_per_token);
     let mut rng = StdRng::seed_from_u64(loop_cfg.seed);

@@ -306,8 +306,9 @@ impl<'a> TrainStep<'a> {
     }
 
     /// Loss sums and the gradients of `sum * scale`, block by block: a forward without a graph
-    /// that keeps each block's input, then for each block from the top its forward again with a
-    /// graph and the backward of `sum(output * output gradient)`.
+    /// that keeps each block's input (and, within `keep_bytes`, what its hand-written backward
+    /// reads), then for each block from the top its hand-written backward, or else its forward
+    /// again with a graph and the backward of `sum(output * output gradient)`.
     fn checkpointed(
         &self,
         batch: &Batch,

@@ -1,7 +1,8 @@
 //! A Llama block's backward pass written by hand, for activation checkpointing (where each
 //! block's forward runs again in the backward anyway): the forward is recomputed without a
-//! graph, keeping what the backward reads, and the gradients of the input and of the trainable
-//! weights follow directly. Through candle's autograd every node's gradient starts as a tensor
+//! graph, keeping what the backward reads, or that was kept by the forward pass itself within
+//! the step's activation budget ([`Llama::plain_block_keeping`]), and the gradients of the
+//! input and of the trainable weights follow directly. Through candle's autograd every node's gradient starts as a tensor
 //! of zeros that the contribution is then added to, and the checkpointing wrapper adds
 //! `sum(out * g)` and its backward: about 1 s of memory traffic per step on SmolLM2-135M.
 //! Here each gradient is written once, and the work whose result nobody reads (the input's
