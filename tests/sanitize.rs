@@ -376,6 +376,17 @@ fn bad_input_exits_2_and_writes_nothing() {
             vec![
                 "--sensitive",
                 spans.to_str().unwrap(),
+                "--checkpoint-activations",
+                "false",
+                "--activation-memory",
+                "512",
+            ],
+            vec!["--activation-memory 512 needs --checkpoint-activations"],
+        ),
+        (
+            vec![
+                "--sensitive",
+                spans.to_str().unwrap(),
                 "--train-scope",
                 "top",
             ],

@@ -151,6 +151,13 @@ impl TrainConfig {
         if let Some(l) = &self.lora {
             l.validate()?;
         }
+        if self.activation_memory_mib > 0 && !self.checkpoint_activations {
+            bail!(
+                "--activation-memory {} needs --checkpoint-activations: without it every \
+                 activation is kept anyway",
+                self.activation_memory_mib
+            );
+        }
         if !(self.forget_weight.is_finite() && self.forget_weight >= 0.0) {
             bail!(
                 "--forget-weight must be zero (off) or positive, got {}",
