@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         }
         i += 1;
     }
+    anyhow::ensure!(threads > 0, "--threads must be at least 1");
     let Some(kernel) = Kernel::detect() else {
         anyhow::bail!("no AVX2 + FMA on this CPU: the peak bench needs x86-64 with them");
     };
